@@ -1,0 +1,144 @@
+"""The forward process as data: ``alphas_cumprod`` for T discrete steps and pure helpers.
+
+Conventions (as in DDPM and diffusers): integer timesteps ``t = 0 .. T-1``, where
+``alphas_cumprod[t] = ᾱ_t`` is the signal level *after* step t; ``α_t = sqrt(ᾱ_t)``,
+``σ_t = sqrt(1 - ᾱ_t)``, ``log-SNR λ_t = log(α_t² / σ_t²)``. A fractional t interpolates
+λ linearly between its integer neighbours, so α and σ stay consistent (α² + σ² = 1).
+``t = -1`` stands for clean data (ᾱ = 1); samplers step to it at the end.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UserError
+
+SCHEDULE_KINDS = ("linear", "cosine")
+SPACINGS = ("leading", "trailing", "linspace", "quadratic", "logsnr")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A discrete variance-preserving forward process."""
+
+    kind: str  # "linear" (DDPM) or "cosine" (Nichol & Dhariwal 2021)
+    num_timesteps: int = 1000  # T
+    beta_start: float = 1e-4  # linear-β only: β_1
+    beta_end: float = 0.02  # linear-β only: β_T
+
+    def __post_init__(self):
+        if self.kind not in SCHEDULE_KINDS:
+            raise UserError(f"unknown schedule {self.kind!r}; expected one of {', '.join(SCHEDULE_KINDS)}")
+        if self.num_timesteps < 2:
+            raise UserError(f"a schedule needs T >= 2 steps, got {self.num_timesteps}")
+
+    @property
+    def T(self) -> int:
+        return self.num_timesteps
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """ᾱ_t for t = 0..T-1 in float64 (computed on demand; it is cheap)."""
+        return alphas_cumprod(self)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "num_timesteps": self.num_timesteps,
+                "beta_start": self.beta_start, "beta_end": self.beta_end}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Schedule":
+        try:
+            return cls(kind=str(d["kind"]), num_timesteps=int(d.get("num_timesteps", 1000)),
+                       beta_start=float(d.get("beta_start", 1e-4)), beta_end=float(d.get("beta_end", 0.02)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"malformed schedule in metadata: {d!r} ({e})") from None
+
+
+def betas(schedule: Schedule) -> torch.Tensor:
+    """β_t, float64. Linear: DDPM (Ho et al. 2020) β from 1e-4 to 0.02.
+    Cosine: Nichol & Dhariwal 2021 eq. 17, ᾱ(t) = cos²((t/T + s)/(1 + s) · π/2), β clipped at 0.999."""
+    T = schedule.num_timesteps
+    if schedule.kind == "linear":
+        return torch.linspace(schedule.beta_start, schedule.beta_end, T, dtype=torch.float64)
+    s = 0.008
+    steps = torch.arange(T + 1, dtype=torch.float64) / T
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    return (1 - f[1:] / f[:-1]).clamp(max=0.999)
+
+
+def alphas_cumprod(schedule: Schedule) -> torch.Tensor:
+    return torch.cumprod(1 - betas(schedule), dim=0)
+
+
+def log_snr(schedule: Schedule, t) -> torch.Tensor:
+    """λ(t) = log(ᾱ_t / (1 - ᾱ_t)) at integer or fractional t (float64); t = -1 gives +inf."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    ac = alphas_cumprod(schedule)
+    lam = torch.log(ac) - torch.log1p(-ac)
+    lam_ext = torch.cat([torch.tensor([math.inf], dtype=torch.float64), lam])  # index 0 is t = -1
+    if ((t < -1) | (t > schedule.T - 1)).any():
+        raise UserError(f"timestep out of range [-1, {schedule.T - 1}]: {t.min().item()}..{t.max().item()}")
+    pos = t + 1
+    lo = pos.floor().long().clamp(max=schedule.T)
+    hi = (lo + 1).clamp(max=schedule.T)
+    w = pos - lo
+    a, b = lam_ext[lo], lam_ext[hi]
+    # interpolate only where needed, so that +inf at t = -1 does not produce NaN
+    return torch.where(w == 0, a, a + w * (b - a))
+
+
+def alpha_sigma(schedule: Schedule, t) -> tuple[torch.Tensor, torch.Tensor]:
+    """(α_t, σ_t) = (sqrt(ᾱ_t), sqrt(1 - ᾱ_t)) from λ: α² = sigmoid(λ), σ² = sigmoid(-λ)."""
+    lam = log_snr(schedule, t)
+    return torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
+
+
+def alpha(schedule: Schedule, t) -> torch.Tensor:
+    return alpha_sigma(schedule, t)[0]
+
+
+def sigma(schedule: Schedule, t) -> torch.Tensor:
+    return alpha_sigma(schedule, t)[1]
+
+
+def q_sample(schedule: Schedule, x0: torch.Tensor, t, noise: torch.Tensor) -> torch.Tensor:
+    """Forward process (DDPM eq. 4): x_t = α_t x_0 + σ_t ε, per-sample t of shape [B] or scalar."""
+    a, s = alpha_sigma(schedule, t)
+    shape = (-1,) + (1,) * (x0.ndim - 1)
+    a = a.to(x0.dtype).reshape(shape) if a.ndim else a.to(x0.dtype)
+    s = s.to(x0.dtype).reshape(shape) if s.ndim else s.to(x0.dtype)
+    return a * x0 + s * noise
+
+
+def timesteps(schedule: Schedule, steps: int, spacing: str = "leading") -> torch.Tensor:
+    """Descending integer timesteps for a ``steps``-step sampler; the sampler ends at t = -1.
+
+    - ``leading``: t_i = i·⌊T/steps⌋ (DDIM; diffusers' default "leading").
+    - ``trailing``: t_i = round(T - i·T/steps) - 1 (Lin et al. 2024, starts at T-1).
+    - ``linspace``: evenly spaced from 0 to T-1, rounded.
+    - ``quadratic``: t_i = ⌊(i·sqrt(0.8T)/(steps-1))²⌋, DDIM's CIFAR-10 "quad" setting.
+    - ``logsnr``: uniform in log-SNR between t = T-1 and t = 0, mapped back to the nearest step.
+    """
+    T = schedule.T
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= T:
+        raise UserError(f"number of steps must be an integer in [1, {T}], got {steps!r}")
+    if spacing == "leading":
+        ts = torch.arange(steps, dtype=torch.long) * (T // steps)
+    elif spacing == "trailing":
+        ts = (torch.round(torch.arange(T, 0, -T / steps, dtype=torch.float64)) - 1).long().flip(0)
+    elif spacing == "linspace":
+        ts = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long()
+    elif spacing == "quadratic":
+        ts = (torch.linspace(0, math.sqrt(0.8 * T), steps, dtype=torch.float64) ** 2).long()
+    elif spacing == "logsnr":
+        lam = log_snr(schedule, torch.arange(T))
+        target = torch.linspace(lam[-1].item(), lam[0].item(), steps, dtype=torch.float64)
+        ts = (lam[None, :] - target[:, None]).abs().argmin(dim=1)
+    else:
+        raise UserError(f"unknown timestep spacing {spacing!r}; expected one of {', '.join(SPACINGS)}")
+    ts = torch.unique(ts)  # sorted ascending; drops collisions of rounding at small T/steps
+    if len(ts) != steps:
+        raise UserError(f"spacing {spacing!r} cannot place {steps} distinct steps in T={T}")
+    return ts.flip(0)
