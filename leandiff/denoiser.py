@@ -58,8 +58,11 @@ class Denoiser(nn.Module):
     def predict(self, x: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
         """(ε̂, x̂₀) from one network evaluation."""
         t = self._t(x, t)
-        out = self(x, t)
-        a, s = self._coeffs(x, t)
+        return self.convert(self(x, t), x, t)
+
+    def convert(self, out: torch.Tensor, x: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ε̂, x̂₀) from a raw network output ``out`` at (x_t, t)."""
+        a, s = self._coeffs(x, self._t(x, t))
         if self.parameterization == "eps":
             return out, (x - s * out) / a
         if self.parameterization == "v":

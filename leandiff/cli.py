@@ -1,0 +1,159 @@
+"""The ``leandiff`` command. A thin layer: each verb fills a config and calls one function.
+
+User errors (:class:`leandiff.errors.UserError`, bad options) print one line on stderr and
+exit with code 2; a traceback means a bug in leandiff.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import UserError
+
+
+class _Group(click.Group):
+    def main(self, *args, **kwargs):
+        kwargs["standalone_mode"] = False
+        try:
+            rv = super().main(*args, **kwargs)
+            sys.exit(rv if isinstance(rv, int) else 0)
+        except UserError as e:
+            _fail(str(e))
+        except click.exceptions.NoArgsIsHelpError as e:
+            click.echo(e.ctx.get_help())
+            sys.exit(0)
+        except click.UsageError as e:
+            _fail(e.format_message() + (f" (see: leandiff {e.ctx.info_name if e.ctx else ''} --help)"))
+        except click.Abort:
+            _fail("aborted", 130)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except BrokenPipeError:
+            sys.exit(1)
+
+
+def _fail(msg: str, code: int = 2):
+    msg = " ".join(str(msg).split())  # exactly one line
+    click.echo(f"leandiff: error: {msg}", err=True)
+    sys.exit(code)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="leandiff")
+def main():
+    """Make image diffusion models lean and measure what each choice cost."""
+
+
+def _positive(ctx, param, value):
+    if value is not None and value <= 0:
+        raise click.BadParameter(f"must be positive, got {value}")
+    return value
+
+
+@main.command()
+@click.option("--dataset", default="mnist", show_default=True, help="mnist, fashion-mnist, cifar10 or folder:PATH")
+@click.option("--data-dir", default=None, help="directory with the dataset's files (IDX, CIFAR batches)")
+@click.option("--model", default="mnist-tiny", show_default=True, help="a named config (see leandiff.models)")
+@click.option("--init", "init_ckpt", default=None, help="start from this checkpoint instead of a fresh --model")
+@click.option("--steps", type=int, default=10_000, show_default=True, callback=_positive)
+@click.option("--batch-size", type=int, default=128, show_default=True, callback=_positive)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--warmup", type=int, default=200, show_default=True)
+@click.option("--lr-schedule", type=click.Choice(["cosine", "constant", "cosine-restarts"]), default="cosine", show_default=True)
+@click.option("--restart-period", type=int, default=1000, show_default=True)
+@click.option("--ema-decay", type=float, default=0.999, show_default=True)
+@click.option("--grad-clip", type=float, default=1.0, show_default=True)
+@click.option("--schedule", type=click.Choice(["linear", "cosine"]), default="linear", show_default=True)
+@click.option("--parameterization", type=click.Choice(["eps", "v", "x0"]), default="eps", show_default=True)
+@click.option("--weighting", type=click.Choice(["plain", "truncated-snr", "snr+1"]), default="plain", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--bf16", is_flag=True, help="bf16 autocast (faster on CPUs with AMX/AVX512-bf16)")
+@click.option("--sample-every", type=int, default=1000, show_default=True)
+@click.option("--checkpoint-every", type=int, default=500, show_default=True, callback=_positive)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="output checkpoint directory")
+@click.option("--resume", is_flag=True, help="continue a killed run from its last saved state")
+def train(dataset, data_dir, model, init_ckpt, steps, batch_size, lr, warmup, lr_schedule, restart_period,
+          ema_decay, grad_clip, schedule, parameterization, weighting, seed, bf16, sample_every,
+          checkpoint_every, out, resume):
+    """Train a diffusion model; writes a checkpoint (EMA weights) to --out."""
+    from .train import TrainConfig, train as run, init_checkpoint, training_images
+
+    cfg = TrainConfig(dataset=dataset, data_dir=data_dir, model=model, schedule=schedule,
+                      parameterization=parameterization, weighting=weighting, steps=steps,
+                      batch_size=batch_size, lr=lr, warmup=warmup, lr_schedule=lr_schedule,
+                      restart_period=restart_period, ema_decay=ema_decay, grad_clip=grad_clip, bf16=bf16,
+                      seed=seed, sample_every=sample_every, checkpoint_every=checkpoint_every)
+    init = init_checkpoint(cfg, init_ckpt)
+    images = training_images(cfg, init)
+    ck = run(cfg, out, init=init, images=images, resume=resume)
+    click.echo(f"checkpoint: {out}  (weights {ck.hash()}; sample grids in {Path(out) / 'samples'})")
+
+
+@main.command()
+@click.argument("ckpt")
+@click.option("--solver", default="ddim", show_default=True)
+@click.option("--nfe", type=int, default=50, show_default=True, help="network evaluations per sample")
+@click.option("--spacing", default="leading", show_default=True)
+@click.option("--eta", type=float, default=None, help="DDIM η (0 deterministic, 1 DDPM-like)")
+@click.option("-n", "n", type=int, default=64, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--no-clip", is_flag=True, help="do not clamp x̂₀ to [-1, 1] inside the solver")
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+def sample(ckpt, solver, nfe, spacing, eta, n, seed, batch_size, no_clip, out):
+    """Sample from a checkpoint; writes grid.png and samples.npz (uint8) to --out."""
+    from .checkpoint import load_checkpoint
+    from .io import save_grid, save_npz, to_uint8
+    from .models import image_shape
+    from .sample import SampleConfig, SampleStats, sample_all
+
+    ck = load_checkpoint(ckpt)
+    opts = {} if eta is None else {"eta": eta}
+    cfg = SampleConfig(solver=solver, nfe=nfe, spacing=spacing, n=n, seed=seed, batch_size=batch_size,
+                       clip_x0=not no_clip, opts=opts)
+    stats = SampleStats()
+    x = sample_all(ck.denoiser(), image_shape(ck.arch), cfg, stats, progress=True)
+    out = Path(out)
+    save_grid(x[:256], out / "grid.png")
+    save_npz(out / "samples.npz", images=to_uint8(x))
+    click.echo(f"{n} samples with {solver}: NFE {stats.nfe} per sample, {stats.images_per_s:.1f} images/s "
+               f"-> {out / 'grid.png'}, {out / 'samples.npz'}")
+
+
+@main.command()
+@click.argument("ckpt")
+@click.option("--json", "as_json", is_flag=True, help="print the whole record as JSON")
+def info(ckpt, as_json):
+    """Architecture, parameters, MACs per image and lineage of a checkpoint."""
+    from .checkpoint import load_checkpoint
+    from .cost import count_params, macs_per_image
+    from .models import image_shape
+
+    ck = load_checkpoint(ckpt)
+    shape = image_shape(ck.arch)
+    rec = {"path": str(ck.path), "weights": ck.hash(), "architecture": ck.arch, "image_shape": list(shape),
+           **count_params(ck.net), "macs_per_image": macs_per_image(ck.net, shape),
+           "schedule": ck.schedule.to_dict(), "parameterization": ck.parameterization,
+           "lineage": ck.lineage, "metrics": ck.meta.get("metrics", {})}
+    if as_json:
+        click.echo(json.dumps(rec, indent=2))
+        return
+    cfg = ck.arch["config"]
+    click.echo(f"{ck.path}  weights {rec['weights']}")
+    click.echo(f"  network      {ck.arch['type']} channels {cfg.get('block_out_channels')} "
+               f"layers/block {cfg.get('layers_per_block')} image {shape}")
+    click.echo(f"  parameters   {rec['params']:,} ({rec['params_nonzero']:,} non-zero)")
+    click.echo(f"  MACs/image   {rec['macs_per_image'] / 1e9:.4f} G")
+    click.echo(f"  schedule     {ck.schedule.kind}, T={ck.schedule.T}; predicts {ck.parameterization}")
+    for i, step in enumerate(ck.lineage):
+        click.echo(f"  lineage[{i}]   {step.get('step')} {json.dumps(step.get('settings', {}), sort_keys=True)[:160]}")
+
+
+# --- commands from the other stages register here -------------------------------------------
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Sampling: draw x_T, run a registered solver over a timestep spacing, stream batches out."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from .denoiser import Denoiser
+from .errors import UserError
+from .schedule import timesteps as make_timesteps
+from .solvers import get_solver, nfe_per_step
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    solver: str = "ddim"  # a name in leandiff.solvers.SOLVERS
+    nfe: int = 50  # network evaluations per sample; the solver's steps are derived from it
+    spacing: str = "leading"  # timestep spacing, see schedule.timesteps
+    n: int = 64  # number of samples
+    seed: int = 0  # batch b uses a generator seeded with (seed, b): same seed, same images
+    batch_size: int = 256  # images per solver call (changing it changes which noise each image gets)
+    clip_x0: bool = True  # clamp x̂₀ to the data range [-1, 1] inside the solver (DDPM/DDIM practice)
+    opts: dict = field(default_factory=dict)  # extra solver options, e.g. {"eta": 0.5}
+
+    def __post_init__(self):
+        if self.n <= 0:
+            raise UserError(f"number of samples must be positive, got {self.n}")
+        if self.batch_size <= 0:
+            raise UserError(f"batch size must be positive, got {self.batch_size}")
+        if self.nfe <= 0:
+            raise UserError(f"NFE must be positive, got {self.nfe}")
+
+
+def solver_timesteps(denoiser: Denoiser, cfg: SampleConfig) -> torch.Tensor:
+    per = nfe_per_step(cfg.solver)
+    steps = cfg.nfe // per if cfg.nfe % per == 0 else None
+    if steps is None or steps < 1:
+        raise UserError(f"solver {cfg.solver} spends {per} evaluations per step; NFE {cfg.nfe} is not a positive multiple")
+    if steps > denoiser.schedule.T:
+        raise UserError(f"NFE {cfg.nfe} needs {steps} steps but the schedule has only T={denoiser.schedule.T}")
+    return make_timesteps(denoiser.schedule, steps, cfg.spacing)
+
+
+@dataclass
+class SampleStats:
+    images: int = 0
+    seconds: float = 0.0
+    nfe: float = 0.0  # network evaluations per sample actually spent
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+
+def generate(denoiser: Denoiser, shape: tuple[int, int, int], cfg: SampleConfig,
+             stats: SampleStats | None = None, progress: bool = False) -> Iterator[torch.Tensor]:
+    """Yield batches of samples (float, [-1, 1] when the model is good), cfg.n in all."""
+    solver = get_solver(cfg.solver)
+    ts = solver_timesteps(denoiser, cfg)
+    opts = dict(cfg.opts)
+    opts.setdefault("clip_x0", cfg.clip_x0)
+    stats = stats if stats is not None else SampleStats()
+    batches = range((cfg.n + cfg.batch_size - 1) // cfg.batch_size)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.n, desc=f"{cfg.solver}-{cfg.nfe}", unit="img", leave=False)
+    for b in batches:
+        m = min(cfg.batch_size, cfg.n - b * cfg.batch_size)
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + b)
+        x = torch.randn((m, *shape), generator=g)
+        denoiser.nfe = 0
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = solver(denoiser, x, ts, generator=g, **opts)
+        stats.seconds += time.perf_counter() - t0
+        stats.nfe = denoiser.nfe  # per batch call == per sample
+        stats.images += m
+        if not torch.isfinite(out).all():
+            raise UserError(f"sampling produced NaN/Inf (solver {cfg.solver}, NFE {cfg.nfe}, batch {b})")
+        if bar is not None:
+            bar.update(m)
+        yield out
+    if bar is not None:
+        bar.close()
+
+
+def sample_all(denoiser: Denoiser, shape, cfg: SampleConfig, stats: SampleStats | None = None,
+               progress: bool = False) -> torch.Tensor:
+    return torch.cat(list(generate(denoiser, shape, cfg, stats, progress)))

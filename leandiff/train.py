@@ -1,0 +1,312 @@
+"""One readable training loop (nanoGPT-style). Fine-tuning, KD and progressive distillation plug
+in a different loss function; nothing subclasses the loop.
+
+Determinism and resume: everything random in step s (batch positions, t, ε, dropout) comes from
+generators seeded by (seed, s, rank), and the data order is a fixed permutation per epoch, so a
+run killed after its last saved state and resumed with ``resume=True`` ends with bit-identical
+weights on CPU. Under ``torchrun`` the global batch is split across ranks and DDP averages the
+gradients (gloo on CPU, NCCL on GPUs).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import Checkpoint, save_checkpoint
+from .denoiser import Denoiser
+from .errors import UserError
+from .io import atomic_path, save_grid
+from .schedule import log_snr, q_sample
+
+WEIGHTINGS = ("plain", "truncated-snr", "snr+1")
+LR_SCHEDULES = ("cosine", "constant", "cosine-restarts")
+STATE_NAME = "train_state.safetensors"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset: str = "mnist"  # a name from leandiff.data (or folder:PATH)
+    data_dir: str | None = None  # where the dataset's files are, when not the default
+    model: str = "mnist-tiny"  # a name from leandiff.models.MODEL_CONFIGS (ignored when fine-tuning)
+    schedule: str = "linear"  # forward process: linear-β (DDPM) or cosine
+    parameterization: str = "eps"  # what the network predicts: eps, v or x0
+    weighting: str = "plain"  # plain (MSE on the prediction), truncated-snr max(SNR,1) or snr+1 on x₀-MSE
+    steps: int = 10_000  # optimizer steps
+    batch_size: int = 128  # global batch (split across DDP ranks)
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    min_lr_frac: float = 0.05  # cosine decays to lr·min_lr_frac
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    warmup: int = 200  # linear warm-up steps
+    lr_schedule: str = "cosine"  # cosine, constant, or cosine-restarts (SGDR, Loshchilov & Hutter 2017)
+    restart_period: int = 1000  # cosine-restarts only: steps per cycle
+    ema_decay: float = 0.999  # EMA of the weights; the EMA is what the checkpoint holds
+    grad_clip: float = 1.0  # max global gradient norm (0 disables)
+    bf16: bool = False  # bf16 autocast for forward/backward (opt-in speed; fp32 master weights)
+    seed: int = 0  # everything random derives from it
+    log_every: int = 50  # progress-bar refresh
+    sample_every: int = 1000  # write a DDIM-50 grid of the EMA model every N steps (0: never)
+    checkpoint_every: int = 500  # write checkpoint + resumable state every N steps
+
+    def __post_init__(self):
+        checks = [(self.weighting in WEIGHTINGS, f"weighting must be one of {WEIGHTINGS}"),
+                  (self.lr_schedule in LR_SCHEDULES, f"lr schedule must be one of {LR_SCHEDULES}"),
+                  (self.steps > 0, f"steps must be positive, got {self.steps}"),
+                  (self.batch_size > 0, f"batch size must be positive, got {self.batch_size}"),
+                  (self.lr > 0, f"learning rate must be positive, got {self.lr}"),
+                  (0 <= self.ema_decay < 1, f"EMA decay must be in [0, 1), got {self.ema_decay}"),
+                  (self.checkpoint_every > 0, "checkpoint_every must be positive"),
+                  (self.restart_period > 0, "restart_period must be positive")]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(msg)
+
+
+# Fields that may change between a run and its resumption without changing the result.
+_RESUMABLE_CHANGES = {"steps", "log_every", "sample_every", "checkpoint_every", "data_dir"}
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate at ``step``: linear warm-up, then cosine (optionally with warm restarts)."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if cfg.lr_schedule == "cosine":
+        frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    else:
+        frac = ((step - cfg.warmup) % cfg.restart_period) / cfg.restart_period
+    lo = cfg.lr * cfg.min_lr_frac
+    return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+
+class DiffusionLoss:
+    """The denoising loss with the progressive-distillation report's weightings (Salimans & Ho
+    2022, §4): ``plain`` is the MSE on the network's own target (ε, v or x₀); ``truncated-snr``
+    is max(SNR, 1)·‖x₀ − x̂₀‖²; ``snr+1`` is (SNR + 1)·‖x₀ − x̂₀‖² (equal to v-MSE)."""
+
+    def __init__(self, weighting: str = "plain"):
+        if weighting not in WEIGHTINGS:
+            raise UserError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        self.weighting = weighting
+
+    def __call__(self, denoiser: Denoiser, x0: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        t = torch.randint(0, denoiser.schedule.T, (x0.shape[0],), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        xt = q_sample(denoiser.schedule, x0, t, noise)
+        out = denoiser(xt, t).float()
+        if self.weighting == "plain":
+            return F.mse_loss(out, denoiser.target(x0, noise, t))
+        _, x0_hat = denoiser.convert(out, xt, t)
+        snr = log_snr(denoiser.schedule, t).exp().float()
+        w = snr.clamp(min=1.0) if self.weighting == "truncated-snr" else snr + 1
+        return (w * (x0_hat - x0).pow(2).flatten(1).mean(1)).mean()
+
+
+def _rank_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _batch_indices(n: int, step: int, cfg: TrainConfig, rank: int, world: int) -> torch.Tensor:
+    """Positions [step·B, (step+1)·B) of an endless sequence of per-epoch permutations; rank r
+    takes its contiguous slice."""
+    B = cfg.batch_size
+    pos = torch.arange(step * B, (step + 1) * B)
+    per = B // world
+    pos = pos[rank * per:(rank + 1) * per]
+    out = torch.empty_like(pos)
+    for epoch in pos.div(n, rounding_mode="floor").unique().tolist():
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+        sel = pos.div(n, rounding_mode="floor") == epoch
+        out[sel] = perm[pos[sel] % n]
+    return out
+
+
+@torch.no_grad()
+def _ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), net.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+    for e, b in zip(ema.buffers(), net.buffers()):
+        e.copy_(b)
+
+
+def _save_state(path: Path, step: int, seconds: float, cfg: TrainConfig, net, ema, opt) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"net.{k}": v.detach().clone() for k, v in net.state_dict().items()}
+    tensors.update({f"ema.{k}": v.detach().clone() for k, v in ema.state_dict().items()})
+    for i, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().clone()
+    meta = {"step": str(step), "seconds": repr(seconds), "config": json.dumps(dataclasses.asdict(cfg), sort_keys=True)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def _load_state(path: Path, cfg: TrainConfig, net, ema, opt) -> tuple[int, float]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        saved = json.loads(meta["config"])
+        step, seconds = int(meta["step"]), float(meta.get("seconds", 0.0))
+    except Exception as e:
+        raise UserError(f"{path}: unreadable training state ({str(e).splitlines()[0][:120]})") from None
+    now = dataclasses.asdict(cfg)
+    changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k])
+    if changed:
+        raise UserError(f"cannot resume: settings differ from the saved run in {', '.join(changed)}")
+    net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    sd = opt.state_dict()
+    state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, i, name = k.split(".", 2)
+            state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+    return step, seconds
+
+
+LossFn = Callable[[Denoiser, torch.Tensor, torch.Generator], torch.Tensor]
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, *, init: Checkpoint, images: torch.Tensor,
+          loss_fn: LossFn | None = None, resume: bool = False, lineage_step: dict | None = None,
+          progress: bool = True) -> Checkpoint:
+    """Train ``init.net`` on ``images`` (N×C×H×W in [-1, 1]); write the EMA checkpoint to out_dir.
+
+    ``loss_fn(denoiser, x0_batch, generator) -> scalar`` defaults to :class:`DiffusionLoss`;
+    fine-tuning, KD and distillation pass their own.
+    """
+    out_dir = Path(out_dir)
+    rank, world = _rank_world()
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
+    if cfg.batch_size % world:
+        raise UserError(f"batch size {cfg.batch_size} is not divisible by the {world} processes")
+    loss_fn = loss_fn or DiffusionLoss(cfg.weighting)
+
+    net = init.net
+    net.train()
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    model = net
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(net)
+    denoiser = Denoiser(model, init.schedule, init.parameterization)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    state_path = out_dir / STATE_NAME
+    start, seconds_before = 0, 0.0
+    if resume and state_path.is_file():
+        start, seconds_before = _load_state(state_path, cfg, net, ema, opt)
+    elif resume and rank == 0:
+        print(f"no saved state in {out_dir}; starting from step 0")
+
+    def write_checkpoint(step: int, seconds: float):
+        ck = Checkpoint(net=ema, arch=init.arch, schedule=init.schedule, parameterization=init.parameterization,
+                        meta=copy.deepcopy(init.meta))
+        ck.meta["train"] = {**dataclasses.asdict(cfg), "completed_steps": step, "world_size": world,
+                            "wall_seconds": round(seconds, 1), "num_images": n}
+        if step == cfg.steps:
+            ck.lineage.append({"step": "train", "parent": init.hash() if init.path else None,
+                               "settings": lineage_step or dataclasses.asdict(cfg)})
+        _save_state(state_path, step, seconds, cfg, net, ema, opt)
+        save_checkpoint(ck, out_dir)
+        return ck
+
+    n = images.shape[0]
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    smooth, seen, t_start, t_mark = None, 0, time.perf_counter(), time.perf_counter()
+    ck = None
+    for step in range(start, cfg.steps):
+        # All randomness of this step comes from (seed, step, rank): resumable and rank-distinct.
+        g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 64 + rank)
+        torch.manual_seed((cfg.seed * 1_000_003 + step) * 64 + rank + 17)  # dropout
+        x0 = images[_batch_indices(n, step, cfg, rank, world)]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, step)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss = loss_fn(denoiser, x0, g)
+        if not torch.isfinite(loss):
+            raise UserError(f"training diverged: loss is {loss.item()} at step {step}; "
+                            f"the last good checkpoint in {out_dir} is left as it was")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        opt.step()
+        # EMA with the usual warm-up so that early checkpoints are usable.
+        _ema_update(ema, net, min(cfg.ema_decay, (1 + step) / (10 + step)))
+
+        done = step + 1
+        seen += x0.shape[0] * world
+        smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
+        if bar is not None and (done % cfg.log_every == 0 or done == cfg.steps):
+            now = time.perf_counter()
+            bar.set_postfix(loss=f"{smooth:.4f}", img_s=f"{seen / (now - t_mark):.0f}", lr=f"{lr_at(cfg, step):.1e}")
+            bar.update(done - bar.n)
+            seen, t_mark = 0, now
+        if rank == 0 and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            ck = write_checkpoint(done, seconds_before + time.perf_counter() - t_start)
+        if rank == 0 and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps):
+            _write_grid(ema, init, out_dir / "samples" / f"step_{done:07d}.png")
+    if bar is not None:
+        bar.close()
+    if world > 1:
+        torch.distributed.barrier()
+    if ck is None:  # resumed a run that had already finished
+        ck = Checkpoint(net=ema, arch=init.arch, schedule=init.schedule,
+                        parameterization=init.parameterization, meta=copy.deepcopy(init.meta), path=out_dir)
+    net.eval()
+    return ck
+
+
+def _write_grid(ema: nn.Module, init: Checkpoint, path: Path) -> None:
+    """A DDIM-50 grid of 64 EMA samples with a fixed seed, to watch training progress."""
+    from .models import image_shape
+    from .sample import SampleConfig, sample_all
+
+    d = Denoiser(ema, init.schedule, init.parameterization)
+    x = sample_all(d, image_shape(init.arch), SampleConfig("ddim", 50, n=64, seed=0, batch_size=64))
+    save_grid(x, path, nrow=8)
+
+
+def init_checkpoint(cfg: TrainConfig, init_path: str | None = None) -> Checkpoint:
+    """The starting point of a run: a given checkpoint (fine-tuning) or a fresh ``cfg.model``
+    initialised from ``cfg.seed``."""
+    from .checkpoint import load_checkpoint
+    from .denoiser import PARAMETERIZATIONS
+    from .models import architecture, build_network
+    from .schedule import Schedule
+
+    if init_path:
+        return load_checkpoint(init_path)
+    if cfg.parameterization not in PARAMETERIZATIONS:
+        raise UserError(f"parameterization must be one of {PARAMETERIZATIONS}")
+    arch = architecture(cfg.model)
+    torch.manual_seed(cfg.seed)
+    return Checkpoint(net=build_network(arch), arch=arch, schedule=Schedule(cfg.schedule),
+                      parameterization=cfg.parameterization, meta={"dataset": cfg.dataset})
+
+
+def training_images(cfg: TrainConfig, init: Checkpoint) -> torch.Tensor:
+    from .data import load_dataset
+    from .models import image_shape
+
+    return load_dataset(cfg.dataset, "train", cfg.data_dir, shape=image_shape(init.arch)).images
