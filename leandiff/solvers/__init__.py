@@ -2,28 +2,57 @@
 ``solver(denoiser, x_T, timesteps, *, generator=None, callback=None, **opts) -> x_0``,
 registered by name. ``timesteps`` is a strictly decreasing sequence; every solver ends at clean
 data (t = -1). The number of network evaluations spent is ``denoiser.nfe``.
+
+``get_solver("diffusers:<SchedulerClass>")`` wraps any diffusers scheduler in the same signature
+(see :mod:`leandiff.solvers.diffusers_peer`), so diffusers' schedulers are peers in every table.
 """
 from __future__ import annotations
 
 from typing import Callable
 
 from ..errors import UserError
+from .ams import sample_ams_ddim, sample_ams_ddpm
 from .ddim import sample_ddim
 from .ddpm import sample_ddpm
+from .dpmpp import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m
+from .euler_maruyama import sample_euler_maruyama
+from .karras import sample_euler, sample_heun
 
 # name -> solver. A solver that spends k > 1 network evaluations per step says so with a
 # ``nfe_per_step = k`` attribute on the function (see nfe_per_step).
 SOLVERS: dict[str, Callable] = {
+    # DDPM / DDIM family (Ho et al. 2020; Song et al. 2021)
     "ddpm": sample_ddpm,
     "ddim": sample_ddim,
+    # adaptive momentum (Wang et al. 2023)
+    "ams-ddim": sample_ams_ddim,
+    "ams-ddpm": sample_ams_ddpm,
+    # probability-flow ODE
+    "euler": sample_euler,
+    "heun": sample_heun,
+    "dpmpp-2m": sample_dpmpp_2m,
+    "dpmpp-3m": sample_dpmpp_3m,
+    # reverse SDE
+    "euler-maruyama": sample_euler_maruyama,
+    "dpmpp-2m-sde": sample_dpmpp_2m_sde,
 }
+
+# Solvers whose output depends only on x_T (no fresh noise): their error must fall with the steps.
+DETERMINISTIC = ("ddim", "ams-ddim", "euler", "heun", "dpmpp-2m", "dpmpp-3m")
+
+DIFFUSERS_PREFIX = "diffusers:"
 
 
 def get_solver(name: str) -> Callable:
+    if name.startswith(DIFFUSERS_PREFIX):
+        from .diffusers_peer import diffusers_solver
+
+        return diffusers_solver(name[len(DIFFUSERS_PREFIX):])
     try:
         return SOLVERS[name]
     except KeyError:
-        raise UserError(f"unknown solver {name!r}; known: {', '.join(sorted(SOLVERS))}") from None
+        raise UserError(f"unknown solver {name!r}; known: {', '.join(sorted(SOLVERS))}, "
+                        f"or {DIFFUSERS_PREFIX}<SchedulerClass>") from None
 
 
 def nfe_per_step(name: str) -> int:

@@ -1,0 +1,301 @@
+"""Contract tests for every registered solver (and a few diffusers peers through the adapter).
+
+The workhorse is Gaussian data x₀ ~ N(0, s²·I): x_t = α x₀ + σ ε is N(0, α²s² + σ²), its exact
+denoiser is ε*(x, t) = σ x / (α² s² + σ²), and its probability-flow ODE is solved in closed form,
+x_t = x_T · sqrt((α_t² s² + σ_t²)/(α_T² s² + σ_T²)). The diffusers comparisons use a random tiny
+``UNet2DModel``. Everything is small: the whole file runs in well under a minute on 2 cores.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+
+from leandiff.denoiser import Denoiser
+from leandiff.errors import UserError
+from leandiff.sample import SampleConfig, SampleStats, sample_all
+from leandiff.schedule import Schedule, alpha_sigma, log_snr, timesteps as make_timesteps
+from leandiff.solvers import DETERMINISTIC, SOLVERS, get_solver, nfe_per_step
+
+SCHED = Schedule("linear")
+PEERS = ("diffusers:DPMSolverMultistepScheduler", "diffusers:EulerDiscreteScheduler")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny tensors: thread hand-offs cost more than the maths (and a training may hold the other core).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class GaussianNet(torch.nn.Module):
+    """The exact network for x₀ ~ N(0, s²·I) in any parameterization."""
+
+    def __init__(self, schedule: Schedule, s: float, parameterization: str = "eps"):
+        super().__init__()
+        self.schedule, self.s, self.parameterization = schedule, s, parameterization
+
+    def forward(self, x, t):
+        a, sg = alpha_sigma(self.schedule, t.double())
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        a, sg = a.to(x.dtype).reshape(shape), sg.to(x.dtype).reshape(shape)
+        var = a ** 2 * self.s ** 2 + sg ** 2
+        eps, x0 = sg * x / var, a * self.s ** 2 * x / var
+        return {"eps": eps, "x0": x0, "v": a * eps - sg * x0}[self.parameterization]
+
+
+def gaussian_denoiser(s: float, parameterization: str = "eps") -> Denoiser:
+    return Denoiser(GaussianNet(SCHED, s, parameterization), SCHED, parameterization)
+
+
+def lambda_uniform(n: int, t_hi: float = 999, t_lo: float = 0) -> torch.Tensor:
+    """n fractional timesteps uniform in log-SNR from t_hi down to t_lo (a smooth grid to refine)."""
+    lam = log_snr(SCHED, torch.arange(SCHED.T)).numpy()
+    target = np.linspace(lam[int(t_hi)], lam[int(t_lo)], n)
+    return torch.tensor(np.interp(target, lam[::-1], np.arange(SCHED.T, dtype=np.float64)[::-1]))
+
+
+def x_T(shape=(1024, 1, 4, 4), seed=1, dtype=torch.float64) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+# ---------------------------------------------------------------- the Gaussian contract ---------
+
+@pytest.mark.parametrize("name", list(SOLVERS) + list(PEERS))
+def test_gaussian_data_std(name):
+    """With enough steps every solver lands on the data distribution: sample std within 2% of s."""
+    s = 0.5
+    steps = 250 if name.startswith("diffusers:") else SCHED.T  # every integer step
+    ts = make_timesteps(SCHED, steps, "linspace")
+    out = get_solver(name)(gaussian_denoiser(s), x_T(), ts, generator=torch.Generator().manual_seed(2))
+    assert torch.isfinite(out).all()
+    assert abs(out.std().item() / s - 1) < 0.02, f"{name}: std {out.std().item():.4f} vs s = {s}"
+
+
+def _ode_errors(name: str, ns, s: float = 0.3) -> list[float]:
+    """RMS error at the end against the exact ODE solution on λ-uniform grids of n steps.
+
+    Every solver's last step (t = 0 → clean data) is the same map x ↦ x̂₀(x, 0), so the reference is
+    that map applied to the exact ODE state at t = 0: the error is the discretisation error alone."""
+    D, x = gaussian_denoiser(s), x_T((256, 1, 2, 2))
+    a, sg = alpha_sigma(SCHED, torch.tensor([999.0, 0.0]))
+    var = a ** 2 * s ** 2 + sg ** 2
+    ref = D.predict(x * (var[1] / var[0]).sqrt().item(), 0.0)[1]
+    return [(get_solver(name)(D, x, lambda_uniform(n)) - ref).pow(2).mean().sqrt().item() for n in ns]
+
+
+# observed order (least-squares slope of log error vs log steps) that each deterministic solver must reach
+ORDERS = {"ddim": 0.9, "euler": 0.9, "ams-ddim": 0.9, "heun": 1.8, "dpmpp-2m": 1.8, "dpmpp-3m": 2.7}
+
+
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_ode_order_of_convergence(name):
+    ns = [10, 20, 40, 80] if name != "dpmpp-2m" else [20, 40, 80, 160]  # 2M's warm-up step needs a few more
+    errs = _ode_errors(name, ns)
+    assert all(e1 > e2 for e1, e2 in zip(errs, errs[1:])), f"{name}: error does not fall {errs}"
+    order = -np.polyfit(np.log(ns), np.log(errs), 1)[0]
+    print(f"{name}: errors {['%.2e' % e for e in errs]} observed order {order:.2f}")
+    assert order >= ORDERS[name], f"{name}: observed order {order:.2f} < {ORDERS[name]}"
+
+
+def test_every_deterministic_solver_has_an_order_requirement():
+    assert set(DETERMINISTIC) == set(ORDERS) and set(DETERMINISTIC) <= set(SOLVERS)
+
+
+@pytest.mark.parametrize("name", list(SOLVERS) + ["diffusers:DPMSolverMultistepScheduler"])
+def test_parameterizations_agree(name):
+    """eps-, v- and x0-parameterized exact networks are the same model: every solver gives the same samples."""
+    ts = make_timesteps(SCHED, 20, "leading")
+    outs = {p: get_solver(name)(gaussian_denoiser(0.5, p), x_T((64, 1, 4, 4)), ts,
+                                generator=torch.Generator().manual_seed(3)) for p in ("eps", "v", "x0")}
+    tol = 1e-5 if name.startswith("diffusers:") else 1e-9  # diffusers computes in float32
+    for p in ("v", "x0"):
+        torch.testing.assert_close(outs[p], outs["eps"], rtol=tol, atol=tol, msg=f"{name}: {p} vs eps")
+
+
+def test_euler_is_ddim():
+    """Euler in EDM's scaled variables is DDIM with η = 0 (DDIM eq. 14, Karras et al. 2022 §3)."""
+    D, ts = gaussian_denoiser(0.5), make_timesteps(SCHED, 10, "leading")
+    torch.testing.assert_close(get_solver("euler")(D, x_T(), ts), get_solver("ddim")(D, x_T(), ts),
+                               rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------- tiny UNet vs diffusers --------
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                       block_out_channels=(8, 16), norm_num_groups=4,
+                       down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+
+
+def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a − b| relative to the scale of b (a random network drives samples far beyond [-1, 1])."""
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1)).item()
+
+
+def _diffusers_loop(scheduler, unet, x, generator=None, **step_kwargs) -> list[torch.Tensor]:
+    xs = []
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(x, t).sample, t, x, generator=generator, **step_kwargs).prev_sample
+            xs.append(x)
+    return xs
+
+
+def _ours(name, unet, x, timesteps, generator=None, parameterization="eps", **opts) -> list[torch.Tensor]:
+    xs = []
+    get_solver(name)(Denoiser(unet, SCHED, parameterization), x, timesteps, generator=generator,
+                     callback=lambda d: xs.append(d["x"]), **opts)
+    return xs
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_equals_diffusers_step_for_step(unet, eta):
+    sch = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False,
+                        set_alpha_to_one=True, timestep_spacing="leading", steps_offset=0)
+    sch.set_timesteps(10)
+    x = x_T((2, 1, 8, 8), dtype=torch.float32)
+    ref = _diffusers_loop(sch, unet, x, torch.Generator().manual_seed(4), eta=eta)
+    ours = _ours("ddim", unet, x, make_timesteps(SCHED, 10, "leading"), torch.Generator().manual_seed(4), eta=eta)
+    assert torch.equal(sch.timesteps, make_timesteps(SCHED, 10, "leading"))
+    for i, (a, b) in enumerate(zip(ours, ref, strict=True)):
+        assert _max_rel(a, b) <= 1e-5, f"step {i}: {_max_rel(a, b):.2e}"
+
+
+def test_ddpm_equals_diffusers_step_for_step(unet):
+    """The foundation's must-show: DDPM ancestral sampling equals DDPMScheduler with the same noise."""
+    sch = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False,
+                        variance_type="fixed_small", timestep_spacing="leading")
+    sch.set_timesteps(20)
+    x = x_T((2, 1, 8, 8), dtype=torch.float32)
+    ref = _diffusers_loop(sch, unet, x, torch.Generator().manual_seed(5))
+    ours = _ours("ddpm", unet, x, sch.timesteps, torch.Generator().manual_seed(5))
+    for i, (a, b) in enumerate(zip(ours, ref, strict=True)):
+        assert _max_rel(a, b) <= 1e-5, f"step {i}: {_max_rel(a, b):.2e}"
+
+
+@pytest.mark.parametrize("parameterization", ["eps", "v"])
+@pytest.mark.parametrize("steps", [8, 20])
+def test_dpmpp_2m_equals_diffusers(unet, parameterization, steps):
+    sch = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                                      algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
+                                      lower_order_final=True, final_sigmas_type="zero",
+                                      timestep_spacing="trailing",
+                                      prediction_type={"eps": "epsilon", "v": "v_prediction"}[parameterization])
+    sch.set_timesteps(steps)
+    x = x_T((2, 1, 8, 8), dtype=torch.float32)
+    ref = _diffusers_loop(sch, unet, x)
+    ours = _ours("dpmpp-2m", unet, x, make_timesteps(SCHED, steps, "trailing"), parameterization=parameterization)
+    assert torch.equal(sch.timesteps, make_timesteps(SCHED, steps, "trailing"))
+    assert _max_rel(ours[-1], ref[-1]) <= 1e-4
+
+
+def test_dpmpp_2m_sde_equals_diffusers_with_the_same_noise(unet):
+    sch = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                                      algorithm_type="sde-dpmsolver++", solver_order=2, solver_type="midpoint",
+                                      final_sigmas_type="zero", timestep_spacing="trailing")
+    sch.set_timesteps(20)
+    x = x_T((2, 1, 8, 8), dtype=torch.float32)
+    ref = _diffusers_loop(sch, unet, x, torch.Generator().manual_seed(6))
+    ours = _ours("dpmpp-2m-sde", unet, x, sch.timesteps, torch.Generator().manual_seed(6))
+    assert _max_rel(ours[-1], ref[-1]) <= 1e-4
+
+
+@pytest.mark.parametrize("name,ours,steps", [("DDIMScheduler", "ddim", 10),
+                                             ("DPMSolverMultistepScheduler", "dpmpp-2m", 20)])
+def test_adapter_runs_diffusers_like_its_twin(unet, name, ours, steps):
+    """The adapter builds the scheduler from the Denoiser and honours the scheduler's own timesteps."""
+    D = Denoiser(unet, SCHED, "eps")
+    build = get_solver(f"diffusers:{name}")
+    x = x_T((2, 1, 8, 8), dtype=torch.float32)
+    seen = []
+    D.nfe = 0
+    out = build(D, x, list(range(steps)), callback=lambda d: seen.append(d["t"]))
+    assert D.nfe == steps
+    twin = get_solver(ours)(Denoiser(unet, SCHED, "eps"), x, torch.tensor(seen))
+    assert _max_rel(out, twin) <= 1e-4
+    assert build is get_solver(f"diffusers:{name}")  # one function per class name
+
+
+def test_adapter_reports_the_nfe_it_spends():
+    D = gaussian_denoiser(0.5)
+    assert nfe_per_step("diffusers:HeunDiscreteScheduler") == 2
+    D.nfe = 0
+    get_solver("diffusers:HeunDiscreteScheduler")(D, x_T((8, 1, 2, 2)), list(range(5)))
+    assert D.nfe == 2 * 5 - 1  # no correction at the last step, as our heun
+
+
+@pytest.mark.parametrize("base", ["ddim", "ddpm"])
+def test_ams_with_no_momentum_is_the_plain_sampler(unet, base):
+    ts = make_timesteps(SCHED, 10, "leading")
+    x = x_T((2, 1, 8, 8), dtype=torch.float32)
+    opts = {"eta": 0.5} if base == "ddim" else {}
+    plain = _ours(base, unet, x, ts, torch.Generator().manual_seed(7), **opts)
+    ams = _ours(f"ams-{base}", unet, x, ts, torch.Generator().manual_seed(7), a=0.0, b=1.0, c=0.0, zeta=0.0, **opts)
+    for i, (p, q) in enumerate(zip(plain, ams, strict=True)):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-5, msg=f"step {i}")
+    # and exactly (to float64 rounding) on the Gaussian problem
+    D = gaussian_denoiser(0.5)
+    p = get_solver(base)(D, x_T(), ts, generator=torch.Generator().manual_seed(8), **opts)
+    q = get_solver(f"ams-{base}")(D, x_T(), ts, generator=torch.Generator().manual_seed(8),
+                                  a=0.0, b=1.0, c=0.0, zeta=0.0, **opts)
+    torch.testing.assert_close(q, p, rtol=1e-10, atol=1e-10)
+
+
+def test_ams_momentum_changes_the_trajectory():
+    D, ts = gaussian_denoiser(0.5), make_timesteps(SCHED, 10, "leading")
+    plain = get_solver("ams-ddim")(D, x_T(), ts, a=0.0, b=1.0, c=0.0, zeta=0.0)
+    assert (get_solver("ams-ddim")(D, x_T(), ts, a=0.5, b=0.5) - plain).abs().max() > 1e-3
+    assert (get_solver("ams-ddim")(D, x_T(), ts, a=0.0, b=1.0, c=0.1) - plain).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------- options and boundaries --------
+
+@pytest.mark.parametrize("name", list(SOLVERS) + list(PEERS))
+def test_clip_x0_keeps_samples_in_range(unet, name):
+    """With clip_x0 (sample.generate's default) a random network still gives finite samples, in range
+    for the solvers whose last step returns x̂₀."""
+    D = Denoiser(unet, SCHED, "eps")
+    out = get_solver(name)(D, 3 * x_T((2, 1, 8, 8), dtype=torch.float32), make_timesteps(SCHED, 6, "trailing"),
+                           generator=torch.Generator().manual_seed(9), clip_x0=True)
+    assert torch.isfinite(out).all()
+    if name in ("euler", "heun", "dpmpp-2m", "dpmpp-3m", "dpmpp-2m-sde", "euler-maruyama"):
+        assert out.abs().max() <= 1 + 1e-6
+
+
+@pytest.mark.parametrize("name,opts", [("ddim", {"eta": 1.5}), ("ddim", {"eta": -0.1}),
+                                       ("ams-ddim", {"eta": 2.0}), ("ams-ddim", {"a": 1.0}),
+                                       ("ams-ddpm", {"c": 1.0}), ("ams-ddpm", {"b": 0.0}),
+                                       ("ams-ddpm", {"zeta": -1.0})])
+def test_bad_options_fail_loudly(name, opts):
+    with pytest.raises(UserError, match=list(opts)[0]):
+        get_solver(name)(gaussian_denoiser(0.5), x_T((2, 1, 2, 2)), [999, 500], **opts)
+
+
+def test_bad_names_and_timesteps_fail_loudly():
+    with pytest.raises(UserError, match="unknown solver"):
+        get_solver("dpm++")
+    with pytest.raises(UserError, match="no scheduler class"):
+        get_solver("diffusers:NoSuchScheduler")
+    with pytest.raises(UserError, match="no scheduler class"):
+        get_solver("diffusers:UNet2DModel")
+    with pytest.raises(UserError, match="strictly decreasing"):
+        get_solver("heun")(gaussian_denoiser(0.5), x_T((2, 1, 2, 2)), [500, 600])
+
+
+def test_generate_reports_honest_nfe():
+    """sample.generate derives steps from the NFE; heun spends 2N − 1 (no correction at σ = 0)."""
+    D = gaussian_denoiser(0.5)
+    for solver, nfe, spent in [("heun", 10, 9), ("dpmpp-3m", 7, 7), ("ams-ddpm", 5, 5),
+                               ("diffusers:DPMSolverMultistepScheduler", 6, 6)]:
+        stats = SampleStats()
+        x = sample_all(D, (1, 2, 2), SampleConfig(solver=solver, nfe=nfe, n=4, clip_x0=False), stats)
+        assert x.shape == (4, 1, 2, 2) and stats.nfe == spent, (solver, stats.nfe)
