@@ -299,3 +299,20 @@ def test_generate_reports_honest_nfe():
         stats = SampleStats()
         x = sample_all(D, (1, 2, 2), SampleConfig(solver=solver, nfe=nfe, n=4, clip_x0=False), stats)
         assert x.shape == (4, 1, 2, 2) and stats.nfe == spent, (solver, stats.nfe)
+
+
+def test_truncated_start_from_a_noised_reference():
+    """Diffusing true samples to t = 400 and solving from there lands on the data again, in fewer steps."""
+    from leandiff.solvers.truncated import truncated_start
+
+    s, D = 0.5, gaussian_denoiser(0.5)
+    x_ref = s * x_T(seed=10)
+    x, ts = truncated_start(D, x_ref, make_timesteps(SCHED, 100, "logsnr"), 400,
+                            generator=torch.Generator().manual_seed(11))
+    assert ts[0] <= 400 and len(ts) < 100
+    D.nfe = 0
+    out = get_solver("dpmpp-2m")(D, x, ts)
+    assert D.nfe == len(ts)
+    assert abs(out.std().item() / s - 1) < 0.02
+    with pytest.raises(UserError, match="no timestep"):
+        truncated_start(D, x_ref, [999, 500], 100)

@@ -17,6 +17,7 @@ from .ddpm import sample_ddpm
 from .dpmpp import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m
 from .euler_maruyama import sample_euler_maruyama
 from .karras import sample_euler, sample_heun
+from .truncated import truncated_start  # noqa: F401  (start any solver from a noised reference)
 
 # name -> solver. A solver that spends k > 1 network evaluations per step says so with a
 # ``nfe_per_step = k`` attribute on the function (see nfe_per_step).
