@@ -10,7 +10,7 @@ import torch
 from .denoiser import Denoiser
 from .errors import UserError
 from .schedule import timesteps as make_timesteps
-from .solvers import get_solver, nfe_per_step
+from .solvers import check_options, get_solver, nfe_per_step
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,7 @@ def generate(denoiser: Denoiser, shape: tuple[int, int, int], cfg: SampleConfig,
     ts = solver_timesteps(denoiser, cfg)
     opts = dict(cfg.opts)
     opts.setdefault("clip_x0", cfg.clip_x0)
+    check_options(cfg.solver, opts)
     stats = stats if stats is not None else SampleStats()
     batches = range((cfg.n + cfg.batch_size - 1) // cfg.batch_size)
     bar = None

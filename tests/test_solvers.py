@@ -316,3 +316,11 @@ def test_truncated_start_from_a_noised_reference():
     assert abs(out.std().item() / s - 1) < 0.02
     with pytest.raises(UserError, match="no timestep"):
         truncated_start(D, x_ref, [999, 500], 100)
+
+
+def test_unknown_options_fail_loudly_before_sampling():
+    with pytest.raises(UserError, match="heun has no option eta; its options: clip_x0"):
+        sample_all(gaussian_denoiser(0.5), (1, 2, 2), SampleConfig(solver="heun", nfe=4, n=2, opts={"eta": 0.5}))
+    with pytest.raises(UserError, match="no option beta"):
+        sample_all(gaussian_denoiser(0.5), (1, 2, 2),
+                   SampleConfig(solver="diffusers:DDIMScheduler", nfe=4, n=2, opts={"beta": 1}))

@@ -8,6 +8,7 @@ data (t = -1). The number of network evaluations spent is ``denoiser.nfe``.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 from ..errors import UserError
@@ -59,3 +60,13 @@ def get_solver(name: str) -> Callable:
 def nfe_per_step(name: str) -> int:
     """Network evaluations one step of solver ``name`` spends (1 unless the solver says otherwise)."""
     return int(getattr(get_solver(name), "nfe_per_step", 1))
+
+
+def check_options(name: str, opts: dict) -> None:
+    """Fail loudly, naming the solver's options, on an option solver ``name`` does not take
+    (instead of a TypeError from deep inside a sampling loop)."""
+    params = inspect.signature(get_solver(name)).parameters.values()
+    known = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in ("generator", "callback")]
+    unknown = sorted(set(opts) - set(known))
+    if unknown:
+        raise UserError(f"solver {name} has no option {', '.join(unknown)}; its options: {', '.join(known)}")
