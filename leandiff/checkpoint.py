@@ -70,7 +70,7 @@ def weights_hash(state: dict[str, torch.Tensor]) -> str:
     for k in sorted(state):
         v = state[k].detach().contiguous().cpu()
         h.update(f"{k}:{tuple(v.shape)}:{v.dtype}".encode())
-        h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
     return h.hexdigest()[:16]
 
 
@@ -213,9 +213,12 @@ def _load_diffusers(unet_dir: Path, scheduler_cfg: Path) -> Checkpoint:
 def _load_torch_file(p: Path) -> Checkpoint:
     """A foreign torch file: tensors only (weights_only=True), architecture from a JSON beside it."""
     import pickle
+    import warnings
 
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols; the error says it all
+            warnings.simplefilter("ignore")
+            obj = torch.load(p, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as e:
         raise UserError(f"{p}: refused to load (only plain tensor state dicts are read, with weights_only=True): "
                         f"{str(e).splitlines()[0][:120]}") from None

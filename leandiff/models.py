@@ -44,7 +44,14 @@ UNET = "diffusers.UNet2DModel"
 
 
 def architecture(name: str) -> dict:
-    """The architecture record of a named config, as stored in checkpoints."""
+    """The architecture record of a named config, or of a JSON file holding ``UNet2DModel``
+    keyword arguments (a diffusers ``config.json`` works), as stored in checkpoints."""
+    if name.endswith(".json"):
+        from .io import read_json
+
+        cfg = {k: v for k, v in read_json(name).items() if not k.startswith("_")}
+        build_network({"type": UNET, "config": cfg})  # fail now, with a clear line, if it cannot build
+        return {"type": UNET, "config": cfg}
     if name not in MODEL_CONFIGS:
         raise UserError(f"unknown model {name!r}; known: {', '.join(MODEL_CONFIGS)}")
     cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in MODEL_CONFIGS[name].items()}

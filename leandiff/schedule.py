@@ -120,6 +120,7 @@ def timesteps(schedule: Schedule, steps: int, spacing: str = "leading") -> torch
     - ``linspace``: evenly spaced from 0 to T-1, rounded.
     - ``quadratic``: t_i = ⌊(i·sqrt(0.8T)/(steps-1))²⌋, DDIM's CIFAR-10 "quad" setting.
     - ``logsnr``: uniform in log-SNR between t = T-1 and t = 0, mapped back to the nearest step.
+    Steps that collide after rounding are moved apart by one, so the count is always exact.
     """
     T = schedule.T
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= T:
@@ -138,7 +139,13 @@ def timesteps(schedule: Schedule, steps: int, spacing: str = "leading") -> torch
         ts = (lam[None, :] - target[:, None]).abs().argmin(dim=1)
     else:
         raise UserError(f"unknown timestep spacing {spacing!r}; expected one of {', '.join(SPACINGS)}")
-    ts = torch.unique(ts)  # sorted ascending; drops collisions of rounding at small T/steps
-    if len(ts) != steps:
-        raise UserError(f"spacing {spacing!r} cannot place {steps} distinct steps in T={T}")
+    # Rounding can make neighbours collide at small t (quadratic, log-SNR): nudge them apart so that
+    # exactly ``steps`` distinct steps remain, staying inside [0, T-1].
+    ts = ts.sort().values.tolist()
+    for i in range(1, steps):
+        ts[i] = max(ts[i], ts[i - 1] + 1)
+    ts[-1] = min(ts[-1], T - 1)
+    for i in range(steps - 2, -1, -1):
+        ts[i] = min(ts[i], ts[i + 1] - 1)
+    ts = torch.tensor(ts, dtype=torch.long)
     return ts.flip(0)
