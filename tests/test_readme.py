@@ -1,0 +1,19 @@
+"""The README's first screen must stay true: its Python example runs as written."""
+import re
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_readme_python_example_runs():
+    text = (ROOT / "README.md").read_text()
+    example = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    assert len(example.strip().splitlines()) <= 5
+    p = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_readme_names_the_two_commands():
+    first_screen = "\n".join((ROOT / "README.md").read_text().splitlines()[:15])
+    assert "make demo" in first_screen and "make test" in first_screen
