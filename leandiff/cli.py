@@ -79,6 +79,7 @@ def train(dataset, data_dir, model, init_ckpt, steps, batch_size, lr, warmup, lr
           ema_decay, grad_clip, schedule, parameterization, weighting, seed, bf16, sample_every,
           checkpoint_every, out, resume):
     """Train a diffusion model; writes a checkpoint (EMA weights) to --out."""
+    from .io import ensure_writable_dir
     from .train import TrainConfig, train as run, init_checkpoint, training_images
 
     cfg = TrainConfig(dataset=dataset, data_dir=data_dir, model=model, schedule=schedule,
@@ -88,6 +89,7 @@ def train(dataset, data_dir, model, init_ckpt, steps, batch_size, lr, warmup, lr
                       seed=seed, sample_every=sample_every, checkpoint_every=checkpoint_every)
     init = init_checkpoint(cfg, init_ckpt)
     images = training_images(cfg, init)
+    ensure_writable_dir(out)
     ck = run(cfg, out, init=init, images=images, resume=resume)
     click.echo(f"checkpoint: {out}  (weights {ck.hash()}; sample grids in {Path(out) / 'samples'})")
 
@@ -110,7 +112,10 @@ def sample(ckpt, solver, nfe, spacing, eta, n, seed, batch_size, no_clip, out):
     from .models import image_shape
     from .sample import SampleConfig, SampleStats, sample_all
 
+    from .io import ensure_writable_dir
+
     ck = load_checkpoint(ckpt)
+    ensure_writable_dir(out)
     opts = {} if eta is None else {"eta": eta}
     cfg = SampleConfig(solver=solver, nfe=nfe, spacing=spacing, n=n, seed=seed, batch_size=batch_size,
                        clip_x0=not no_clip, opts=opts)
@@ -152,7 +157,29 @@ def info(ckpt, as_json):
         click.echo(f"  lineage[{i}]   {step.get('step')} {json.dumps(step.get('settings', {}), sort_keys=True)[:160]}")
 
 
+@main.command()
+def zoo():
+    """List the shipped models (use them anywhere as zoo:NAME)."""
+    from .checkpoint import META_NAME, ZOO_DIR
+    from .io import read_json
+
+    found = sorted(d for d in ZOO_DIR.iterdir() if (d / META_NAME).is_file()) if ZOO_DIR.is_dir() else []
+    if not found:
+        click.echo("no shipped models")
+    for d in found:
+        meta = read_json(d / META_NAME)
+        card = read_json(d / "card.json") if (d / "card.json").is_file() else {}
+        size = (d / "model.safetensors").stat().st_size / 2**20
+        click.echo(f"zoo:{d.name:<16} dataset {meta.get('dataset', '?'):<14} {size:5.1f} MB  "
+                   f"{card.get('summary', '')}")
+
+
 # --- commands from the other stages register here -------------------------------------------
+from .evaluate.commands import bench, classifier, eval_cmd, report  # noqa: E402  (issue 3: evaluation)
+main.add_command(classifier)
+main.add_command(eval_cmd)
+main.add_command(bench)
+main.add_command(report)
 
 
 if __name__ == "__main__":

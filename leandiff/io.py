@@ -94,3 +94,26 @@ def save_npz(path, **arrays) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm progress bar on stderr that stays silent when stderr is not a terminal
+    (logs, CI, captured output), so error output stays one line."""
+    from tqdm import tqdm
+
+    kwargs.setdefault("disable", None)
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, **kwargs)
+
+
+def ensure_writable_dir(path) -> Path:
+    """Create ``path`` if needed and prove it is writable, before any long work starts."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to {path}: {e.strerror or e}") from None
+    return path

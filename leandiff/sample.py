@@ -66,8 +66,8 @@ def generate(denoiser: Denoiser, shape: tuple[int, int, int], cfg: SampleConfig,
     batches = range((cfg.n + cfg.batch_size - 1) // cfg.batch_size)
     bar = None
     if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.n, desc=f"{cfg.solver}-{cfg.nfe}", unit="img", leave=False)
+        from .io import progress as progress_bar
+        bar = progress_bar(total=cfg.n, desc=f"{cfg.solver}-{cfg.nfe}", unit="img", leave=False)
     for b in batches:
         m = min(cfg.batch_size, cfg.n - b * cfg.batch_size)
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + b)

@@ -230,8 +230,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, init: Checkpoint, images: to
     n = images.shape[0]
     bar = None
     if progress and rank == 0:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+        from .io import progress as progress_bar
+        bar = progress_bar(total=cfg.steps, initial=start, desc="train", unit="step")
     smooth, seen, t_start, t_mark = None, 0, time.perf_counter(), time.perf_counter()
     ck = None
     for step in range(start, cfg.steps):
@@ -264,6 +264,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, init: Checkpoint, images: to
             seen, t_mark = 0, now
         if rank == 0 and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
             ck = write_checkpoint(done, seconds_before + time.perf_counter() - t_start)
+            if bar is not None and bar.disable:  # not a terminal: one plain log line per checkpoint
+                print(f"step {done}/{cfg.steps} loss {smooth:.4f} "
+                      f"elapsed {seconds_before + time.perf_counter() - t_start:.0f}s", flush=True)
         if rank == 0 and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps):
             _write_grid(ema, init, out_dir / "samples" / f"step_{done:07d}.png")
     if bar is not None:
