@@ -1,5 +1,22 @@
-"""Cost of a network: parameters (total and non-zero) and MACs per evaluation."""
+"""Cost of a network and of sampling with it: parameters (total and non-zero), MACs per
+evaluation, bytes on disk, latency per evaluation, end-to-end images/s, peak memory.
+
+Timing protocol (machines are noisy): warm up every candidate, then run ``rounds`` rounds; in
+each round every (candidate, batch size) pair is timed once, in alternating order (A B A B …),
+so that a slow spell hits all of them alike; report the median over rounds.
+"""
 from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -15,13 +32,172 @@ def count_params(net: nn.Module) -> dict[str, int]:
 
 
 @torch.no_grad()
+def count_macs(fn: Callable, *inputs) -> int:
+    """Multiply-accumulates of ``fn(*inputs)`` counted by torch's FlopCounterMode
+    (convolutions, matmuls and attention exactly; MAC = FLOP / 2)."""
+    with FlopCounterMode(display=False) as counter:
+        fn(*inputs)
+    return counter.get_total_flops() // 2
+
+
+@torch.no_grad()
 def macs_per_image(net: nn.Module, shape: tuple[int, int, int], t: float = 500.0) -> int:
     """Multiply-accumulates of one network evaluation at batch 1, counted by torch's
     FlopCounterMode (convolutions, matmuls and attention exactly; MAC = FLOP / 2)."""
     was_training = net.training
     net.eval()
     x = torch.zeros(1, *shape)
-    with FlopCounterMode(display=False) as counter:
-        call_network(net, x, torch.full((1,), t))
+    macs = count_macs(call_network, net, x, torch.full((1,), t))
     net.train(was_training)
-    return counter.get_total_flops() // 2
+    return macs
+
+
+def checkpoint_bytes(ckpt) -> int:
+    """Bytes on disk of a checkpoint's weights file (the safetensors file; for a leandiff
+    directory ``model.safetensors``). A checkpoint never saved is serialised in memory to count."""
+    from safetensors.torch import save
+
+    p = Path(ckpt.path) if getattr(ckpt, "path", None) is not None else None
+    if p is not None:
+        if p.is_file():
+            return p.stat().st_size
+        for name in ("model.safetensors", "diffusion_pytorch_model.safetensors"):
+            if (p / name).is_file():
+                return (p / name).stat().st_size
+    state = {k: v.detach().contiguous().cpu() for k, v in ckpt.net.state_dict().items()}
+    return len(save(state))
+
+
+# --- latency -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    batch_sizes: tuple = (1, 16, 64)  # batch sizes timed per network evaluation
+    warmup: int = 2  # untimed calls per (network, batch) before timing
+    rounds: int = 5  # alternating rounds; the median over rounds is reported
+    min_round_s: float = 0.05  # a round repeats a call until it has taken at least this long
+    t: float = 500.0  # the timestep fed to the network (cost does not depend on it)
+    seed: int = 0  # inputs are seeded noise
+
+
+@torch.no_grad()
+def measure_latency(networks: dict[str, Callable], shape: tuple[int, int, int],
+                    cfg: LatencyConfig = LatencyConfig(), progress: bool = False) -> dict[str, dict[int, dict]]:
+    """Latency of one network evaluation for each named network and batch size.
+
+    Returns ``{name: {batch: {"median_ms", "min_ms", "max_ms", "ms_per_image", "images_per_s"}}}``
+    where the ms figures are per call (one network evaluation of the whole batch)."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    inputs = {b: (torch.randn((b, *shape), generator=g), torch.full((b,), cfg.t)) for b in cfg.batch_sizes}
+    pairs = [(name, b) for b in cfg.batch_sizes for name in networks]
+    for name, b in pairs:  # warm-up
+        for _ in range(cfg.warmup):
+            call_network(networks[name], *inputs[b])
+    times: dict[tuple, list[float]] = {p: [] for p in pairs}
+    bar = None
+    if progress:
+        from .io import progress as tqdm
+        bar = tqdm(total=cfg.rounds * len(pairs), desc="latency", unit="run", leave=False)
+    for r in range(cfg.rounds):
+        order = pairs if r % 2 == 0 else pairs[::-1]  # alternate the order between rounds too
+        for name, b in order:
+            calls, t0 = 0, time.perf_counter()
+            while True:
+                call_network(networks[name], *inputs[b])
+                calls += 1
+                elapsed = time.perf_counter() - t0
+                if elapsed >= cfg.min_round_s:
+                    break
+            times[(name, b)].append(elapsed / calls)
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    out: dict[str, dict[int, dict]] = {name: {} for name in networks}
+    for (name, b), ts in times.items():
+        med = statistics.median(ts)
+        out[name][b] = {"median_ms": med * 1e3, "min_ms": min(ts) * 1e3, "max_ms": max(ts) * 1e3,
+                        "ms_per_image": med * 1e3 / b, "images_per_s": b / med, "rounds": len(ts)}
+    return out
+
+
+# --- memory --------------------------------------------------------------------------------------
+
+def current_rss() -> int | None:
+    """Resident set size of this process in bytes (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def max_rss_lifetime() -> int:
+    """Peak RSS of this process since it started, in bytes (getrusage)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+class PeakMemory:
+    """Context manager: the peak RSS while the block runs, sampled every ``interval`` seconds by a
+    background thread (so short spikes between samples can be missed), and its rise over the RSS
+    at entry. tracemalloc would miss torch's tensor memory, which is allocated outside Python.
+
+    After the block: ``peak_bytes``, ``start_bytes``, ``delta_bytes`` (None where /proc is absent)
+    and ``lifetime_peak_bytes`` (getrusage, the whole process so far)."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.peak_bytes = self.start_bytes = self.delta_bytes = None
+        self.lifetime_peak_bytes = None
+        self._stop = threading.Event()
+
+    def _poll(self):
+        while not self._stop.wait(self.interval):
+            rss = current_rss()
+            if rss is not None and rss > self.peak_bytes:
+                self.peak_bytes = rss
+
+    def __enter__(self):
+        self.start_bytes = current_rss()
+        if self.start_bytes is not None:
+            self.peak_bytes = self.start_bytes
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.start_bytes is not None:
+            self._stop.set()
+            self._thread.join()
+            end = current_rss()
+            self.peak_bytes = max(self.peak_bytes, end or 0)
+            self.delta_bytes = self.peak_bytes - self.start_bytes
+        self.lifetime_peak_bytes = max_rss_lifetime()
+        return False
+
+    def as_dict(self) -> dict:
+        mb = lambda v: None if v is None else round(v / 2**20, 1)  # noqa: E731
+        return {"peak_rss_mb": mb(self.peak_bytes), "rss_increase_mb": mb(self.delta_bytes),
+                "process_peak_rss_mb": mb(self.lifetime_peak_bytes)}
+
+
+# --- where a number was measured -----------------------------------------------------------------
+
+def machine_info() -> dict:
+    """Platform, CPU and library versions: recorded with every measured number."""
+    from . import __version__
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "leandiff": __version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}

@@ -1,0 +1,137 @@
+"""The evaluation verbs: ``classifier train``, ``eval``, ``bench``, ``report``.
+Each body fills a config and calls one function (see harness, cost, report)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..errors import UserError
+
+
+def _positive(ctx, param, value):
+    if value is not None and value <= 0:
+        raise click.BadParameter(f"must be positive, got {value}")
+    return value
+
+
+@click.group()
+def classifier():
+    """The per-dataset feature network behind FID-dom, KID, IS and precision/recall."""
+
+
+@classifier.command("train")
+@click.option("--dataset", required=True, help="mnist, fashion-mnist or cifar10")
+@click.option("--data-dir", default=None, help="directory with the dataset's files (IDX, CIFAR batches)")
+@click.option("--epochs", type=int, default=None, callback=_positive, help="default: the shipped classifier's")
+@click.option("--seed", type=int, default=None)
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="output directory (default: the package's zoo/classifiers/DATASET)")
+@click.option("--reference/--no-reference", default=True, show_default=True,
+              help="also compute and cache the held-out reference statistics")
+def classifier_train(dataset, data_dir, epochs, seed, out, reference):
+    """Train the feature CNN for a dataset; prints held-out accuracy."""
+    from .classifier import classifier_dir, default_config, save_classifier, train_classifier
+    from .reference import reference_stats
+
+    cfg = default_config(dataset, data_dir=data_dir, epochs=epochs, seed=seed)
+    clf = train_classifier(cfg, progress=True)
+    out = Path(out) if out else classifier_dir(dataset)
+    save_classifier(clf, out)
+    r = clf.record
+    click.echo(f"classifier {dataset}: test accuracy {r['test_accuracy']:.4f} on {r['test_images']} held-out images "
+               f"(unseen train images {r['unseen_accuracy']}, fit {r['train_accuracy']:.4f} on {r['train_images']}); "
+               f"weights {clf.hash} -> {out}")
+    if reference:
+        stats = reference_stats(clf, dataset, data_dir, progress=True)
+        click.echo(f"reference statistics: {stats.n} {dataset}/{stats.split} images, {stats.mean.size} features")
+
+
+@click.command("eval")
+@click.argument("ckpt")
+@click.option("--solver", default="ddim", show_default=True)
+@click.option("--nfe", type=int, default=50, show_default=True, callback=_positive, help="network evaluations per sample")
+@click.option("-n", "n", type=int, default=2048, show_default=True, callback=_positive, help="generated samples")
+@click.option("--runtime", default="eager", show_default=True, help="eager, bf16, ... (leandiff.runtime.RUNTIMES)")
+@click.option("--spacing", default="leading", show_default=True)
+@click.option("--eta", type=float, default=None, help="DDIM η (0 deterministic, 1 DDPM-like)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=256, show_default=True, callback=_positive)
+@click.option("--no-clip", is_flag=True, help="do not clamp x̂₀ to [-1, 1] inside the solver")
+@click.option("--dataset", default=None, help="reference dataset (default: the checkpoint's)")
+@click.option("--data-dir", default=None)
+@click.option("--classifier", "classifier_path", default=None, help="classifier directory (default: the shipped one)")
+@click.option("--no-latency", is_flag=True, help="skip the per-evaluation latency measurement")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="results JSONL file to append to")
+def eval_cmd(ckpt, solver, nfe, n, runtime, spacing, eta, seed, batch_size, no_clip, dataset, data_dir,
+             classifier_path, no_latency, out):
+    """Sample, embed and score a checkpoint; appends one JSON row to --out and prints a Markdown row."""
+    from ..cost import LatencyConfig
+    from ..io import ensure_writable_dir
+    from .harness import EvalConfig, append_row, evaluate_checkpoint, markdown_header, markdown_row
+
+    cfg = EvalConfig(solver=solver, nfe=nfe, n=n, seed=seed, spacing=spacing, runtime=runtime, batch_size=batch_size,
+                     clip_x0=not no_clip, opts={} if eta is None else {"eta": eta}, dataset=dataset,
+                     data_dir=data_dir, classifier=classifier_path, latency=None if no_latency else LatencyConfig())
+    out = Path(out)
+    grid = _grid_path(out, ckpt, cfg)
+    ensure_writable_dir(grid.parent)  # fail before the sampling, not after
+    row = evaluate_checkpoint(ckpt, cfg, grid_path=grid, progress=True, log=lambda m: click.echo(m, err=True))
+    row["grid"] = str(grid.relative_to(out.parent)) if row["grid"] else None  # relative to the results file
+    append_row(out, row)
+    click.echo(markdown_header())
+    click.echo(markdown_row(row))
+
+
+def _grid_path(out: Path, ckpt: str, cfg) -> Path:
+    import hashlib
+
+    tag = hashlib.sha256(f"{ckpt}|{cfg}".encode()).hexdigest()[:8]
+    stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(ckpt.replace("zoo:", "zoo_")).name)[:40]
+    return out.parent / f"{out.stem}-grids" / f"{stem}-{cfg.solver}-{cfg.nfe}-{cfg.runtime}-{tag}.png"
+
+
+@click.command()
+@click.argument("ckpts", nargs=-1, required=True)
+@click.option("--runtime", "runtimes", multiple=True, default=("eager",), show_default=True,
+              help="repeat to compare runtimes in the same alternating rounds")
+@click.option("--batch-sizes", default="1,16,64", show_default=True)
+@click.option("--rounds", type=int, default=5, show_default=True, callback=_positive)
+@click.option("--solver", default=None, help="with --nfe: also measure end-to-end images/s for this solver")
+@click.option("--nfe", type=int, default=None, callback=_positive)
+@click.option("-n", "n", type=int, default=64, show_default=True, callback=_positive, help="images for end-to-end images/s")
+@click.option("--out", default="bench.md", show_default=True, type=click.Path(dir_okay=False),
+              help="Markdown table; the JSON record is written beside it (.json)")
+def bench(ckpts, runtimes, batch_sizes, rounds, solver, nfe, n, out):
+    """Cost table: parameters, MACs, bytes, latency per evaluation (batch 1/16/64), peak memory."""
+    from ..cost import LatencyConfig
+    from .bench import BenchConfig, bench_markdown, run_bench
+    from ..io import ensure_writable_dir, write_json, write_text
+
+    try:
+        sizes = tuple(int(b) for b in batch_sizes.split(","))
+    except ValueError:
+        raise UserError(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}") from None
+    if (solver is None) != (nfe is None):
+        raise UserError("give --solver and --nfe together (or neither)")
+    ensure_writable_dir(Path(out).parent)
+    cfg = BenchConfig(runtimes=tuple(runtimes), latency=LatencyConfig(batch_sizes=sizes, rounds=rounds),
+                      solver=solver, nfe=nfe, n=n)
+    record = run_bench(list(ckpts), cfg, progress=True)
+    md = bench_markdown(record)
+    write_text(out, md)
+    write_json(Path(out).with_suffix(".json"), record)
+    click.echo(md)
+
+
+@click.command()
+@click.argument("results", nargs=-1, required=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="report directory")
+def report(results, out):
+    """index.html (tables, sample grids, FID-vs-NFE, FID-vs-latency Pareto front), report.md, results.csv."""
+    from .harness import read_rows
+    from .report import write_report
+
+    index = write_report(read_rows(results), out)
+    click.echo(f"report: {index}")
