@@ -1,0 +1,123 @@
+"""FID-dom and KID versus NFE for every registered solver and two diffusers peers, on one checkpoint
+(issue 4's benchmark). Same N, seeds and x_T for every row; each row is one ``leandiff eval`` row
+(leandiff.evaluate.evaluate_checkpoint) with its wall time, appended to OUT/rows.jsonl as soon as it is
+done, so a killed run resumes where it stopped. Then OUT/index.html (leandiff report: table, FID-vs-NFE
+curves, FID-vs-time front) and OUT/summary.md (winner per NFE, ratio to the 1000-step DDPM row, and
+whether AMS beats its plain sampler).
+
+    .venv/bin/python benchmarks/bench_solvers.py --ckpt runs/mnist-tiny --n 2048 --out runs/bench/solvers
+
+NFE above ``--max-nfe-all`` (default 100) is run only for the references (ddpm, ddim): 1000-step rows
+for every solver would cost 10× the rest of the grid together. A solver that spends k evaluations per
+step gets the smallest multiple of k ≥ the NFE asked for (heun then spends 2·steps − 1); the table
+reports the NFE actually spent.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from leandiff.errors import UserError
+from leandiff.evaluate import EvalConfig, append_row, evaluate_checkpoint, load_classifier, read_rows, reference_stats
+from leandiff.solvers import SOLVERS, nfe_per_step
+
+PEERS = ["diffusers:DPMSolverMultistepScheduler", "diffusers:UniPCMultistepScheduler"]
+REFERENCES = ("ddpm", "ddim")
+
+
+def requested(solver: str, nfe: int) -> int:
+    """The NFE to ask ``solver`` for: the smallest multiple of its evaluations per step ≥ ``nfe``."""
+    per = nfe_per_step(solver)
+    return -(-nfe // per) * per
+
+
+def grid(solvers, nfes, max_nfe_all):
+    for nfe in nfes:
+        for solver in solvers:
+            if nfe <= max_nfe_all or solver in REFERENCES:
+                yield solver, requested(solver, nfe)
+
+
+def summary(rows: list[dict], nfes) -> str:
+    """Markdown: the best solver per NFE by FID-dom, and AMS versus its plain sampler."""
+    q = {(r["protocol"]["solver"], r["protocol"]["nfe"]): r for r in rows}
+    at = lambda s, nfe: q.get((s, requested(s, nfe)))  # noqa: E731
+    ref = q.get(("ddpm", 1000))
+    ref_fid = ref["quality"]["fid_dom"] if ref else float("nan")
+    lines = ["| NFE asked | best solver | NFE spent | FID-dom | ÷ DDPM-1000 | KID×1e3 | s/image |",
+             "|---|---|---|---|---|---|---|"]
+    for nfe in nfes:
+        cand = [r for r in (at(s, nfe) for s in {k[0] for k in q}) if r is not None]
+        if cand:
+            best = min(cand, key=lambda r: r["quality"]["fid_dom"])
+            f = best["quality"]["fid_dom"]
+            lines.append(f"| {nfe} | {best['protocol']['solver']} | {best['protocol']['nfe_used']:g} | {f:.3f} | "
+                         f"{f / ref_fid:.3f} | {best['quality']['kid'] * 1e3:.3f} | "
+                         f"{best['cost']['sampling_seconds'] / best['protocol']['n']:.4f} |")
+    lines += ["", "| NFE | ams-ddim ÷ ddim | ams-ddpm ÷ ddpm |", "|---|---|---|"]
+    for nfe in nfes:
+        def ratio(a, b):
+            ra, rb = at(a, nfe), at(b, nfe)
+            return f"{ra['quality']['fid_dom'] / rb['quality']['fid_dom']:.3f}" if ra and rb else "–"
+        if at("ams-ddim", nfe) or at("ams-ddpm", nfe):
+            lines.append(f"| {nfe} | {ratio('ams-ddim', 'ddim')} | {ratio('ams-ddpm', 'ddpm')} |")
+    return "\n".join(lines) + "\n\nFID-dom ratios; below 1 AMS is better than its plain sampler.\n"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", default="runs/mnist-tiny")
+    p.add_argument("--n", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20, 50, 100, 1000])
+    p.add_argument("--max-nfe-all", type=int, default=100, help="larger NFE only for ddpm and ddim")
+    p.add_argument("--solvers", nargs="+", default=list(SOLVERS) + PEERS)
+    p.add_argument("--spacing", default="trailing", help="timestep spacing for every solver ...")
+    p.add_argument("--spacing-for", nargs="*", default=[], metavar="SOLVER=SPACING", help="... unless named here")
+    p.add_argument("--out", default="runs/bench/solvers")
+    args = p.parse_args()
+    try:
+        spacing_for = dict(kv.split("=", 1) for kv in args.spacing_for)
+    except ValueError:
+        raise SystemExit(f"--spacing-for takes SOLVER=SPACING, got {args.spacing_for}") from None
+
+    out = Path(args.out)
+    rows_path = out / "rows.jsonl"
+    rows = read_rows([rows_path]) if rows_path.is_file() else []
+    done = {(r["protocol"]["solver"], r["protocol"]["nfe"], r["protocol"]["spacing"], r["protocol"]["n"],
+             r["protocol"]["seed"]) for r in rows}
+    from leandiff.checkpoint import load_checkpoint
+    from leandiff.evaluate.harness import resolve_dataset
+
+    ck = load_checkpoint(args.ckpt)
+    clf = load_classifier(resolve_dataset(ck, None))
+    ref = reference_stats(clf, resolve_dataset(ck, None))
+    for solver, nfe in grid(args.solvers, args.nfe, args.max_nfe_all):
+        spacing = spacing_for.get(solver, args.spacing)
+        if (solver, nfe, spacing, args.n, args.seed) in done:
+            continue
+        cfg = EvalConfig(solver=solver, nfe=nfe, n=args.n, seed=args.seed, spacing=spacing, latency=None,
+                         inception=False, mse_n=256, grid_n=64)
+        t0 = time.perf_counter()
+        try:
+            row = evaluate_checkpoint(ck, cfg, classifier=clf, reference=ref,
+                                      grid_path=out / "grids" / f"{solver.replace(':', '_')}-{nfe}.png")
+        except UserError as e:
+            print(f"{solver} NFE {nfe}: skipped ({e})")
+            continue
+        append_row(rows_path, row)
+        rows.append(row)
+        print(f"{solver:40s} NFE {row['protocol']['nfe_used']:5g}  FID-dom {row['quality']['fid_dom']:8.3f}  "
+              f"KID×1e3 {row['quality']['kid'] * 1e3:7.3f}  {time.perf_counter() - t0:6.1f}s", flush=True)
+    from leandiff.evaluate import write_report
+
+    write_report(rows, out, title=f"Solvers on {args.ckpt}")
+    text = summary(rows, args.nfe)
+    (out / "summary.md").write_text(text)
+    print(text)
+    print(f"-> {out / 'index.html'}, {out / 'summary.md'}")
+
+
+if __name__ == "__main__":
+    main()
