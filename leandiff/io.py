@@ -13,6 +13,9 @@ import torch
 
 from .errors import UserError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike):
@@ -26,6 +29,7 @@ def atomic_path(path: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual mode
         os.replace(tmp, path)
     except OSError as e:
         _unlink(tmp)
