@@ -174,6 +174,21 @@ def zoo():
                    f"{card.get('summary', '')}")
 
 
+@main.command()
+@click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False))
+@click.option("--model", default="zoo:mnist-tiny", show_default=True, help="checkpoint to run the demo on")
+@click.option("-n", "n", type=int, default=1000, show_default=True, help="samples per row")
+@click.option("--fast", is_flag=True, help="three tiny rows (N=32): a smoke test of the whole flow")
+def demo(out, model, n, fast):
+    """The main job: sample, compress and evaluate the shipped MNIST model; write the HTML report."""
+    from .demo import DemoConfig, run_demo
+
+    if n <= 0:
+        raise UserError(f"number of samples must be positive, got {n}")
+    index = run_demo(DemoConfig(model=model, n=n, fast=fast), out, log=click.echo)
+    click.echo(f"open {index}")
+
+
 # --- commands from the other stages register here -------------------------------------------
 from .evaluate.commands import bench, classifier, eval_cmd, report  # noqa: E402  (issue 3: evaluation)
 main.add_command(classifier)

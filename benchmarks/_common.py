@@ -1,0 +1,44 @@
+"""Shared by the benchmark scripts: the machine description and results written with their command."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__}
+
+
+def command() -> str:
+    return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+
+
+def write_results(name: str, figures: dict, markdown: str = "") -> Path:
+    """Write RESULTS/name.json (figures + command + machine) and, if given, RESULTS/name.md."""
+    from leandiff.io import write_json, write_text
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    rec = {"command": command(), "machine": machine(), **figures}
+    write_json(RESULTS / f"{name}.json", rec)
+    if markdown:
+        m = rec["machine"]
+        write_text(RESULTS / f"{name}.md", f"{markdown.rstrip()}\n\nCommand: `{rec['command']}`  \n"
+                   f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['platform']}\n")
+    return RESULTS / f"{name}.json"

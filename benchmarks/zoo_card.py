@@ -1,0 +1,94 @@
+"""Ship a trained checkpoint into the zoo with its model card.
+
+    python benchmarks/zoo_card.py runs/mnist-tiny --name mnist-tiny --train-command "leandiff train ..." [-n 2048]
+
+Copies the weights and metadata into leandiff/zoo/NAME/, evaluates the 1000-step DDPM and DDIM-50
+rows with the evaluation harness (N samples, seed 0, eager fp32), reads the real-vs-real floor of
+the same N from benchmarks/results/metrics.json when present, and writes card.json, CARD.md and
+grid.png (64 DDIM-50 samples) beside the weights. Resumable: finished rows are kept in
+leandiff/zoo/NAME/card_rows.jsonl and skipped on a rerun.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from _common import RESULTS, command, machine
+from leandiff.checkpoint import META_NAME, WEIGHTS_NAME, ZOO_DIR, load_checkpoint
+from leandiff.evaluate.harness import EvalConfig, append_row, evaluate_checkpoint, read_rows
+from leandiff.io import write_json, write_text
+
+
+def floor_for(dataset: str, n: int) -> dict | None:
+    p = RESULTS / "metrics.json"
+    if not p.is_file():
+        return None
+    rec = json.loads(p.read_text())
+    for f in rec.get("floors", {}).get(dataset, []) if isinstance(rec.get("floors"), dict) else []:
+        if f.get("n") == n:
+            return f
+    return None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("ckpt")
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--train-command", required=True, help="the exact command that trained the checkpoint")
+    ap.add_argument("-n", type=int, default=2048)
+    ap.add_argument("--batch-size", type=int, default=512)
+    args = ap.parse_args()
+
+    src = Path(args.ckpt)
+    dst = ZOO_DIR / args.name
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in (WEIGHTS_NAME, META_NAME):
+        shutil.copyfile(src / f, dst / f)
+    ck = load_checkpoint(dst)
+    rows_path = dst / "card_rows.jsonl"
+    done = {(r["protocol"]["solver"], r["protocol"]["nfe"]) for r in read_rows([rows_path])} if rows_path.is_file() else set()
+    for solver, nfe in (("ddim", 50), ("ddpm", 1000)):
+        if (solver, nfe) in done:
+            continue
+        cfg = EvalConfig(solver=solver, nfe=nfe, n=args.n, seed=0, batch_size=args.batch_size)
+        row = evaluate_checkpoint(ck, cfg, grid_path=dst / f"grid_{solver}{nfe}.png", progress=True)
+        row["checkpoint"] = f"zoo:{args.name}"
+        append_row(rows_path, row)
+        print(f"{solver}-{nfe}: FID-dom {row['quality']['fid_dom']:.3f}  ({row['seconds']:.0f} s)", flush=True)
+    rows = {f"{r['protocol']['solver']}-{r['protocol']['nfe']}": r for r in read_rows([rows_path])}
+    shutil.copyfile(dst / "grid_ddim50.png", dst / "grid.png")
+
+    tr = ck.meta.get("train", {})
+    dataset = ck.meta.get("dataset") or tr.get("dataset")
+    floor = floor_for(dataset, args.n)
+    q = {k: {m: r["quality"][m] for m in ("fid_dom", "kid", "kid_std", "precision", "recall", "is")}
+         for k, r in rows.items()}
+    card = {"name": args.name, "dataset": dataset, "train_command": args.train_command,
+            "train": {k: tr.get(k) for k in ("steps", "completed_steps", "batch_size", "lr", "seed", "bf16",
+                                             "wall_seconds", "num_images", "ema_decay", "schedule", "parameterization")},
+            "weights": ck.hash(), "quality": q, "n": args.n, "real_vs_real_floor": floor,
+            "ddpm1000_over_floor": (q["ddpm-1000"]["fid_dom"] / floor["fid_dom"]) if floor else None,
+            "rows": list(rows.values()), "card_command": command(), "machine": machine(),
+            "summary": f"FID-dom {q['ddpm-1000']['fid_dom']:.2f} (DDPM-1000), {q['ddim-50']['fid_dom']:.2f} (DDIM-50), N={args.n}"}
+    write_json(dst / "card.json", card)
+    lines = [f"# zoo:{args.name}", "",
+             f"Trained by leandiff on `{dataset}`: `{args.train_command}`", "",
+             f"- steps {tr.get('completed_steps')} × batch {tr.get('batch_size')}, seed {tr.get('seed')}, "
+             f"bf16 {tr.get('bf16')}, wall time {tr.get('wall_seconds')} s on {machine()['cpu']} ({machine()['cores']} cores)",
+             f"- weights {ck.hash()}", "",
+             f"| sampler | N | FID-dom | KID×1e3 | precision | recall |", "|---|---|---|---|---|---|"]
+    for k, v in q.items():
+        lines.append(f"| {k} | {args.n} | {v['fid_dom']:.3f} | {v['kid'] * 1e3:.3f} ± {v['kid_std'] * 1e3:.3f} | "
+                     f"{v['precision']:.3f} | {v['recall']:.3f} |")
+    if floor:
+        lines += ["", f"Real-vs-real floor at N={args.n}: FID-dom {floor['fid_dom']:.3f} "
+                      f"(DDPM-1000 is {card['ddpm1000_over_floor']:.2f}× the floor)."]
+    lines += ["", "![DDIM-50 samples](grid.png)", "", f"Card written by `{command()}`."]
+    write_text(dst / "CARD.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

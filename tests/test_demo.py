@@ -1,0 +1,37 @@
+"""The main job, in its fast mode, on the shipped model: report files exist and hold every row."""
+import json
+from html.parser import HTMLParser
+
+from conftest import run_cli
+
+
+class _Refs(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.refs = []
+
+    def handle_starttag(self, tag, attrs):
+        self.refs += [v for k, v in attrs if k in ("src", "href") and v and not v.startswith(("#", "http"))]
+
+
+def test_demo_fast_mode_writes_report_with_all_rows(tmp_path):
+    out = tmp_path / "demo"
+    r = run_cli("demo", "--fast", "--out", out, check=True)
+    assert "report:" in r.stdout
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(x["protocol"]["solver"], x["protocol"]["nfe_used"], x["protocol"]["runtime"]) for x in rows] == [
+        ("ddim", 4, "eager"), ("dpmpp-2m", 4, "eager"), ("ddim", 4, "bf16")]
+    assert all(x["protocol"]["n"] == 32 and x["quality"]["fid_dom"] > 0 for x in rows)
+    report = out / "report"
+    for name in ("index.html", "report.md", "results.csv"):
+        assert (report / name).stat().st_size > 0
+    page = (report / "index.html").read_text()
+    p = _Refs()
+    p.feed(page)
+    assert p.refs and all((report / ref).is_file() for ref in p.refs), p.refs
+    md = (report / "report.md").read_text()
+    assert "model card" in md  # the 1000-step reference row, read from the card and labelled
+    assert md.count("| zoo:mnist-tiny |") == 3
+    # a rerun resumes: nothing is evaluated twice
+    run_cli("demo", "--fast", "--out", out, check=True)
+    assert len((out / "results.jsonl").read_text().splitlines()) == 3
