@@ -97,7 +97,7 @@ class ClassifierConfig:
 # Per-dataset defaults (the shipped classifiers were trained with exactly these).
 DEFAULTS = {
     "mnist": ClassifierConfig("mnist", epochs=30),
-    "fashion-mnist": ClassifierConfig("fashion-mnist", epochs=6),
+    "fashion-mnist": ClassifierConfig("fashion-mnist", epochs=15, shift=1),
     "cifar10": ClassifierConfig("cifar10", widths=(64, 128, 256), features=128, epochs=20, hflip=True),
 }
 
@@ -201,6 +201,22 @@ def _augment(x: torch.Tensor, shift: int, hflip: bool, g: torch.Generator) -> to
 
 
 @torch.no_grad()
+def normalise_feature_scale(net: FeatureCNN, images: torch.Tensor) -> float:
+    """Rescale the feature space so that the features of ``images`` have RMS 1, without changing
+    the logits: the hidden layer is divided by s (ReLU is positively homogeneous) and the head
+    multiplied by s. KID's kernel (xᵀy/d + 1)³ assumes features of order 1, as Inception's are;
+    FID scales by 1/s². Returns s."""
+    feats, _ = embed(net, images)
+    s = float(feats.double().pow(2).mean().sqrt())
+    if not s > 0:
+        raise UserError("classifier: all features are zero; training failed")
+    net.hidden.weight.div_(s)
+    net.hidden.bias.div_(s)
+    net.head.weight.mul_(s)
+    return s
+
+
+@torch.no_grad()
 def accuracy(net: FeatureCNN, images: torch.Tensor, labels: torch.Tensor) -> float:
     net.eval()
     _, probs = embed(net, images)
@@ -245,6 +261,7 @@ def train_classifier(cfg: ClassifierConfig, progress: bool = True) -> Classifier
     if bar is not None:
         bar.close()
     net.eval()
+    scale = normalise_feature_scale(net, fit.images)
     record = {
         "format": FORMAT, "architecture": arch, "dataset": cfg.dataset, "config": asdict(cfg),
         "data_source": fit.source, "classes": classes,
@@ -253,6 +270,7 @@ def train_classifier(cfg: ClassifierConfig, progress: bool = True) -> Classifier
         "unseen_accuracy": accuracy(net, unseen.images, unseen.labels) if len(unseen) else None,
         "train_accuracy": accuracy(net, fit.images, fit.labels),
         "train_seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__,
+        "feature_scale_folded": scale,
     }
     record["weights_sha"] = weights_hash(net.state_dict())
     return Classifier(net, record)

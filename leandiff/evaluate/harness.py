@@ -19,7 +19,7 @@ from ..cost import LatencyConfig, PeakMemory, checkpoint_bytes, count_params, ma
 from ..errors import UserError
 from .classifier import Classifier, embed, load_classifier
 from .metrics import (FeatureAccumulator, KIDConfig, confidence, denoising_mse, frechet_distance, inception_score, kid,
-                      label_spread, precision_recall, subsample)
+                      kid_subset_size, label_spread, precision_recall, subsample)
 from .reference import ReferenceStats, reference_stats
 
 SCHEMA = "leandiff-eval/1"
@@ -84,7 +84,11 @@ def evaluate_checkpoint(ckpt, cfg: EvalConfig, *, classifier: Classifier | None 
     if clf.net.body[0].in_channels != shape[0]:
         raise UserError(f"classifier for {clf.dataset} takes {clf.net.body[0].in_channels}-channel images "
                         f"but the model makes {shape}; give the matching --dataset")
-    ref = reference or reference_stats(clf, dataset, cfg.data_dir, progress=progress)
+    held = load_dataset(dataset, "test", cfg.data_dir, shape=shape)  # reference split and MSE images
+    ref = reference or reference_stats(clf, dataset, cfg.data_dir, progress=progress, data=held)
+    if ref.classifier_hash != clf.hash:
+        raise UserError(f"reference statistics were computed with classifier {ref.classifier_hash}, "
+                        f"not with {clf.hash}: recompute them for this classifier")
     get_runtime(cfg.runtime)  # unknown names fail before any work
     net = runtime_network(ckpt, cfg.runtime)
     denoiser = Denoiser(net, ckpt.schedule, ckpt.parameterization)
@@ -121,8 +125,8 @@ def evaluate_checkpoint(ckpt, cfg: EvalConfig, *, classifier: Classifier | None 
     precision, recall = precision_recall(subsample(ref.features, n_pr, cfg.seed), subsample(fake, n_pr, cfg.seed), cfg.pr_k)
     is_mean, is_std = inception_score(acc.probs)
     spread = label_spread(acc.probs, ref.label_hist)
-    held = load_dataset(dataset, "test", cfg.data_dir, shape=shape)
-    mse_images = held.images[:cfg.mse_n] if cfg.mse_n < len(held) else held.images
+    pick = torch.randperm(len(held), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.mse_n]
+    mse_images = held.images[pick.sort().values]  # a seeded subset: splits may be sorted by class
     mse = denoising_mse(denoiser, mse_images, seed=cfg.seed, batch_size=cfg.batch_size)
     quality = {"fid_dom": frechet_distance(acc.mean, acc.cov, ref.mean, ref.cov),
                "kid": kid_mean, "kid_std": kid_std, "is": is_mean, "is_std": is_std,
@@ -155,9 +159,10 @@ def evaluate_checkpoint(ckpt, cfg: EvalConfig, *, classifier: Classifier | None 
                 "spacing": cfg.spacing, "runtime": cfg.runtime, "runtime_description": runtime_desc,
                 "batch_size": cfg.batch_size, "clip_x0": cfg.clip_x0, "solver_opts": dict(cfg.opts),
                 "feature_net": clf.describe(), "reference": ref.describe(),
-                "kid": asdict(cfg.kid), "pr": {"k": cfg.pr_k, "n": n_pr},
+                "kid": {**asdict(cfg.kid), "subset_size_used": kid_subset_size(cfg.kid, len(ref.features), len(fake))},
+                "pr": {"k": cfg.pr_k, "n": n_pr},
                 "mse": {"n": int(mse_images.shape[0]), "split": "test", "seed": cfg.seed,
-                        "target": ckpt.parameterization},
+                        "target": ckpt.parameterization, "t": "one uniform t in 0..T-1 per image"},
                 "is_splits": 10, "pixels": "clamped to [-1, 1] and rounded to 8 bits before the classifier",
                 "fid_inception": inc_note or ("torch-fidelity Inception, reference = held-out split" if inc else "off"),
                 "latency": asdict(cfg.latency) if cfg.latency else None}

@@ -131,14 +131,21 @@ def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
 @dataclass(frozen=True)
 class KIDConfig:
     subsets: int = 100  # random subset pairs (Bińkowski et al. use 100 of size 1000)
-    subset_size: int = 1000  # capped at the smaller set's size
+    subset_size: int = 1000  # capped at half the smaller set, so that subsets differ (see kid_subset_size)
     seed: int = 0
 
 
+def kid_subset_size(cfg: KIDConfig, n_real: int, n_fake: int) -> int:
+    """The subset size actually used: ``cfg.subset_size`` or half the smaller set when that is
+    less (with subsets as large as the set, every subset is the whole set and the std is 0)."""
+    return min(cfg.subset_size, n_real // 2, n_fake // 2)
+
+
 def kid(real, fake, cfg: KIDConfig = KIDConfig()) -> tuple[float, float]:
-    """(mean, std) of the unbiased polynomial-kernel MMD² over ``cfg.subsets`` random subsets."""
+    """(mean, std) of the unbiased polynomial-kernel MMD² over ``cfg.subsets`` random subsets
+    of size :func:`kid_subset_size` (without replacement within a subset)."""
     x, y = _np64(real), _np64(fake)
-    size = min(cfg.subset_size, x.shape[0], y.shape[0])
+    size = kid_subset_size(cfg, x.shape[0], y.shape[0])
     if size < 2:
         raise ValueError(f"KID needs at least 2 samples per set, got {x.shape[0]} and {y.shape[0]}")
     rng = np.random.default_rng(cfg.seed)
@@ -182,7 +189,7 @@ def label_spread(probs, reference_hist=None) -> dict:
     h = counts / counts.sum()
     ref = np.full(k, 1 / k) if reference_hist is None else _np64(reference_hist) / np.sum(reference_hist)
     nz = h[h > 0]
-    return {"hist": counts.tolist(), "entropy": float(-(nz * np.log(nz)).sum() / np.log(k)),
+    return {"hist": counts.tolist(), "entropy": max(0.0, float(-(nz * np.log(nz)).sum() / np.log(k))),
             "tv": float(0.5 * np.abs(h - ref).sum()), "min_share": float(h.min() * k)}
 
 

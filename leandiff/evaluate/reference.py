@@ -116,13 +116,14 @@ def _file_name(dataset: str, split: str, clf_hash: str, dhash: str) -> str:
 
 
 def reference_stats(clf: Classifier, dataset: str | None = None, data_dir: str | None = None, split: str = "test",
-                    progress: bool = False) -> ReferenceStats:
+                    progress: bool = False, data=None) -> ReferenceStats:
     """The cached reference statistics of ``dataset``'s ``split`` for ``clf``; computed and stored
-    on first use (see the module docstring for where)."""
+    on first use (see the module docstring for where). ``data``: the split's ImageSet when the
+    caller has already loaded it."""
     from ..data import load_dataset
 
     dataset = dataset or clf.dataset
-    data = load_dataset(dataset, split, data_dir)
+    data = data if data is not None else load_dataset(dataset, split, data_dir)
     dhash = data_hash(data.images)
     name = _file_name(dataset, split, clf.hash, dhash)
     places = ([clf.path] if clf.path is not None else []) + [cache_dir() / "reference"]
