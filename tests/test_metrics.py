@@ -220,3 +220,75 @@ def test_missing_class_scores_worse_than_full_set(mnist):
         _, r_drop = precision_recall(ref.features, a_drop.features)
         assert r_drop < r_full
         assert label_spread(a_drop.probs)["min_share"] < 0.1 < label_spread(a_full.probs)["min_share"]
+
+
+# --- classifier and reference files ----------------------------------------------------------------
+
+def test_feature_scale_fold_keeps_logits_and_gives_unit_rms():
+    from leandiff.evaluate.classifier import FeatureCNN, embed, normalise_feature_scale
+
+    torch.manual_seed(0)
+    net = FeatureCNN(1).eval()
+    x = torch.rand(64, 1, 28, 28) * 2 - 1
+    with torch.no_grad():
+        before = net(x)
+    normalise_feature_scale(net, x)
+    with torch.no_grad():
+        after = net(x)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    f, _ = embed(net, x)
+    assert f.double().pow(2).mean().sqrt().item() == pytest.approx(1.0, abs=2e-3)  # 8-bit rounding of x
+
+
+def test_reference_stats_cache_falls_back_to_user_cache(tmp_path, monkeypatch):
+    from leandiff.evaluate.classifier import Classifier, FeatureCNN
+    from leandiff.evaluate.reference import load_reference, reference_stats
+    from leandiff.data import ImageSet
+
+    torch.manual_seed(0)
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    clf = Classifier(FeatureCNN(1).eval(), {"weights_sha": "abc", "dataset": "toy"}, path=blocked / "sub")
+    monkeypatch.setenv("LEANDIFF_CACHE", str(tmp_path / "cache"))
+    data = ImageSet(torch.rand(50, 1, 28, 28) * 2 - 1, None, "toy", "test", "synthetic")
+    a = reference_stats(clf, "toy", data=data)
+    files = list((tmp_path / "cache" / "reference").glob("*.safetensors"))
+    assert len(files) == 1 and "abc" in files[0].name
+    b = load_reference(files[0])
+    assert b.n == 50 and b.classifier_hash == "abc" and b.features.shape == (50, 64)
+    np.testing.assert_array_equal(a.cov, b.cov)
+    assert b.cov.dtype == np.float64
+    c = reference_stats(clf, "toy", data=data)  # now read from the cache
+    np.testing.assert_array_equal(c.mean, a.mean)
+    other = ImageSet(data.images.flip(0)[:40], None, "toy", "test", "synthetic")
+    assert reference_stats(clf, "toy", data=other).n == 40  # other pixels, other key
+
+
+def test_classifier_train_command_and_roundtrip(tmp_path):
+    from click.testing import CliRunner
+
+    from leandiff.cli import main
+    from leandiff.evaluate.classifier import load_classifier
+
+    out = tmp_path / "clf"
+    r = CliRunner().invoke(main, ["classifier", "train", "--dataset", "mnist", "--epochs", "3", "--out", str(out),
+                                  "--no-reference"])
+    assert r.exit_code == 0, r.output
+    assert "test accuracy" in r.output
+    clf = load_classifier(out)
+    rec = clf.record
+    assert rec["train_images"] == 3000 and rec["unseen_images"] == 1000 and rec["test_images"] == 1000
+    assert 0.5 < rec["test_accuracy"] <= 1.0  # three epochs (72 steps) already learn digits
+    assert (out / "classifier.safetensors").stat().st_size < 1_000_000
+    # A tampered weight file is refused.
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(out / "classifier.safetensors"))
+    state["head.bias"] = state["head.bias"] + 1
+    save_file(state, str(out / "classifier.safetensors"))
+    from leandiff.errors import UserError
+
+    with pytest.raises(UserError, match="hash"):
+        load_classifier(out)
+    with pytest.raises(UserError, match="no classifier"):
+        load_classifier("no-such-dataset")
