@@ -23,10 +23,8 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -n 2 tests
 
-# Until `leandiff demo` lands: a short training run on the bundled MNIST, then a DDIM-50 grid.
 demo: $(STAMP)
-	$(VENV)/bin/leandiff train --dataset mnist --model mnist-tiny --steps 600 --bf16 --sample-every 0 --out demo-out/model
-	$(VENV)/bin/leandiff sample demo-out/model --solver ddim --nfe 50 -n 64 --out demo-out/samples
+	$(VENV)/bin/leandiff demo --out demo-out
 
 clean:
 	rm -rf $(VENV) demo-out

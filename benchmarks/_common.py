@@ -1,9 +1,6 @@
 """Shared by the benchmark scripts: the machine description and results written with their command."""
 from __future__ import annotations
 
-import json
-import os
-import platform
 import shlex
 import sys
 from pathlib import Path
@@ -12,18 +9,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict:
-    import torch
+    from leandiff.cost import machine_info
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__}
+    return machine_info()
 
 
 def command() -> str:
@@ -40,5 +28,5 @@ def write_results(name: str, figures: dict, markdown: str = "") -> Path:
     if markdown:
         m = rec["machine"]
         write_text(RESULTS / f"{name}.md", f"{markdown.rstrip()}\n\nCommand: `{rec['command']}`  \n"
-                   f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['platform']}\n")
+                   f"Machine: {m['cpu']}, {m['cpu_count']} cores, torch {m['torch']}, {m['platform']}\n")
     return RESULTS / f"{name}.json"

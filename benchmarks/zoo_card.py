@@ -22,14 +22,14 @@ from leandiff.io import write_json, write_text
 
 
 def floor_for(dataset: str, n: int) -> dict | None:
+    """The real-vs-real floor at the same N from the metrics benchmark (unseen real images vs the
+    held-out reference), or None when that benchmark has not been run."""
     p = RESULTS / "metrics.json"
     if not p.is_file():
         return None
-    rec = json.loads(p.read_text())
-    for f in rec.get("floors", {}).get(dataset, []) if isinstance(rec.get("floors"), dict) else []:
-        if f.get("n") == n:
-            return f
-    return None
+    floors = json.loads(p.read_text()).get("results", {}).get(dataset, {}).get("floors", [])
+    same = [f for f in floors if f.get("n") == n and f.get("set", "").startswith("unseen")]
+    return same[0] if same else None
 
 
 def main():
@@ -76,7 +76,7 @@ def main():
     lines = [f"# zoo:{args.name}", "",
              f"Trained by leandiff on `{dataset}`: `{args.train_command}`", "",
              f"- steps {tr.get('completed_steps')} × batch {tr.get('batch_size')}, seed {tr.get('seed')}, "
-             f"bf16 {tr.get('bf16')}, wall time {tr.get('wall_seconds')} s on {machine()['cpu']} ({machine()['cores']} cores)",
+             f"bf16 {tr.get('bf16')}, wall time {tr.get('wall_seconds')} s on {machine()['cpu']} ({machine()['cpu_count']} cores)",
              f"- weights {ck.hash()}", "",
              f"| sampler | N | FID-dom | KID×1e3 | precision | recall |", "|---|---|---|---|---|---|"]
     for k, v in q.items():
