@@ -32,10 +32,10 @@ def requested(solver: str, nfe: int) -> int:
     return -(-nfe // per) * per
 
 
-def grid(solvers, nfes, max_nfe_all):
+def grid(solvers, nfes, max_nfe_all, references=REFERENCES):
     for nfe in nfes:
         for solver in solvers:
-            if nfe <= max_nfe_all or solver in REFERENCES:
+            if nfe <= max_nfe_all or solver in references:
                 yield solver, requested(solver, nfe)
 
 
@@ -73,6 +73,7 @@ def main():
     p.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20, 50, 100, 1000])
     p.add_argument("--max-nfe-all", type=int, default=100, help="larger NFE only for ddpm and ddim")
     p.add_argument("--solvers", nargs="+", default=list(SOLVERS) + PEERS)
+    p.add_argument("--refs", nargs="+", default=list(REFERENCES), help="solvers run above --max-nfe-all")
     p.add_argument("--spacing", default="trailing", help="timestep spacing for every solver ...")
     p.add_argument("--spacing-for", nargs="*", default=[], metavar="SOLVER=SPACING", help="... unless named here")
     p.add_argument("--out", default="runs/bench/solvers")
@@ -93,7 +94,7 @@ def main():
     ck = load_checkpoint(args.ckpt)
     clf = load_classifier(resolve_dataset(ck, None))
     ref = reference_stats(clf, resolve_dataset(ck, None))
-    for solver, nfe in grid(args.solvers, args.nfe, args.max_nfe_all):
+    for solver, nfe in grid(args.solvers, args.nfe, args.max_nfe_all, args.refs):
         spacing = spacing_for.get(solver, args.spacing)
         if (solver, nfe, spacing, args.n, args.seed) in done:
             continue
