@@ -7,7 +7,7 @@ x_t = x_T · sqrt((α_t² s² + σ_t²)/(α_T² s² + σ_T²)). The diffusers co
 """
 from __future__ import annotations
 
-import math
+import contextlib
 
 import numpy as np
 import pytest
@@ -264,8 +264,10 @@ def test_clip_x0_keeps_samples_in_range(unet, name):
     """With clip_x0 (sample.generate's default) a random network still gives finite samples, in range
     for the solvers whose last step returns x̂₀."""
     D = Denoiser(unet, SCHED, "eps")
-    out = get_solver(name)(D, 3 * x_T((2, 1, 8, 8), dtype=torch.float32), make_timesteps(SCHED, 6, "trailing"),
-                           generator=torch.Generator().manual_seed(9), clip_x0=True)
+    cannot_clip = name == "diffusers:EulerDiscreteScheduler"  # no clip_sample, no thresholding: it says so
+    with pytest.warns(UserWarning, match="cannot clip") if cannot_clip else contextlib.nullcontext():
+        out = get_solver(name)(D, 3 * x_T((2, 1, 8, 8), dtype=torch.float32), make_timesteps(SCHED, 6, "trailing"),
+                               generator=torch.Generator().manual_seed(9), clip_x0=True)
     assert torch.isfinite(out).all()
     if name in ("euler", "heun", "dpmpp-2m", "dpmpp-3m", "dpmpp-2m-sde", "euler-maruyama"):
         assert out.abs().max() <= 1 + 1e-6
