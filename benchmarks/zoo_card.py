@@ -58,7 +58,8 @@ def main():
         append_row(rows_path, row)
         print(f"{solver}-{nfe}: FID-dom {row['quality']['fid_dom']:.3f}  ({row['seconds']:.0f} s)", flush=True)
     rows = {f"{r['protocol']['solver']}-{r['protocol']['nfe']}": r for r in read_rows([rows_path])}
-    shutil.copyfile(dst / "grid_ddim50.png", dst / "grid.png")
+    if (dst / "grid_ddim50.png").is_file():  # the card shows the DDIM-50 grid as grid.png; keep one copy
+        (dst / "grid_ddim50.png").replace(dst / "grid.png")
 
     tr = ck.meta.get("train", {})
     dataset = ck.meta.get("dataset") or tr.get("dataset")
