@@ -60,6 +60,15 @@ class Checkpoint:
                 "schedule": self.schedule.to_dict(), "parameterization": self.parameterization,
                 **{k: v for k, v in self.meta.items() if k not in ("format", "version")}}
 
+    def sampling_defaults(self, solver: str | None = None, nfe: int | None = None,
+                          runtime: str | None = None) -> tuple[str, int, str]:
+        """(solver, NFE, runtime) to use when the user names none: what the checkpoint records
+        (a distilled model its intended NFE, a quantized one its runtime), else DDIM-50 on eager."""
+        rec = self.meta.get("sampler") if isinstance(self.meta.get("sampler"), dict) else {}
+        rt = self.meta.get("runtime")
+        return (solver or rec.get("solver") or "ddim", int(nfe or rec.get("nfe") or 50),
+                runtime or (rt if isinstance(rt, str) else None) or "eager")
+
     def hash(self) -> str:
         """Short content hash of the weights (sha256 over names, shapes and bytes)."""
         return weights_hash(self.net.state_dict())

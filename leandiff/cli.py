@@ -96,8 +96,10 @@ def train(dataset, data_dir, model, init_ckpt, steps, batch_size, lr, warmup, lr
 
 @main.command()
 @click.argument("ckpt")
-@click.option("--solver", default="ddim", show_default=True)
-@click.option("--nfe", type=int, default=50, show_default=True, help="network evaluations per sample")
+@click.option("--solver", default=None, help="default: the checkpoint's recorded solver, else ddim")
+@click.option("--nfe", type=int, default=None, help="network evaluations per sample (default: the checkpoint's, else 50)")
+@click.option("--runtime", default=None,
+              help="eager, bf16, ... (leandiff.runtime.RUNTIMES; default: the checkpoint's, else eager)")
 @click.option("--spacing", default="leading", show_default=True)
 @click.option("--eta", type=float, default=None, help="DDIM η (0 deterministic, 1 DDPM-like)")
 @click.option("-n", "n", type=int, default=64, show_default=True)
@@ -105,7 +107,7 @@ def train(dataset, data_dir, model, init_ckpt, steps, batch_size, lr, warmup, lr
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--no-clip", is_flag=True, help="do not clamp x̂₀ to [-1, 1] inside the solver")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
-def sample(ckpt, solver, nfe, spacing, eta, n, seed, batch_size, no_clip, out):
+def sample(ckpt, solver, nfe, runtime, spacing, eta, n, seed, batch_size, no_clip, out):
     """Sample from a checkpoint; writes grid.png and samples.npz (uint8) to --out."""
     from .checkpoint import load_checkpoint
     from .io import save_grid, save_npz, to_uint8
@@ -114,17 +116,20 @@ def sample(ckpt, solver, nfe, spacing, eta, n, seed, batch_size, no_clip, out):
 
     from .io import ensure_writable_dir
 
+    from .runtime import runtime_denoiser
+
     ck = load_checkpoint(ckpt)
+    solver, nfe, runtime = ck.sampling_defaults(solver, nfe, runtime)
     ensure_writable_dir(out)
     opts = {} if eta is None else {"eta": eta}
     cfg = SampleConfig(solver=solver, nfe=nfe, spacing=spacing, n=n, seed=seed, batch_size=batch_size,
                        clip_x0=not no_clip, opts=opts)
     stats = SampleStats()
-    x = sample_all(ck.denoiser(), image_shape(ck.arch), cfg, stats, progress=True)
+    x = sample_all(runtime_denoiser(ck, runtime), image_shape(ck.arch), cfg, stats, progress=True)
     out = Path(out)
     save_grid(x[:256], out / "grid.png")
     save_npz(out / "samples.npz", images=to_uint8(x))
-    click.echo(f"{n} samples with {solver}: NFE {stats.nfe} per sample, {stats.images_per_s:.1f} images/s "
+    click.echo(f"{n} samples with {solver} on {runtime}: NFE {stats.nfe} per sample, {stats.images_per_s:.1f} images/s "
                f"-> {out / 'grid.png'}, {out / 'samples.npz'}")
 
 
@@ -187,6 +192,40 @@ def demo(out, model, n, fast):
         raise UserError(f"number of samples must be positive, got {n}")
     index = run_demo(DemoConfig(model=model, n=n, fast=fast), out, log=click.echo)
     click.echo(f"open {index}")
+
+
+@main.command()
+@click.argument("ckpt")
+@click.option("--recipe", required=True, help='e.g. "prune(method=diff,ratio=0.5) > finetune(steps=600)"')
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="output checkpoint directory")
+@click.option("--dataset", default=None, help="training/calibration data (default: the checkpoint's)")
+@click.option("--data-dir", default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+def compress(ckpt, recipe, out, dataset, data_dir, seed):
+    """Apply a compression recipe; a killed run resumes after its last finished step."""
+    from .checkpoint import load_checkpoint
+    from .io import ensure_writable_dir
+    from .recipe import apply_recipe, parse_recipe
+
+    steps = parse_recipe(recipe)  # the whole recipe is checked before any work
+    ck = load_checkpoint(ckpt)
+    ensure_writable_dir(out)
+    res = apply_recipe(ck, steps, out, dataset=dataset, data_dir=data_dir, seed=seed,
+                       log=lambda m: click.echo(m, err=True))
+    solver, nfe, runtime = res.sampling_defaults()
+    click.echo(f"{out}: {' > '.join(str(s) for s in steps)}; samples with {solver}-{nfe} on {runtime} by default")
+
+
+@main.command("recipes")
+def recipes_cmd():
+    """List the recipe steps and their arguments."""
+    from .recipe import REQUIRED, STEPS, _load_steps
+
+    _load_steps()
+    for name in sorted(STEPS):
+        spec = STEPS[name]
+        args = ", ".join(f"{k}" if d is REQUIRED else f"{k}={d!r}" for k, d in spec.params.items())
+        click.echo(f"{name}({args})  {spec.help}")
 
 
 # --- commands from the other stages register here -------------------------------------------

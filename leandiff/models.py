@@ -67,9 +67,34 @@ def build_network(arch: dict) -> nn.Module:
     cfg = copy.deepcopy(arch["config"])
     cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}  # diffusers' bookkeeping keys
     try:
-        return UNet2DModel(**cfg)
+        net = UNet2DModel(**cfg)
     except (TypeError, ValueError, KeyError) as e:
         raise UserError(f"cannot build UNet2DModel from the stored config: {e}") from None
+    surgery = arch.get("surgery", [])
+    if not isinstance(surgery, list):
+        raise UserError("architecture record: 'surgery' must be a list of {kind: ...} records")
+    for rec in surgery:  # pruned widths, low-rank factors, ...: applied in the order they were made
+        kind = rec.get("kind") if isinstance(rec, dict) else None
+        if kind not in SURGERY:
+            from .recipe import _load_steps
+
+            _load_steps()  # the compression modules register their surgery kinds on import
+        if kind not in SURGERY:
+            raise UserError(f"architecture record: unknown surgery kind {kind!r}; known: {', '.join(sorted(SURGERY))}")
+        net = SURGERY[kind](net, rec)
+    return net
+
+
+# kind -> fn(net, record) -> net: replays a structural change (recorded as plain JSON data in the
+# checkpoint's architecture) on a freshly built network, so pruned or factorised checkpoints reload
+# from their own metadata. Registered by the compression modules (leandiff.compress.*).
+SURGERY: dict = {}
+
+
+def register_surgery(kind: str, fn) -> None:
+    if kind in SURGERY and SURGERY[kind] is not fn:
+        raise ValueError(f"surgery kind {kind!r} is already registered")
+    SURGERY[kind] = fn
 
 
 def image_shape(arch: dict) -> tuple[int, int, int]:

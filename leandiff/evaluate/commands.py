@@ -50,10 +50,12 @@ def classifier_train(dataset, data_dir, epochs, seed, out, reference):
 
 @click.command("eval")
 @click.argument("ckpt")
-@click.option("--solver", default="ddim", show_default=True)
-@click.option("--nfe", type=int, default=50, show_default=True, callback=_positive, help="network evaluations per sample")
+@click.option("--solver", default=None, help="default: the checkpoint's recorded solver, else ddim")
+@click.option("--nfe", type=int, default=None, callback=_positive,
+              help="network evaluations per sample (default: the checkpoint's, else 50)")
 @click.option("-n", "n", type=int, default=2048, show_default=True, callback=_positive, help="generated samples")
-@click.option("--runtime", default="eager", show_default=True, help="eager, bf16, ... (leandiff.runtime.RUNTIMES)")
+@click.option("--runtime", default=None,
+              help="eager, bf16, ... (leandiff.runtime.RUNTIMES; default: the checkpoint's, else eager)")
 @click.option("--spacing", default="leading", show_default=True)
 @click.option("--eta", type=float, default=None, help="DDIM η (0 deterministic, 1 DDPM-like)")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -69,15 +71,18 @@ def eval_cmd(ckpt, solver, nfe, n, runtime, spacing, eta, seed, batch_size, no_c
     """Sample, embed and score a checkpoint; appends one JSON row to --out and prints a Markdown row."""
     from ..cost import LatencyConfig
     from ..io import ensure_writable_dir
+    from ..checkpoint import load_checkpoint
     from .harness import EvalConfig, append_row, evaluate_checkpoint, markdown_header, markdown_row
 
+    ck = load_checkpoint(ckpt)
+    solver, nfe, runtime = ck.sampling_defaults(solver, nfe, runtime)
     cfg = EvalConfig(solver=solver, nfe=nfe, n=n, seed=seed, spacing=spacing, runtime=runtime, batch_size=batch_size,
                      clip_x0=not no_clip, opts={} if eta is None else {"eta": eta}, dataset=dataset,
                      data_dir=data_dir, classifier=classifier_path, latency=None if no_latency else LatencyConfig())
     out = Path(out)
     grid = _grid_path(out, ckpt, cfg)
     ensure_writable_dir(grid.parent)  # fail before the sampling, not after
-    row = evaluate_checkpoint(ckpt, cfg, grid_path=grid, progress=True, log=lambda m: click.echo(m, err=True))
+    row = evaluate_checkpoint(ck, cfg, grid_path=grid, progress=True, log=lambda m: click.echo(m, err=True))
     row["grid"] = str(grid.relative_to(out.parent)) if row["grid"] else None  # relative to the results file
     append_row(out, row)
     click.echo(markdown_header())

@@ -1,0 +1,91 @@
+"""``finetune(steps=N[, kd=true, kd_frac=0.7, ...])``: recover quality after compression.
+
+The training loop of :mod:`leandiff.train` on the checkpoint's own dataset, resumable (a killed
+``compress`` continues the fine-tune from its last saved state). With ``kd=true`` the loss is the
+knowledge-distillation mix of the L-Diff paper (../shared/papers/lite-diffusion-cifar10.md §4.3)::
+
+    L = kd_frac · MSE(student(x_t, t), teacher(x_t, t)) + (1 − kd_frac) · MSE(student(x_t, t), target)
+
+on the same (x₀, t, ε) draw, where the teacher is the checkpoint as it was before the recipe's first
+step (or ``teacher=PATH``) and the target is the student's usual one (ε, v or x₀). The default
+optimiser schedule is AdamW with cosine warm restarts (SGDR), as the L-Diff paper fine-tunes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..denoiser import Denoiser
+from ..errors import UserError
+from ..recipe import register_step
+from ..schedule import q_sample
+from ..train import TrainConfig, train, training_images
+
+
+class KDLoss:
+    """``kd_frac``·MSE(student, teacher) + (1 − kd_frac)·MSE(student, target) on one (x₀, t, ε) draw.
+
+    The teacher's output is converted to the student's parameterization when the two differ."""
+
+    def __init__(self, teacher: Denoiser, kd_frac: float = 0.7):
+        if not 0.0 <= kd_frac <= 1.0:
+            raise UserError(f"kd_frac must be in [0, 1], got {kd_frac}")
+        self.teacher = teacher
+        self.kd_frac = float(kd_frac)
+
+    def __call__(self, student: Denoiser, x0: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        t = torch.randint(0, student.schedule.T, (x0.shape[0],), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        xt = q_sample(student.schedule, x0, t, noise)
+        out = student(xt, t).float()
+        loss_data = F.mse_loss(out, student.target(x0, noise, t))
+        if self.kd_frac == 0.0:
+            return loss_data
+        with torch.no_grad():
+            tout = self.teacher(xt, t).float()
+            if self.teacher.parameterization != student.parameterization:
+                eps, x0_hat = self.teacher.convert(tout, xt, t)
+                tout = student.target(x0_hat, eps, t)
+        return self.kd_frac * F.mse_loss(out, tout) + (1.0 - self.kd_frac) * loss_data
+
+
+def finetune_checkpoint(ckpt, out_dir, *, steps: int, dataset: str, data_dir: str | None = None,
+                        teacher=None, kd_frac: float = 0.7, lr: float = 2e-4, batch_size: int = 128,
+                        lr_schedule: str = "cosine-restarts", restart_period: int = 0, warmup: int = 0,
+                        ema_decay: float = 0.995, bf16: bool = True, seed: int = 0, progress=None,
+                        record: dict | None = None):
+    """Train ``ckpt`` for ``steps`` more steps (KD from ``teacher`` when given); resumable in out_dir."""
+    if steps < 1:
+        raise UserError(f"finetune needs steps >= 1, got {steps}")
+    cfg = TrainConfig(dataset=dataset, data_dir=data_dir, steps=steps, batch_size=batch_size, lr=lr,
+                      warmup=warmup, lr_schedule=lr_schedule, restart_period=restart_period or max(1, steps // 2),
+                      ema_decay=ema_decay, bf16=bf16, seed=seed, sample_every=0,
+                      checkpoint_every=max(1, min(250, steps)), parameterization=ckpt.parameterization)
+    images = training_images(cfg, ckpt)
+    loss_fn = KDLoss(teacher.denoiser(), kd_frac) if teacher is not None else None
+    out = train(cfg, out_dir, init=ckpt, images=images, loss_fn=loss_fn, resume=True,
+                lineage_step=record, progress=progress is not False)
+    if record is not None and out.lineage and out.lineage[-1].get("step") == "train":
+        out.lineage.pop()  # the recipe records this step itself, with its arguments
+    return out
+
+
+@register_step("finetune", {"steps": 1000, "kd": False, "kd_frac": 0.7, "teacher": "", "lr": 2e-4,
+                            "batch_size": 128, "schedule": "cosine-restarts", "restart_period": 0, "warmup": 0,
+                            "ema_decay": 0.995, "bf16": True})
+def finetune_step(ckpt, args, ctx):
+    """Fine-tune with the training loop (plain loss, or KD from the pre-recipe model)."""
+    from ..checkpoint import load_checkpoint
+
+    if not ctx.dataset:
+        raise UserError("finetune needs the training dataset: the checkpoint does not record one; pass --dataset")
+    teacher = None
+    if args["kd"] or args["teacher"]:
+        teacher = load_checkpoint(args["teacher"]) if args["teacher"] else ctx.origin
+        teacher.net.eval().requires_grad_(False)
+    return finetune_checkpoint(ckpt, ctx.step_dir, steps=args["steps"], dataset=ctx.dataset, data_dir=ctx.data_dir,
+                               teacher=teacher, kd_frac=args["kd_frac"], lr=args["lr"],
+                               batch_size=args["batch_size"], lr_schedule=args["schedule"],
+                               restart_period=args["restart_period"], warmup=args["warmup"],
+                               ema_decay=args["ema_decay"], bf16=args["bf16"], seed=ctx.seed,
+                               progress=ctx.progress, record={"finetune": args})
