@@ -18,12 +18,25 @@ from .cost import LatencyConfig
 from .errors import UserError
 from .io import ensure_writable_dir
 
-# (solver, NFE, runtime): the rows of the full demo, chosen to fit ~10 minutes on 2 cores.
-FULL_ROWS = (("ddim", 10, "eager"), ("ddim", 20, "eager"), ("ddim", 50, "eager"),
-             ("dpmpp-2m", 10, "eager"), ("dpmpp-2m", 20, "eager"), ("dpmpp-3m", 10, "eager"),
-             ("heun", 20, "eager"), ("ams-ddim", 20, "eager"),
-             ("ddim", 20, "bf16"), ("dpmpp-2m", 10, "bf16"))
-FAST_ROWS = (("ddim", 4, "eager"), ("dpmpp-2m", 4, "eager"), ("ddim", 4, "bf16"))
+
+@dataclass(frozen=True)
+class Row:
+    """One demo row: a model (the base, or the base after a recipe) sampled by one solver on one runtime."""
+
+    solver: str
+    nfe: int
+    runtime: str = "eager"  # "" means the runtime the compressed checkpoint records
+    recipe: str = ""  # a compression recipe applied to the base model ("" = the base itself)
+    label: str = ""  # short name of the compressed model, e.g. "int8"
+
+
+# The rows of the full demo, chosen to fit ~10 minutes on 2 cores. Compression rows are added by
+# each stage as it lands; their compressed checkpoints are made once and cached in OUT/ckpts/.
+FULL_ROWS = (Row("ddim", 10), Row("ddim", 20), Row("ddim", 50),
+             Row("dpmpp-2m", 10), Row("dpmpp-2m", 20), Row("dpmpp-3m", 10),
+             Row("heun", 20), Row("ams-ddim", 20), Row("dpmpp-2m-sde", 20),
+             Row("ddim", 20, "bf16"), Row("dpmpp-2m", 10, "bf16"))
+FAST_ROWS = (Row("ddim", 4), Row("dpmpp-2m", 4), Row("ddim", 4, "bf16"))
 
 
 @dataclass(frozen=True)
@@ -67,21 +80,31 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log=print) -> Path:
     ref = reference_stats(clf, dataset, progress=True)
     results = out / "results.jsonl"
     rows = read_rows([results]) if results.is_file() else []
-    done = {(r["protocol"]["solver"], r["protocol"]["nfe"], r["protocol"]["runtime"], r["protocol"]["n"]) for r in rows}
+    done = {(r["protocol"]["solver"], r["protocol"]["nfe"], r["protocol"]["runtime"], r["protocol"]["n"],
+             r["checkpoint"]) for r in rows}
     n = 32 if cfg.fast else cfg.n
     latency = LatencyConfig(batch_sizes=(1, 16), rounds=3, warmup=1) if cfg.fast else LatencyConfig(rounds=3)
     log(f"demo: {cfg.model} ({dataset}), {len(cfg.rows)} rows × N={n}, results in {results}")
     log(markdown_header())
-    for solver, nfe, runtime in cfg.rows:
-        if (solver, nfe, runtime, n) in done:
+    models = {"": ck}
+    for r in cfg.rows:
+        if r.recipe not in models:
+            models[r.recipe] = _compressed(ck, r, out / "ckpts" / r.label, log)
+        model = models[r.recipe]
+        runtime = r.runtime or model.sampling_defaults()[2]
+        name = f"{cfg.model} > {r.label}" if r.recipe else cfg.model
+        key = (r.solver, r.nfe, runtime, n, name)
+        if key in done:
             continue
-        ecfg = EvalConfig(solver=solver, nfe=nfe, n=n, seed=cfg.seed, runtime=runtime,
+        ecfg = EvalConfig(solver=r.solver, nfe=r.nfe, n=n, seed=cfg.seed, runtime=runtime,
                           batch_size=min(cfg.batch_size, n), latency=latency, inception=False,
                           mse_n=min(n, 1000))
-        grid = out / "grids" / f"{solver}-{nfe}-{runtime}.png"
-        row = evaluate_checkpoint(ck, ecfg, classifier=clf, reference=ref, grid_path=grid, progress=True,
+        grid = out / "grids" / f"{r.label or 'base'}-{r.solver}-{r.nfe}-{runtime}.png"
+        row = evaluate_checkpoint(model, ecfg, classifier=clf, reference=ref, grid_path=grid, progress=True,
                                   log=lambda *_: None)
-        row["checkpoint"] = cfg.model
+        row["checkpoint"] = name
+        if r.recipe:
+            row["recipe"] = r.recipe
         append_row(results, row)
         rows.append(row)
         log(markdown_row(row))
@@ -91,3 +114,11 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log=print) -> Path:
     index = write_report(reference + rows, out / "report", title=f"leandiff demo: {cfg.model}")
     log(f"demo finished in {time.perf_counter() - t0:.0f} s; report: {index}")
     return index
+
+
+def _compressed(base, row: Row, ckpt_dir: Path, log):
+    """The base model after ``row.recipe``, made once (resumable) and cached in ``ckpt_dir``."""
+    from .recipe import apply_recipe
+
+    log(f"compress: {row.label} = {row.recipe}")
+    return apply_recipe(base, row.recipe, ckpt_dir, log=lambda m: log(f"  {m}"))
