@@ -118,6 +118,36 @@ def main():
     (out / "summary.md").write_text(text)
     print(text)
     print(f"-> {out / 'index.html'}, {out / 'summary.md'}")
+    publish(rows, ck, args, out, text)
+
+
+def publish(rows, ck, args, out: Path, text: str) -> None:
+    """benchmarks/results/solvers.{json,md} and the FID-vs-NFE plot, for the commit."""
+    import shutil
+
+    from _common import RESULTS, write_results
+
+    keep = sorted((r for r in rows if r["protocol"]["n"] == args.n and r["protocol"]["seed"] == args.seed),
+                  key=lambda r: (r["protocol"]["nfe"], r["protocol"]["solver"]))
+    compact = [{"solver": r["protocol"]["solver"], "nfe": r["protocol"]["nfe"], "nfe_used": r["protocol"]["nfe_used"],
+                "spacing": r["protocol"]["spacing"], "fid_dom": r["quality"]["fid_dom"], "kid": r["quality"]["kid"],
+                "kid_std": r["quality"]["kid_std"], "precision": r["quality"]["precision"],
+                "recall": r["quality"]["recall"], "sampling_seconds": r["cost"]["sampling_seconds"]} for r in keep]
+    table = ["| solver | NFE | spacing | FID-dom | KID×1e3 | precision | recall | sampling s |",
+             "|---|---|---|---|---|---|---|---|"]
+    table += [f"| {c['solver']} | {c['nfe_used']:g} | {c['spacing']} | {c['fid_dom']:.3f} | {c['kid'] * 1e3:.1f} | "
+              f"{c['precision']:.3f} | {c['recall']:.3f} | {c['sampling_seconds']:.1f} |" for c in compact]
+    md = "\n".join([
+        "# Solvers: FID-dom and KID against NFE", "",
+        f"Checkpoint `{args.ckpt}` (weights {ck.hash()}, the shipped zoo:mnist-tiny), N = {args.n} samples per "
+        f"row, seed {args.seed}, the same x_T for every row; FID-dom/KID on the shipped MNIST classifier against "
+        f"the held-out split; x̂₀ clipped to [-1, 1]. NFE above {args.max_nfe_all} only for {', '.join(args.refs)}.",
+        "", "## Winner per NFE, AMS against its plain sampler", "", text, "", "## Every row", "", *table, "",
+        "![FID-dom against NFE](solvers_fid_vs_nfe.png)", ""])
+    write_results("solvers", {"checkpoint": args.ckpt, "weights": ck.hash(), "n": args.n, "seed": args.seed,
+                              "rows": compact}, md)
+    if (out / "fid_vs_nfe.png").is_file():
+        shutil.copyfile(out / "fid_vs_nfe.png", RESULTS / "solvers_fid_vs_nfe.png")
 
 
 if __name__ == "__main__":
