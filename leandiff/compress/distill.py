@@ -36,8 +36,8 @@ the 1/α would still be there.
 **Timesteps.** The student at N steps is sampled by leandiff's ``ddim`` solver on
 ``schedule.timesteps(N, spacing)`` (default ``trailing``: the first step starts at t = T−1, which a
 1-step sampler needs — ``leading`` would start a 1-step sampler at t = 0). Round N's teacher uses
-``timesteps(2N, spacing)``, whose even entries must be the student's (trailing is nested for N a
-power of two dividing T... and, by its rounding, for any N; checked), so one student DDIM step
+``timesteps(2N, spacing)``, whose even entries must be the student's (trailing is nested; this is
+checked at run time; ``leading`` is not), so one student DDIM step
 from t_i to t_{i+1} is trained to match the teacher's two DDIM steps t_i → t'_{2i+1} → t_{i+1}.
 The student records ``meta["sampler"] = {"solver": "ddim", "nfe": N, "spacing": "trailing"}``.
 The linear-β schedule of the teacher is kept (the report's cosine schedule would change the
@@ -316,8 +316,10 @@ class PDLoss:
         t, t_mid, t_next = self.ts[i], self.tt[2 * i + 1], self.ts[i + 1]
         noise = torch.randn(x0.shape, generator=g)
         xt = q_sample(student.schedule, x0, t, noise)
-        with torch.no_grad():
-            target = pd_target(self.teacher, xt, t, t_mid, t_next, self.clip_x0).float()
+        # The target in fp32 even under bf16 autocast: an ε teacher's x̂₀ = (x_t − σ ε̂)/α cancels
+        # catastrophically at α ≈ 0.006 with bf16's 8-bit mantissa (only the student may run in bf16).
+        with torch.no_grad(), torch.autocast(xt.device.type, enabled=False):
+            target = pd_target(self.teacher, xt.float(), t, t_mid, t_next, self.clip_x0).float()
         _, x_hat = student.convert(student(xt, t).float(), xt, t)
         w = _snr_weight(student.schedule, t, self.weighting)
         return (w * (x_hat - target).pow(2).flatten(1).mean(1)).mean()
@@ -424,18 +426,22 @@ def progressive_distill(ckpt: Checkpoint, out_dir, *, n_from: int, n_to: int, st
 
 def oneshot_distill(ckpt: Checkpoint, out_dir, *, teacher_nfe: int, steps: int, dataset: str, data_dir=None,
                     pairs=2048, param="v", spacing="trailing", clip_x0=True, convert_steps=400, batch_size=128,
-                    lr=1e-4, ema_decay=0.999, bf16=False, seed=0, progress=None) -> Checkpoint:
+                    lr=1e-4, ema_decay=0.999, bf16=False, seed=0, progress=None,
+                    init: Checkpoint | None = None) -> Checkpoint:
     """Luhman & Luhman 2021: ``pairs`` (x_T, DDIM-``teacher_nfe`` sample) pairs from the teacher, then a
-    1-step student (initialised from the converted teacher) regresses the sample from x_T."""
+    1-step student (initialised from the converted teacher, or from ``init``, e.g. a converted copy
+    made already) regresses the sample from x_T."""
     from ..models import image_shape
     from ..solvers import get_solver
 
     if pairs < 1 or steps < 1 or teacher_nfe < 1:
         raise UserError("oneshot: pairs, steps and teacher_nfe must be >= 1")
     out_dir = Path(out_dir)
-    student = convert_parameterization(ckpt, out_dir / "convert", param=param, steps=convert_steps, dataset=dataset,
-                                       data_dir=data_dir, batch_size=batch_size, lr=max(lr, 2e-4), seed=seed,
-                                       bf16=bf16, progress=progress)
+    student = init or convert_parameterization(ckpt, out_dir / "convert", param=param, steps=convert_steps,
+                                               dataset=dataset, data_dir=data_dir, batch_size=batch_size,
+                                               lr=max(lr, 2e-4), seed=seed, bf16=bf16, progress=progress)
+    if student.parameterization not in STUDENT_PARAMETERIZATIONS:
+        raise UserError(f"oneshot: the student must predict v or x0, got {student.parameterization}")
     shape = image_shape(ckpt.arch)
     pairs_path = out_dir / "pairs.safetensors"
     if pairs_path.is_file():
