@@ -7,7 +7,9 @@ from typing import Iterator
 
 import torch
 
-from .denoiser import Denoiser
+from torch import nn
+
+from .denoiser import Denoiser, call_network
 from .errors import UserError
 from .schedule import timesteps as make_timesteps
 from .solvers import check_options, get_solver, nfe_per_step
@@ -54,6 +56,55 @@ class SampleStats:
         return self.images / self.seconds if self.seconds else 0.0
 
 
+def first_nonfinite_layer(net, x: torch.Tensor, t: torch.Tensor) -> str | None:
+    """Name of the first module (in execution order) whose output holds NaN/Inf when ``net``
+    runs on (x, t); None when the network is not an ``nn.Module`` or every output is finite.
+    One extra forward pass, spent only after a failure."""
+    if not isinstance(net, nn.Module):
+        return None
+    found: list[str] = []
+
+    def hook(name):
+        def check(module, inputs, output):
+            outs = output if isinstance(output, (tuple, list)) else (getattr(output, "sample", output),)
+            if not found and any(torch.is_tensor(o) and o.is_floating_point() and not torch.isfinite(o).all()
+                                 for o in outs):
+                found.append(name or type(module).__name__)
+        return check
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in net.named_modules() if n]
+    try:
+        with torch.no_grad():
+            call_network(net, x, t)
+    except Exception:  # the diagnosis must never hide the real error
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else None
+
+
+class _FiniteGuard:
+    """Solver callback: stop at the first step whose x is not finite, naming the step, its
+    timestep and (one extra forward pass) the first layer that produced NaN/Inf."""
+
+    def __init__(self, denoiser: Denoiser, x: torch.Tensor, label: str):
+        self.denoiser, self.last_x, self.label = denoiser, x, label
+
+    def __call__(self, info: dict) -> None:
+        x = info["x"]
+        if torch.isfinite(x).all():
+            self.last_x = x
+            return
+        t = info["t"]
+        t_val = float(t) if not torch.is_tensor(t) or t.numel() == 1 else float(t.flatten()[0])
+        where = first_nonfinite_layer(self.denoiser.net, self.last_x,
+                                      torch.full((x.shape[0],), t_val, dtype=torch.float32))
+        layer = f"; first non-finite layer: {where}" if where else ""
+        raise UserError(f"sampling produced NaN/Inf at step {info['i'] + 1} (timestep t={t_val:g}) of "
+                        f"{self.label}{layer}")
+
+
 def generate(denoiser: Denoiser, shape: tuple[int, int, int], cfg: SampleConfig,
              stats: SampleStats | None = None, progress: bool = False) -> Iterator[torch.Tensor]:
     """Yield batches of samples (float, [-1, 1] when the model is good), cfg.n in all."""
@@ -74,8 +125,9 @@ def generate(denoiser: Denoiser, shape: tuple[int, int, int], cfg: SampleConfig,
         x = torch.randn((m, *shape), generator=g)
         denoiser.nfe = 0
         t0 = time.perf_counter()
+        guard = _FiniteGuard(denoiser, x, f"{cfg.solver}-{cfg.nfe}, batch {b}")
         with torch.no_grad():
-            out = solver(denoiser, x, ts, generator=g, **opts)
+            out = solver(denoiser, x, ts, generator=g, callback=guard, **opts)
         stats.seconds += time.perf_counter() - t0
         stats.nfe = denoiser.nfe  # per batch call == per sample
         stats.images += m

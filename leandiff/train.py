@@ -244,12 +244,16 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, init: Checkpoint, images: to
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             loss = loss_fn(denoiser, x0, g)
         if not torch.isfinite(loss):
-            raise UserError(f"training diverged: loss is {loss.item()} at step {step}; "
+            raise UserError(f"training diverged: loss is {loss.item()} at step {step}{_first_nonfinite(net, 'weight')}; "
                             f"the last good checkpoint in {out_dir} is left as it was")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        # The global gradient norm (clipped when grad_clip > 0) also guards the update: a NaN/Inf
+        # gradient must not reach the weights, the EMA or the next checkpoint.
+        gnorm = nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if not torch.isfinite(gnorm):
+            raise UserError(f"training diverged: gradient is NaN/Inf at step {step}{_first_nonfinite(net, 'gradient')}; "
+                            f"the last good checkpoint in {out_dir} is left as it was")
         opt.step()
         # EMA with the usual warm-up so that early checkpoints are usable.
         _ema_update(ema, net, min(cfg.ema_decay, (1 + step) / (10 + step)))
@@ -278,6 +282,15 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, init: Checkpoint, images: to
                         parameterization=init.parameterization, meta=copy.deepcopy(init.meta), path=out_dir)
     net.eval()
     return ck
+
+
+def _first_nonfinite(net: nn.Module, what: str) -> str:
+    """' (first non-finite <what>: <parameter name>)' or '' — names the layer at fault."""
+    for name, p in net.named_parameters():
+        v = p if what == "weight" else p.grad
+        if v is not None and not torch.isfinite(v).all():
+            return f" (first non-finite {what}: {name})"
+    return ""
 
 
 def _write_grid(ema: nn.Module, init: Checkpoint, path: Path) -> None:
