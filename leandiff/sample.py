@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 
@@ -56,6 +56,17 @@ class SampleStats:
         return self.images / self.seconds if self.seconds else 0.0
 
 
+def num_batches(cfg: SampleConfig) -> int:
+    return (cfg.n + cfg.batch_size - 1) // cfg.batch_size
+
+
+def batch_len(cfg: SampleConfig, b: int) -> int:
+    """Images in batch ``b`` (the last one may be short)."""
+    if not 0 <= b < num_batches(cfg):
+        raise ValueError(f"batch {b} out of range for n={cfg.n}, batch_size={cfg.batch_size}")
+    return min(cfg.batch_size, cfg.n - b * cfg.batch_size)
+
+
 def first_nonfinite_layer(net, x: torch.Tensor, t: torch.Tensor) -> str | None:
     """Name of the first module (in execution order) whose output holds NaN/Inf when ``net``
     runs on (x, t); None when the network is not an ``nn.Module`` or every output is finite.
@@ -106,21 +117,26 @@ class _FiniteGuard:
 
 
 def generate(denoiser: Denoiser, shape: tuple[int, int, int], cfg: SampleConfig,
-             stats: SampleStats | None = None, progress: bool = False) -> Iterator[torch.Tensor]:
-    """Yield batches of samples (float, [-1, 1] when the model is good), cfg.n in all."""
+             stats: SampleStats | None = None, progress: bool = False,
+             batches: Iterable[int] | None = None) -> Iterator[torch.Tensor]:
+    """Yield batches of samples (float, [-1, 1] when the model is good), cfg.n in all.
+
+    ``batches`` picks a subset of the batch indices 0 .. ceil(n / batch_size) − 1 (in the order
+    given); batch b is the same images whoever draws it, which is how evaluation shards sampling
+    across processes."""
     solver = get_solver(cfg.solver)
     ts = solver_timesteps(denoiser, cfg)
     opts = dict(cfg.opts)
     opts.setdefault("clip_x0", cfg.clip_x0)
     check_options(cfg.solver, opts)
     stats = stats if stats is not None else SampleStats()
-    batches = range((cfg.n + cfg.batch_size - 1) // cfg.batch_size)
+    batches = list(range(num_batches(cfg)) if batches is None else batches)
     bar = None
     if progress:
         from .io import progress as progress_bar
-        bar = progress_bar(total=cfg.n, desc=f"{cfg.solver}-{cfg.nfe}", unit="img", leave=False)
+        bar = progress_bar(total=sum(batch_len(cfg, b) for b in batches), desc=f"{cfg.solver}-{cfg.nfe}", unit="img", leave=False)
     for b in batches:
-        m = min(cfg.batch_size, cfg.n - b * cfg.batch_size)
+        m = batch_len(cfg, b)
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + b)
         x = torch.randn((m, *shape), generator=g)
         denoiser.nfe = 0

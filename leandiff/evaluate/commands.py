@@ -83,6 +83,8 @@ def eval_cmd(ckpt, solver, nfe, n, runtime, spacing, eta, seed, batch_size, no_c
     grid = _grid_path(out, ckpt, cfg)
     ensure_writable_dir(grid.parent)  # fail before the sampling, not after
     row = evaluate_checkpoint(ck, cfg, grid_path=grid, progress=True, log=lambda m: click.echo(m, err=True))
+    if row is None:  # a torchrun process other than rank 0: rank 0 writes the row
+        return
     row["grid"] = str(grid.relative_to(out.parent)) if row["grid"] else None  # relative to the results file
     append_row(out, row)
     click.echo(markdown_header())

@@ -63,9 +63,12 @@ def resolve_dataset(ckpt, override: str | None) -> str:
 
 def evaluate_checkpoint(ckpt, cfg: EvalConfig, *, classifier: Classifier | None = None,
                         reference: ReferenceStats | None = None, grid_path: str | Path | None = None,
-                        progress: bool = False, log=print) -> dict:
+                        progress: bool = False, log=print) -> dict | None:
     """Sample ``cfg.n`` images from ``ckpt`` (a Checkpoint or anything load_checkpoint takes) and
-    return the row: ``{"schema", "checkpoint", "protocol", "quality", "cost", "grid", "machine", ...}``."""
+    return the row: ``{"schema", "checkpoint", "protocol", "quality", "cost", "grid", "machine", ...}``.
+
+    Under torchrun (WORLD_SIZE > 1) the sampling is sharded across the processes
+    (:func:`evaluate_shard`); rank 0 computes the metrics and returns the row, other ranks return None."""
     from ..checkpoint import load_checkpoint
     from ..data import load_dataset
     from ..io import save_grid
@@ -108,15 +111,26 @@ def evaluate_checkpoint(ckpt, cfg: EvalConfig, *, classifier: Classifier | None 
                         batch_size=cfg.batch_size, clip_x0=cfg.clip_x0, opts=dict(cfg.opts))
     stats, acc, grid = SampleStats(), FeatureAccumulator(), []
     t_embed = 0.0
-    with PeakMemory() as mem:
-        for x in generate(denoiser, shape, scfg, stats, progress=progress):
-            t0 = time.perf_counter()
-            acc.update(*embed(clf, x))
-            t_embed += time.perf_counter() - t0
-            if inc is not None:
-                inc.add_fake(x)
-            if sum(g.shape[0] for g in grid) < cfg.grid_n:
-                grid.append(x[:cfg.grid_n - sum(g.shape[0] for g in grid)].clone())
+    rank, world = process_rank_world()
+    if world > 1:  # sharded over torchrun processes: see evaluate_shard
+        if inc is not None:
+            log("Inception FID is computed in single-process evaluation only; skipped under torchrun")
+            inc, inc_note = None, "skipped: sharded evaluation (single-process only)"
+        with PeakMemory() as mem:
+            shard = evaluate_shard(denoiser, shape, scfg, clf, cfg.grid_n, progress=progress and rank == 0)
+        if shard is None:  # not rank 0: its share is with rank 0 now
+            return None
+        acc, grid, stats, t_embed = shard
+    else:
+        with PeakMemory() as mem:
+            for x in generate(denoiser, shape, scfg, stats, progress=progress):
+                t0 = time.perf_counter()
+                acc.update(*embed(clf, x))
+                t_embed += time.perf_counter() - t0
+                if inc is not None:
+                    inc.add_fake(x)
+                if sum(g.shape[0] for g in grid) < cfg.grid_n:
+                    grid.append(x[:cfg.grid_n - sum(g.shape[0] for g in grid)].clone())
 
     # Quality.
     fake = acc.features
@@ -165,11 +179,90 @@ def evaluate_checkpoint(ckpt, cfg: EvalConfig, *, classifier: Classifier | None 
                         "target": ckpt.parameterization, "t": "one uniform t in 0..T-1 per image"},
                 "is_splits": 10, "pixels": "clamped to [-1, 1] and rounded to 8 bits before the classifier",
                 "fid_inception": inc_note or ("torch-fidelity Inception, reference = held-out split" if inc else "off"),
-                "latency": asdict(cfg.latency) if cfg.latency else None}
+                "latency": asdict(cfg.latency) if cfg.latency else None, "processes": world}
     return {"schema": SCHEMA, "checkpoint": label, "weights": ckpt.hash(), "dataset": dataset,
             "lineage": [s.get("step") for s in ckpt.lineage], "protocol": protocol, "quality": quality,
             "cost": cost, "grid": grid_file, "seconds": time.perf_counter() - t_start,
             "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine_info()}
+
+
+# --- sharding across processes (torchrun) -----------------------------------------------------------
+
+def process_rank_world() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; (0, 1) for a plain process."""
+    import os
+
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def evaluate_shard(denoiser, shape, scfg, clf: Classifier, grid_n: int, progress: bool = False):
+    """Sample and embed this process's share of the batches, gather every share to rank 0.
+
+    Rank r of W draws batches r, r + W, r + 2W, ... of :func:`leandiff.sample.generate`; batch b is
+    seeded by (seed, b) whoever draws it, so the union over ranks is exactly the single-process
+    sample set. Features, class probabilities and the grid's first ``grid_n`` images travel to rank 0
+    (torch.distributed over gloo: CPU tensors), which feeds them to a FeatureAccumulator in batch
+    order, as one process would. Returns (accumulator, grid batches, SampleStats, embed seconds)
+    on rank 0 and None elsewhere. Sampling throughput is that of the group: images / the slowest
+    rank's seconds."""
+    import torch.distributed as dist
+
+    from ..sample import SampleStats, batch_len, generate, num_batches
+
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    nb = num_batches(scfg)
+    mine = list(range(rank, nb, world))
+    rows = lambda b: batch_len(scfg, b)  # noqa: E731
+    grid_rows = lambda b: max(0, min(rows(b), grid_n - b * scfg.batch_size))  # noqa: E731
+    with torch.no_grad():
+        f0, p0 = embed(clf, torch.zeros((1, *shape)))  # the feature and class sizes, even on an idle rank
+    feats, probs, grids = {}, {}, {}
+    stats, t_embed = SampleStats(), 0.0
+    for b, x in zip(mine, generate(denoiser, shape, scfg, stats, progress=progress, batches=mine)):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            f, p = embed(clf, x)
+        t_embed += time.perf_counter() - t0
+        feats[b], probs[b], grids[b] = f.detach(), p.detach(), x[:grid_rows(b)].clone()
+    F = _gather_batches(feats, nb, world, rows, f0.shape[1:], f0.dtype)
+    P = _gather_batches(probs, nb, world, rows, p0.shape[1:], p0.dtype)
+    G = _gather_batches(grids, nb, world, grid_rows, tuple(shape), torch.float32)
+    totals = _gather_batches({rank: torch.tensor([[stats.seconds, stats.images, t_embed, stats.nfe]],
+                                                 dtype=torch.float64)}, world, world, lambda r: 1, (4,), torch.float64)
+    if created:
+        dist.destroy_process_group()
+    if rank != 0:
+        return None
+    acc = FeatureAccumulator()
+    for b in range(nb):
+        acc.update(F[b], P[b])
+    t = torch.cat(totals)
+    stats = SampleStats(images=int(t[:, 1].sum()), seconds=float(t[:, 0].max()), nfe=float(t[:, 3].max()))
+    return acc, [g for g in G if g.shape[0]], stats, float(t[:, 2].max())
+
+
+def _gather_batches(parts: dict, nb: int, world: int, rows, tail: tuple, dtype) -> list:
+    """Every rank holds ``parts[b]`` (``rows(b)`` rows) for its batches b ≡ rank (mod world);
+    returns, on every rank, the list of all ``nb`` batches in order (one padded all_gather)."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    owned = [list(range(r, nb, world)) for r in range(world)]
+    counts = [sum(rows(b) for b in own) for own in owned]
+    buf = torch.zeros((max(counts), *tail), dtype=dtype)
+    if counts[rank]:
+        buf[:counts[rank]] = torch.cat([parts[b].to(dtype) for b in owned[rank]])
+    bufs = [torch.empty_like(buf) for _ in range(world)]
+    dist.all_gather(bufs, buf)
+    out = [None] * nb
+    for r, own in enumerate(owned):
+        i = 0
+        for b in own:
+            out[b], i = bufs[r][i:i + rows(b)], i + rows(b)
+    return out
 
 
 # --- tables ----------------------------------------------------------------------------------------
