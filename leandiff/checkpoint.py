@@ -66,8 +66,10 @@ class Checkpoint:
         (a distilled model its intended NFE, a quantized one its runtime), else DDIM-50 on eager."""
         rec = self.meta.get("sampler") if isinstance(self.meta.get("sampler"), dict) else {}
         rt = self.meta.get("runtime")
-        return (solver or rec.get("solver") or "ddim", int(nfe or rec.get("nfe") or 50),
-                runtime or (rt if isinstance(rt, str) else None) or "eager")
+        # `is None`, not `or`: an explicit NFE 0 or solver "" is the user's, to be refused downstream
+        return (solver if solver is not None else rec.get("solver") or "ddim",
+                int(nfe if nfe is not None else rec.get("nfe") or 50),
+                runtime if runtime is not None else (rt if isinstance(rt, str) else None) or "eager")
 
     def hash(self) -> str:
         """Short content hash of the weights (sha256 over names, shapes and bytes)."""

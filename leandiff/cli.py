@@ -6,6 +6,7 @@ exit with code 2; a traceback means a bug in leandiff.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -127,8 +128,12 @@ def sample(ckpt, solver, nfe, runtime, spacing, eta, n, seed, batch_size, no_cli
     stats = SampleStats()
     x = sample_all(runtime_denoiser(ck, runtime), image_shape(ck.arch), cfg, stats, progress=True)
     out = Path(out)
-    save_grid(x[:256], out / "grid.png")
-    save_npz(out / "samples.npz", images=to_uint8(x))
+    try:
+        save_grid(x[:256], out / "grid.png")
+        save_npz(out / "samples.npz", images=to_uint8(x))
+    except UserError:  # e.g. the disk filled up after the grid: leave no half a result
+        (out / "grid.png").unlink(missing_ok=True)
+        raise
     click.echo(f"{n} samples with {solver} on {runtime}: NFE {stats.nfe} per sample, {stats.images_per_s:.1f} images/s "
                f"-> {out / 'grid.png'}, {out / 'samples.npz'}")
 
@@ -209,9 +214,16 @@ def compress(ckpt, recipe, out, dataset, data_dir, seed):
 
     steps = parse_recipe(recipe)  # the whole recipe is checked before any work
     ck = load_checkpoint(ckpt)
+    fresh = not Path(out).exists()
     ensure_writable_dir(out)
-    res = apply_recipe(ck, steps, out, dataset=dataset, data_dir=data_dir, seed=seed,
-                       log=lambda m: click.echo(m, err=True))
+    try:  # progress goes to stdout: stderr holds nothing but an error's one line
+        res = apply_recipe(ck, steps, out, dataset=dataset, data_dir=data_dir, seed=seed, log=click.echo)
+    except UserError:
+        # A new output that holds no work yet (only the steps' started.json stamps) is removed; saved
+        # work (a step's last good checkpoint or training state) stays, to inspect or resume.
+        if fresh and all(p.name == "started.json" for p in Path(out).rglob("*") if p.is_file()):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     solver, nfe, runtime = res.sampling_defaults()
     click.echo(f"{out}: {' > '.join(str(s) for s in steps)}; samples with {solver}-{nfe} on {runtime} by default")
 

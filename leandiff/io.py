@@ -34,9 +34,21 @@ def atomic_path(path: str | os.PathLike):
     except OSError as e:
         _unlink(tmp)
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-    except BaseException:
+    except BaseException as e:
         _unlink(tmp)
+        if _foreign_io_error(e):  # a full disk seen by a non-Python writer is still a full disk
+            raise UserError(f"cannot write {path}: {_foreign_io_error(e)}") from None
         raise
+
+
+def _foreign_io_error(e: BaseException) -> str | None:
+    """The OS error inside an exception that a native writer raised instead of OSError
+    (safetensors: ``SafetensorError("Error while serializing: I/O error: No space left on
+    device (os error 28)")``), else None."""
+    msg = str(e)
+    if type(e).__name__ == "SafetensorError" and "I/O error" in msg:
+        return msg.split("I/O error:", 1)[1].strip().splitlines()[0]
+    return None
 
 
 def _unlink(p):
