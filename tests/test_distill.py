@@ -39,11 +39,25 @@ def test_student_outputting_pd_target_reproduces_teacher_ddim(tiny_ckpt, n, clip
     teacher = tiny_ckpt.denoiser()
     student = Denoiser(_Oracle(teacher, n, "trailing", clip), tiny_ckpt.schedule, "x0")
     shape = image_shape(tiny_ckpt.arch)
-    x_s = sample_all(student, shape, SampleConfig("ddim", n, spacing="trailing", n=6, seed=3, clip_x0=False))
-    x_t = sample_all(teacher, shape, SampleConfig("ddim", 2 * n, spacing="trailing", n=6, seed=3, clip_x0=clip))
+    x_s = sample_all(student, shape, SampleConfig("ddim", n, spacing="trailing", n=6, seed=3, clip_x0=clip))
+    # With clipping the teacher's steps are DDIM with consistent clipping, i.e. the euler solver.
+    x_t = sample_all(teacher, shape, SampleConfig("euler" if clip else "ddim", 2 * n, spacing="trailing", n=6,
+                                                  seed=3, clip_x0=clip))
     scale = x_t.abs().max().item()
     assert torch.allclose(x_s, x_t, atol=1e-4 * max(1.0, scale), rtol=1e-4), (x_s - x_t).abs().max()
     assert student.nfe == n
+
+
+def test_clipped_pd_target_is_a_convex_combination_in_range(tiny_ckpt):
+    """With clipping, x̃ lies in [-1, 1] even where the ε teacher's own x̂₀ is far outside it (t = T-1)."""
+    teacher = tiny_ckpt.denoiser()
+    x = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    ts, tt = distill.pd_timesteps(tiny_ckpt.schedule, 4)
+    full = lambda v: torch.full((8,), int(v))  # noqa: E731
+    assert teacher.x0(x, full(ts[0])).abs().max() > 2  # the unclipped prediction is out of range here
+    for i in range(4):
+        tgt = distill.pd_target(teacher, x, full(ts[i]), full(tt[2 * i + 1]), full(ts[i + 1]), clip_x0=True)
+        assert tgt.abs().max() <= 1 + 1e-4
 
 
 def test_pd_target_closed_form_single_step(tiny_ckpt):
