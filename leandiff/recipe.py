@@ -280,7 +280,7 @@ def apply_recipe(ckpt, recipe: str | list[Step], out_dir: str | Path, *, dataset
         write_json(done, {"recipe": prefix, "origin": origin, "weights": ckpt.hash()})
     final = work / f"{len(steps) - 1:02d}-{steps[-1].name}"
     for f in sorted(final.iterdir()):
-        if f.is_file() and f.name not in _STEP_BOOKKEEPING:
+        if f.is_file() and f.name not in _STEP_BOOKKEEPING and not f.name.startswith("."):  # .tmp of a killed write
             with atomic_path(out_dir / f.name) as tmp:
                 shutil.copyfile(f, tmp)
     return load_checkpoint(out_dir)
