@@ -147,7 +147,7 @@ def _safetensors_meta(p: Path) -> dict | None:
         with safe_open(str(p), framework="pt") as f:
             raw = (f.metadata() or {}).get("leandiff")
     except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise UserError(f"{p}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
+        raise UserError(f"{p}: not a readable safetensors file ({(str(e).splitlines() or [type(e).__name__])[0][:120]})") from None
     if raw is None:
         return None
     try:
@@ -164,7 +164,7 @@ def _read_safetensors(p: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(p))
     except Exception as e:
-        raise UserError(f"{p}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
+        raise UserError(f"{p}: not a readable safetensors file ({(str(e).splitlines() or [type(e).__name__])[0][:120]})") from None
 
 
 def _load_leandiff(weights: Path, meta: dict, origin: Path) -> Checkpoint:
@@ -223,16 +223,15 @@ def _load_diffusers(unet_dir: Path, scheduler_cfg: Path) -> Checkpoint:
 
 def _load_torch_file(p: Path) -> Checkpoint:
     """A foreign torch file: tensors only (weights_only=True), architecture from a JSON beside it."""
-    import pickle
     import warnings
 
     try:
         with warnings.catch_warnings():  # torch warns about foreign pickle protocols; the error says it all
             warnings.simplefilter("ignore")
             obj = torch.load(p, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as e:
+    except Exception as e:  # weights_only unpickling of arbitrary bytes fails in many ways (IndexError, EOFError, ...)
         raise UserError(f"{p}: refused to load (only plain tensor state dicts are read, with weights_only=True): "
-                        f"{str(e).splitlines()[0][:120]}") from None
+                        f"{(str(e).splitlines() or [type(e).__name__])[0][:120]}") from None
     for key in ("ema", "state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

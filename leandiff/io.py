@@ -47,7 +47,7 @@ def _foreign_io_error(e: BaseException) -> str | None:
     device (os error 28)")``), else None."""
     msg = str(e)
     if type(e).__name__ == "SafetensorError" and "I/O error" in msg:
-        return msg.split("I/O error:", 1)[1].strip().splitlines()[0]
+        return (msg.split("I/O error:", 1)[1].strip().splitlines() or ["I/O error"])[0]
     return None
 
 

@@ -68,8 +68,8 @@ def build_network(arch: dict) -> nn.Module:
     cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}  # diffusers' bookkeeping keys
     try:
         net = UNet2DModel(**cfg)
-    except (TypeError, ValueError, KeyError) as e:
-        raise UserError(f"cannot build UNet2DModel from the stored config: {e}") from None
+    except Exception as e:  # a stored config is data: whatever diffusers trips over, the config is at fault
+        raise UserError(f"cannot build UNet2DModel from the stored config: {type(e).__name__}: {e}") from None
     surgery = arch.get("surgery", [])
     if not isinstance(surgery, list):
         raise UserError("architecture record: 'surgery' must be a list of {kind: ...} records")
@@ -81,7 +81,12 @@ def build_network(arch: dict) -> nn.Module:
             _load_steps()  # the compression modules register their surgery kinds on import
         if kind not in SURGERY:
             raise UserError(f"architecture record: unknown surgery kind {kind!r}; known: {', '.join(sorted(SURGERY))}")
-        net = SURGERY[kind](net, rec)
+        try:
+            net = SURGERY[kind](net, rec)
+        except UserError:
+            raise
+        except Exception as e:  # a malformed record (wrong shapes, missing keys) is bad data, not a bug
+            raise UserError(f"architecture record: cannot replay {kind} surgery: {type(e).__name__}: {e}") from None
     return net
 
 

@@ -51,8 +51,9 @@ class Step:
 def _fmt(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
-    if isinstance(v, str) and not re.fullmatch(r"[A-Za-z0-9_.:/+\-]+", v):
-        return '"' + v.replace('"', '\\"') + '"'
+    # quote a string that is not a bare word, or that would read back as a number or a boolean
+    if isinstance(v, str) and (not re.fullmatch(r"[A-Za-z0-9_.:/+\-]+", v) or _value("word", v) != v):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return str(v)
 
 

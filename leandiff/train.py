@@ -163,7 +163,7 @@ def _load_state(path: Path, cfg: TrainConfig, net, ema, opt) -> tuple[int, float
         saved = json.loads(meta["config"])
         step, seconds = int(meta["step"]), float(meta.get("seconds", 0.0))
     except Exception as e:
-        raise UserError(f"{path}: unreadable training state ({str(e).splitlines()[0][:120]})") from None
+        raise UserError(f"{path}: unreadable training state ({(str(e).splitlines() or [type(e).__name__])[0][:120]})") from None
     now = dataclasses.asdict(cfg)
     changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k])
     if changed:
