@@ -138,7 +138,7 @@ def pd_table(done: dict, a, n: int) -> tuple[str, dict]:
         cum = None
         if (ckp / "leandiff.json").is_file():
             dist = json.loads((ckp / "leandiff.json").read_text()).get("distill", {})
-            cum = dist.get("convert", {}).get("wall_seconds", 0) + sum(r["wall_seconds"] for r in dist.get("rounds", []))
+            cum = convert_seconds(Path(a.out)) + sum(r["wall_seconds"] for r in dist.get("rounds", []))
         os_ = fid("oneshot", "ddim", 1, "trailing") if k == 1 else None
         rec[k] = {"student": st, "teacher_ddim": fid("teacher", "ddim", k, "trailing"),
                   "teacher_dpmpp2m_logsnr": fid("teacher", "dpmpp-2m", k, "logsnr"),
@@ -150,6 +150,12 @@ def pd_table(done: dict, a, n: int) -> tuple[str, dict]:
                      f"{_f(best[0])} ({best[1]}) | {_f(st / best[0] if st and best[0] else None, '{:.2f}×')} | "
                      f"{_f(st / ref if st else None, '{:.2f}×')} | {_f(os_)} | {_f(cum, '{:.0f}')} |")
     return "\n".join(lines), rec
+
+
+def convert_seconds(out: Path) -> float:
+    """Wall seconds of the ε→v conversion, from its own checkpoint's training record."""
+    p = out / "models" / "pd" / ".steps" / "00-pd" / "convert" / "leandiff.json"
+    return float(json.loads(p.read_text())["train"]["wall_seconds"]) if p.is_file() else 0.0
 
 
 def cost_row(r: dict) -> dict:
@@ -283,7 +289,7 @@ N={a.n_target} (the card's N, for the targets; teacher rows not re-run at this N
 
 The distilled chain starts from: teacher ddim-{a.pd_from} trailing FID-dom {_f(t32 and t32['quality']['fid_dom'])};
 the ε→v converted copy at ddim-{a.pd_from} {_f(cv32 and cv32['quality']['fid_dom'])} (N={a.n}).
-Training cost: ε→v conversion {_f(dist.get('convert', {}).get('wall_seconds'), '{:.0f}')} s, rounds
+Training cost: ε→v conversion {convert_seconds(out):.0f} s, rounds
 {', '.join(f"{r['nfe']}: {r['wall_seconds']:.0f} s" for r in dist.get('rounds', []))} (wall, on the shared 2-core machine,
 single thread). Sampling cost per image = NFE × one evaluation; one evaluation of this network at batch 64
 = {_f(base_lat.get('64'), '{:.2f}')} ms per batch (base row).

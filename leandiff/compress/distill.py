@@ -371,6 +371,18 @@ def _cfg(dataset, data_dir, steps, batch_size, lr, param, seed, bf16=False, ema_
                        checkpoint_every=max(1, min(250, steps)), parameterization=param, weighting=weighting)
 
 
+def _train(cfg: TrainConfig, out_dir, init: Checkpoint, images, loss_fn, progress) -> Checkpoint:
+    """The training loop, then the checkpoint as written (a resumed, already finished run returns the
+    saved one with its own training record, not the initial metadata); the recipe records the step."""
+    from ..checkpoint import load_checkpoint
+
+    train(cfg, out_dir, init=init, images=images, loss_fn=loss_fn, resume=True, progress=progress is not False)
+    out = load_checkpoint(out_dir)
+    if out.lineage and out.lineage[-1].get("step") == "train":
+        out.lineage.pop()
+    return out
+
+
 def _wall(ck: Checkpoint) -> float:
     return float((ck.meta.get("train") or {}).get("wall_seconds", 0.0))
 
@@ -388,10 +400,7 @@ def convert_parameterization(ckpt: Checkpoint, out_dir, *, param: str, steps: in
     student = _fresh(ckpt, param)
     cfg = _cfg(dataset, data_dir, steps, batch_size, lr, param, seed, bf16, ema_decay=0.995, warmup=min(50, steps))
     weighting = "plain" if param == "v" else "truncated-snr"
-    out = train(cfg, out_dir, init=student, images=training_images(cfg, student), loss_fn=DiffusionLoss(weighting),
-                resume=True, progress=progress is not False)
-    out.lineage.pop() if out.lineage and out.lineage[-1].get("step") == "train" else None
-    return out
+    return _train(cfg, out_dir, student, training_images(cfg, student), DiffusionLoss(weighting), progress)
 
 
 def progressive_distill(ckpt: Checkpoint, out_dir, *, n_from: int, n_to: int, steps_per_round: int, dataset: str,
@@ -421,10 +430,7 @@ def progressive_distill(ckpt: Checkpoint, out_dir, *, n_from: int, n_to: int, st
         st = _fresh(student)
         cfg = _cfg(dataset, data_dir, steps_per_round, batch_size, lr, st.parameterization, seed + n, bf16,
                    ema_decay=ema_decay)
-        st = train(cfg, out_dir / f"round-{n:04d}", init=st, images=training_images(cfg, st), loss_fn=loss,
-                   resume=True, progress=progress is not False)
-        if st.lineage and st.lineage[-1].get("step") == "train":
-            st.lineage.pop()
+        st = _train(cfg, out_dir / f"round-{n:04d}", st, training_images(cfg, st), loss, progress)
         record["rounds"].append({"nfe": n, "steps": steps_per_round, "batch_size": batch_size,
                                  "wall_seconds": _wall(st)})
         st.meta["sampler"] = {"solver": "ddim", "nfe": n, "spacing": spacing}
@@ -482,10 +488,7 @@ def oneshot_distill(ckpt: Checkpoint, out_dir, *, teacher_nfe: int, steps: int, 
             save_file({"pairs": data.contiguous()}, str(tmp), metadata={"seconds": repr(time.perf_counter() - t0)})
     st = _fresh(student)
     cfg = _cfg(dataset, data_dir, steps, batch_size, lr, st.parameterization, seed, bf16, ema_decay=ema_decay)
-    st = train(cfg, out_dir / "student", init=st, images=data, loss_fn=OneShotLoss(), resume=True,
-               progress=progress is not False)
-    if st.lineage and st.lineage[-1].get("step") == "train":
-        st.lineage.pop()
+    st = _train(cfg, out_dir / "student", st, data, OneShotLoss(), progress)
     st.meta["sampler"] = {"solver": "ddim", "nfe": 1, "spacing": spacing}
     st.meta["distill"] = {"oneshot": {"teacher_nfe": teacher_nfe, "pairs": pairs, "steps": steps,
                                       "wall_seconds": _wall(st), "convert_steps": convert_steps}}
