@@ -251,7 +251,10 @@ def apply_recipe(ckpt, recipe: str | list[Step], out_dir: str | Path, *, dataset
     steps = parse_recipe(recipe) if isinstance(recipe, str) else recipe
     out_dir = Path(out_dir)
     work = out_dir / ".steps"
-    work.mkdir(parents=True, exist_ok=True)
+    lead, sync = _ranks()  # under torchrun: rank 0 alone writes, every rank trains
+    if lead:
+        work.mkdir(parents=True, exist_ok=True)
+    sync()
     dataset = dataset or ckpt.meta.get("dataset") or ckpt.meta.get("train", {}).get("dataset")
     data_dir = data_dir or ckpt.meta.get("train", {}).get("data_dir")
     origin, origin_ckpt = ckpt.hash(), ckpt
@@ -265,23 +268,45 @@ def apply_recipe(ckpt, recipe: str | list[Step], out_dir: str | Path, *, dataset
             log(f"[{i + 1}/{len(steps)}] {st} already done ({d})")
             continue
         started = d / "started.json"
-        if d.exists() and not (started.is_file() and read_json(started) == stamp):
-            shutil.rmtree(d)  # left by a different recipe: start this step afresh
-        d.mkdir(parents=True, exist_ok=True)  # same recipe, killed mid-step: the step may resume
-        write_json(started, stamp)
-        log(f"[{i + 1}/{len(steps)}] {st}")
+        if lead:
+            if d.exists() and not (started.is_file() and read_json(started) == stamp):
+                shutil.rmtree(d)  # left by a different recipe: start this step afresh
+            d.mkdir(parents=True, exist_ok=True)  # same recipe, killed mid-step: the step may resume
+            write_json(started, stamp)
+            log(f"[{i + 1}/{len(steps)}] {st}")
+        sync()
         parent = ckpt.hash()
         ctx = StepContext(step_dir=d, dataset=dataset, data_dir=data_dir, seed=seed, progress=progress,
                           index=i, steps=steps, origin=origin_ckpt)
         ckpt = STEPS[st.name].fn(ckpt, dict(st.args), ctx)
         ckpt.meta.setdefault("dataset", dataset)
         ckpt.lineage.append({"step": st.name, "args": st.args, "parent": parent, "recipe": str(st)})
-        save_checkpoint(ckpt, d)
+        if lead:
+            save_checkpoint(ckpt, d)
+        sync()
         ckpt = load_checkpoint(d)  # what later steps see is exactly what was written
-        write_json(done, {"recipe": prefix, "origin": origin, "weights": ckpt.hash()})
+        if lead:
+            write_json(done, {"recipe": prefix, "origin": origin, "weights": ckpt.hash()})
+        sync()
     final = work / f"{len(steps) - 1:02d}-{steps[-1].name}"
-    for f in sorted(final.iterdir()):
-        if f.is_file() and f.name not in _STEP_BOOKKEEPING and not f.name.startswith("."):  # .tmp of a killed write
-            with atomic_path(out_dir / f.name) as tmp:
-                shutil.copyfile(f, tmp)
+    if lead:
+        for f in sorted(final.iterdir()):
+            if f.is_file() and f.name not in _STEP_BOOKKEEPING and not f.name.startswith("."):  # .tmp of a killed write
+                with atomic_path(out_dir / f.name) as tmp:
+                    shutil.copyfile(f, tmp)
+    sync()
     return load_checkpoint(out_dir)
+
+
+def _ranks():
+    """(is this the writing process, barrier) — under torchrun (WORLD_SIZE > 1) rank 0 writes the
+    step directories and the others wait for it at each barrier (gloo); otherwise (True, no-op)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return True, lambda: None
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank() == 0, dist.barrier

@@ -5,7 +5,7 @@ Determinism and resume: everything random in step s (batch positions, t, ε, dro
 generators seeded by (seed, s, rank), and the data order is a fixed permutation per epoch, so a
 run killed after its last saved state and resumed with ``resume=True`` ends with bit-identical
 weights on CPU. Under ``torchrun`` the global batch is split across ranks and DDP averages the
-gradients (gloo on CPU, NCCL on GPUs).
+gradients over gloo (the loop computes on the CPU).
 """
 from __future__ import annotations
 
@@ -194,7 +194,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, init: Checkpoint, images: to
     out_dir = Path(out_dir)
     rank, world = _rank_world()
     if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
+        # gloo: the loop computes on the CPU (NCCL would refuse CPU tensors on a machine with GPUs)
+        torch.distributed.init_process_group("gloo")
     if cfg.batch_size % world:
         raise UserError(f"batch size {cfg.batch_size} is not divisible by the {world} processes")
     loss_fn = loss_fn or DiffusionLoss(cfg.weighting)
@@ -277,6 +278,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, init: Checkpoint, images: to
         bar.close()
     if world > 1:
         torch.distributed.barrier()
+        if rank != 0:  # every rank returns what rank 0 wrote (its metadata included)
+            from .checkpoint import load_checkpoint
+
+            ck = load_checkpoint(out_dir)
     if ck is None:  # resumed a run that had already finished
         ck = Checkpoint(net=ema, arch=init.arch, schedule=init.schedule,
                         parameterization=init.parameterization, meta=copy.deepcopy(init.meta), path=out_dir)

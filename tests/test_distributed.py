@@ -52,3 +52,23 @@ def test_sharded_eval_equals_single_process(mnist_ckpt, tmp_path):
     # the grid (first 64 samples, i.e. all 40, from both ranks) is the same picture
     ga, gb = (np.asarray(Image.open(tmp_path / r["grid"])) for r in (a, b))
     assert ga.shape == gb.shape and (ga == gb).all()
+
+
+def test_finetune_and_progressive_distillation_run_under_torchrun(tiny_ckpt, image_folder, tmp_path):
+    """``leandiff compress`` (fine-tune, then progressive distillation) under 2 gloo processes:
+    both steps train with DDP (world size 2 recorded) and the result is a valid checkpoint."""
+    from leandiff.checkpoint import load_checkpoint, save_checkpoint
+
+    tiny_ckpt.meta["dataset"] = f"folder:{image_folder}"
+    base = save_checkpoint(tiny_ckpt, tmp_path / "base")
+    recipe = "finetune(steps=4,batch_size=8,bf16=false) > pd(from=4,to=2,steps_per_round=4,convert_steps=4,batch_size=8)"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29549"]
+    p = subprocess.run([*torchrun, "-m", "leandiff.cli", "compress", str(base), "--recipe", recipe,
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    ck = load_checkpoint(tmp_path / "out")
+    assert [s["step"] for s in ck.lineage] == ["finetune", "pd"]
+    assert ck.meta["train"]["world_size"] == 2 and ck.meta["sampler"]["nfe"] == 2
+    ft = load_checkpoint(tmp_path / "out" / ".steps" / "00-finetune")
+    assert ft.meta["train"]["world_size"] == 2
