@@ -198,3 +198,27 @@ def test_demo_fast_mode_opens_no_network_connection(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert not attempts.exists(), attempts.read_text()
     assert (tmp_path / "demo" / "report" / "index.html").is_file()
+
+
+def _file_size_quota(limit: int):
+    def apply():  # in the child: writes past `limit` bytes fail with EFBIG instead of killing it
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_native_writer_failing_mid_file_is_one_line_and_leaves_nothing(image_folder, tiny_model_json, tmp_path):
+    """A disk that fills up under safetensors' (Rust) writer: a 16 kB file-size quota stands in for
+    it (RLIMIT_FSIZE; an in-process ENOSPC cannot reach native code). One line, exit 2, no temp file."""
+    out = tmp_path / "run"
+    args = ["train", "--dataset", f"folder:{image_folder}", "--model", tiny_model_json, "--steps", 2,
+            "--batch-size", 4, "--checkpoint-every", 1, "--sample-every", 0, "--out", out]
+    p = subprocess.run([sys.executable, "-m", "leandiff.cli", *map(str, args)], capture_output=True, text=True,
+                       timeout=300, preexec_fn=_file_size_quota(16_000),
+                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0"))
+    assert p.returncode == 2, p.stderr[-2000:]
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("leandiff: error: cannot write") and "too large" in lines[0], p.stderr
+    assert [f for f in out.rglob("*") if f.is_file()] == []
