@@ -1,0 +1,379 @@
+"""Pruning: ``prune(method=..., ratio=p[, structured=false, threshold=...])``.
+
+**Structured** (``structured=true``, the default) removes whole channels with Torch-Pruning's
+dependency graph (Fang et al., CVPR 2023), so coupled layers (residual adds, skip concatenations,
+GroupNorm groups, attention projections) shrink together and the result is a genuinely smaller
+``UNet2DModel``. ``ratio`` is **the fraction of channels removed from every prunable layer**
+(Torch-Pruning's per-layer ``pruning_ratio``), not of parameters or MACs: a conv whose input and
+output both lose a fraction p keeps (1 − p)² of its MACs, so p = 0.3 removes about half of the
+MACs and p = 0.5 about three quarters. Benchmarks report the MACs removed as measured.
+Channel importance, one small callable per method (:data:`IMPORTANCE`):
+
+- ``magnitude`` — ‖w‖_p of each channel's weights, p = ``norm`` (1 or 2): the "Ln structured"
+  pruning of L-Diff (../shared/papers/lite-diffusion-cifar10.md §4.1, eq. 2) and MiniDiff
+  (../shared/papers/mini-diffusion-mnist.md §4, magnitude importance).
+- ``taylor`` — first-order Taylor |w · ∂L/∂w| (Molchanov et al. 2019) on the diffusion loss, with
+  the gradients accumulated over timesteps spread over all of 0..T−1 on one mini-batch.
+- ``diff`` — Diff-Pruning (Fang, Ma & Wang, NeurIPS 2023; MiniDiff Alg. 3): the same Taylor
+  score, but the gradients are accumulated over t = 0, 1, 2, ... only while L_t / L_max > threshold
+  (:func:`accumulate_gradients`), i.e. over the early, detail-forming steps whose loss is large.
+- ``random`` — uniform random scores (seeded): the baseline.
+
+The output conv (``conv_out``) is never pruned; the time-embedding MLP (``time_embedding``) is
+kept unless ``include_time=true`` (L-Diff §4.1 preserves the time-embedding layers). diffusers'
+``Downsample2D/Upsample2D.channels`` and ``Attention.heads/inner_dim/...`` are updated after the
+channel surgery (their forward asserts on them); attention head dimensions are pruned per head
+(``num_heads``) so multi-head layers stay consistent. The change is recorded as an
+``arch["surgery"]`` record of kind ``prune`` (new parameter shapes + attribute values per module)
+that :func:`leandiff.models.build_network` replays on a freshly built network, so the pruned
+checkpoint reloads from its own metadata.
+
+**Unstructured** (``structured=false``) zeroes individual weights of every Conv2d/Linear weight
+(same exclusions): ``l1`` the fraction p of smallest |w| per layer (L-Diff eq. 1), ``random`` a
+random fraction p per layer, ``global`` the fraction p of smallest |w| over all those layers at
+once (one threshold, L-Diff eq. 3). The zeros are stored as dense data: parameters, MACs, file
+size and latency do not change. ``meta["prune"]`` records the sparsity and the bytes a CSR or a
+bitmask encoding of the same weights would take (computed by :func:`sparse_bytes`).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoint import Checkpoint
+from ..errors import UserError
+from ..models import image_shape, register_surgery
+from ..recipe import REQUIRED, register_step
+from ..schedule import q_sample
+
+STRUCTURED_METHODS = ("magnitude", "taylor", "diff", "random")
+UNSTRUCTURED_METHODS = ("l1", "random", "global")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    method: str  # structured: magnitude | taylor | diff | random; unstructured: l1 | random | global
+    ratio: float  # structured: fraction of channels removed per prunable layer; unstructured: of weights zeroed
+    structured: bool = True  # whole channels (a smaller network) or single weights (zeros, same network)
+    norm: int = 2  # p of the ‖w‖_p magnitude importance (1 or 2)
+    threshold: float = 0.05  # Diff-Pruning: stop accumulating gradients once L_t / L_max <= threshold
+    batch_size: int = 32  # training images in the mini-batch of the gradient-based importances
+    t_stride: int = 1  # gradient importances visit t = 0, t_stride, 2·t_stride, ... (1: every step, as the paper)
+    include_time: bool = False  # also prune the time-embedding MLP's hidden/output features
+    seed: int = 0  # mini-batch, noise and random scores
+
+    def __post_init__(self):
+        methods = STRUCTURED_METHODS if self.structured else UNSTRUCTURED_METHODS
+        if self.method not in methods:
+            kind = "structured" if self.structured else "unstructured (structured=false)"
+            raise UserError(f"prune: unknown {kind} method {self.method!r}; known: {', '.join(methods)}")
+        if not 0.0 < self.ratio < 1.0:
+            raise UserError(f"prune: ratio must be in (0, 1), got {self.ratio}")
+        if self.norm not in (1, 2):
+            raise UserError(f"prune: norm must be 1 or 2, got {self.norm}")
+        if not 0.0 < self.threshold < 1.0:  # L_0 / L_max = 1 at the first step: 1 would stop before it
+            raise UserError(f"prune: threshold must be in (0, 1), got {self.threshold}")
+        if self.batch_size < 1 or self.t_stride < 1:
+            raise UserError(f"prune: batch_size and t_stride must be >= 1, got {self.batch_size}, {self.t_stride}")
+
+
+# --- which layers ----------------------------------------------------------------------------------------------------
+
+def kept_modules(net: nn.Module, include_time: bool = False) -> list[nn.Module]:
+    """Layers whose outputs are never pruned: the output conv, and the time-embedding MLP unless asked."""
+    keep = [net.conv_out] if hasattr(net, "conv_out") else []
+    if not include_time and hasattr(net, "time_embedding"):
+        keep.append(net.time_embedding)
+    return keep
+
+
+def prunable_weights(net: nn.Module, include_time: bool = False) -> dict[str, nn.Parameter]:
+    """Conv2d/Linear weights unstructured pruning may zero (same exclusions as structured)."""
+    skip = {id(m) for k in kept_modules(net, include_time) for m in k.modules()}
+    return {f"{n}.weight": m.weight for n, m in net.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in skip}
+
+
+# --- Diff-Pruning's truncated gradient accumulation --------------------------------------------------------------------
+
+def accumulate_gradients(loss_at: Callable[[int], torch.Tensor], ts: Sequence[int],
+                         threshold: float | None) -> tuple[list[int], list[float]]:
+    """Back-propagate L_t for t in ``ts`` in order, summing the gradients in ``.grad``.
+
+    With a ``threshold`` (Diff-Pruning, MiniDiff Alg. 3): L_max = max over the losses seen so far
+    (L_t included); stop *before* back-propagating the first L_t with L_t / L_max <= threshold.
+    (Fang et al.'s released code back-propagates that last step too; we follow the algorithm as
+    written.) Without one (Taylor), every t is used. Returns (timesteps used, their losses)."""
+    used, losses, l_max = [], [], 0.0
+    for t in ts:
+        loss = loss_at(int(t))
+        val = float(loss.detach())
+        l_max = max(l_max, val)
+        if threshold is not None and l_max > 0 and val / l_max <= threshold:
+            break
+        loss.backward()
+        used.append(int(t))
+        losses.append(val)
+    return used, losses
+
+
+def _diffusion_loss_at(denoiser, x0: torch.Tensor, noise: torch.Tensor) -> Callable[[int], torch.Tensor]:
+    """t -> L_t = MSE(D(√ᾱ_t x + √(1−ᾱ_t) ε, t), target) on one fixed (x, ε) (Alg. 3, first line of the loop)."""
+    def loss_at(t: int) -> torch.Tensor:
+        tt = torch.full((x0.shape[0],), t, dtype=torch.long)
+        xt = q_sample(denoiser.schedule, x0, tt, noise)
+        return F.mse_loss(denoiser(xt, tt).float(), denoiser.target(x0, noise, tt))
+    return loss_at
+
+
+# --- importance strategies (Torch-Pruning Importance callables: group -> scores) -----------------------------------
+
+@dataclass
+class ImportanceInputs:
+    """What an importance strategy may use: the network (gradients are left in ``.grad``)."""
+
+    ckpt: Checkpoint
+    cfg: PruneConfig
+    images: torch.Tensor | None  # training images (N×C×H×W in [-1, 1]) for gradient-based scores
+    log: dict  # the strategy writes what it did here (timesteps used, losses)
+
+
+def _batch(inp: ImportanceInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    if inp.images is None:
+        raise UserError(f"prune: method={inp.cfg.method} needs training images: pass --dataset")
+    g = torch.Generator().manual_seed(inp.cfg.seed)
+    idx = torch.randperm(len(inp.images), generator=g)[: inp.cfg.batch_size]
+    x0 = inp.images[idx].float()
+    return x0, torch.randn(x0.shape, generator=g)
+
+
+def _gradient_importance(inp: ImportanceInputs, threshold: float | None):
+    import torch_pruning as tp
+
+    net = inp.ckpt.net
+    x0, noise = _batch(inp)
+    net.zero_grad(set_to_none=True)
+    net.train(False)
+    ts = range(0, inp.ckpt.schedule.T, inp.cfg.t_stride)
+    used, losses = accumulate_gradients(_diffusion_loss_at(inp.ckpt.denoiser(), x0, noise), ts, threshold)
+    inp.log.update(timesteps_used=len(used), t_last=used[-1], loss_first=losses[0], loss_max=max(losses),
+                   loss_last=losses[-1])
+    return tp.importance.TaylorImportance()  # |w · Σ_t ∂L_t/∂w| summed per channel, mean over the group
+
+
+def _random_importance(inp: ImportanceInputs):
+    g = torch.Generator().manual_seed(inp.cfg.seed)
+
+    def scores(group, **_):
+        return torch.rand(len(group[0][1]), generator=g)
+    return scores
+
+
+# method -> fn(ImportanceInputs) -> Torch-Pruning importance callable (group -> one score per channel)
+IMPORTANCE: dict[str, Callable] = {
+    "magnitude": lambda inp: __import__("torch_pruning").importance.MagnitudeImportance(p=inp.cfg.norm),
+    "taylor": lambda inp: _gradient_importance(inp, None),
+    "diff": lambda inp: _gradient_importance(inp, inp.cfg.threshold),
+    "random": _random_importance,
+}
+
+
+# --- structured pruning and its replay ----------------------------------------------------------------------------
+
+# attributes that describe a module's widths; recorded when pruning changes them
+_WIDTH_ATTRS = ("in_channels", "out_channels", "in_features", "out_features", "num_channels", "num_groups",
+                "channels", "heads", "inner_dim", "inner_kv_dim", "query_dim", "out_dim")
+
+
+def _widths(net: nn.Module) -> dict[str, dict]:
+    return {n: {a: getattr(m, a) for a in _WIDTH_ATTRS if isinstance(getattr(m, a, None), int)}
+            for n, m in net.named_modules() if n}  # the root's widths live in its config
+
+
+def fix_diffusers_attrs(net: nn.Module) -> None:
+    """Make diffusers' bookkeeping attributes agree with the (pruned) layers they describe."""
+    from diffusers.models.attention_processor import Attention
+
+    for m in net.modules():
+        if type(m).__name__ in ("Downsample2D", "Upsample2D") and isinstance(getattr(m, "conv", None), nn.Conv2d):
+            m.channels, m.out_channels = m.conv.in_channels, m.conv.out_channels
+        if isinstance(m, Attention):
+            m.query_dim, m.inner_dim = m.to_q.in_features, m.to_q.out_features
+            m.inner_kv_dim, m.out_dim = m.to_k.out_features, m.to_out[0].out_features
+            if m.inner_dim % m.heads:
+                raise RuntimeError(f"attention inner_dim {m.inner_dim} is not a multiple of its {m.heads} heads")
+
+
+def structured_prune(ckpt: Checkpoint, cfg: PruneConfig, images: torch.Tensor | None = None) -> tuple[Checkpoint, dict]:
+    """Remove channels (Torch-Pruning dependency graph); returns (pruned copy, log)."""
+    import torch_pruning as tp
+    from diffusers.models.attention_processor import Attention
+
+    net = copy.deepcopy(ckpt.net).float()
+    work = Checkpoint(net=net, arch=ckpt.arch, schedule=ckpt.schedule, parameterization=ckpt.parameterization,
+                      meta={})
+    log: dict = {}
+    importance = IMPORTANCE[cfg.method](ImportanceInputs(work, cfg, images, log))
+    before_shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    before_widths = _widths(net)
+    c, h, w = image_shape(ckpt.arch)
+    example = (torch.zeros(1, c, h, w), torch.zeros(1, dtype=torch.long))
+    heads = {}
+    for m in net.modules():
+        if isinstance(m, Attention):
+            heads.update({m.to_q: m.heads, m.to_k: m.heads, m.to_v: m.heads})
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        pruner = tp.pruner.BasePruner(net, example, importance=importance, pruning_ratio=cfg.ratio,
+                                      ignored_layers=kept_modules(net, cfg.include_time), num_heads=heads,
+                                      forward_fn=lambda m, inp: m(*inp).sample)
+        pruner.step()
+    net.zero_grad(set_to_none=True)
+    fix_diffusers_attrs(net)
+    after_widths = _widths(net)
+    record = {
+        "kind": "prune", "method": cfg.method, "ratio": cfg.ratio,
+        "shapes": {k: list(v.shape) for k, v in net.state_dict().items() if tuple(v.shape) != before_shapes[k]},
+        "attrs": {n: {a: v for a, v in wd.items() if before_widths[n].get(a) != v}
+                  for n, wd in after_widths.items() if any(before_widths[n].get(a) != v for a, v in wd.items())},
+    }
+    arch = copy.deepcopy(ckpt.arch)
+    arch.setdefault("surgery", []).append(record)
+    out = Checkpoint(net=net.eval(), arch=arch, schedule=ckpt.schedule, parameterization=ckpt.parameterization,
+                     meta=copy.deepcopy(ckpt.meta))
+    return out, log
+
+
+def _replay_prune(net: nn.Module, rec: dict) -> nn.Module:
+    """Give a freshly built network the recorded shapes and width attributes (weights load after)."""
+    modules = dict(net.named_modules())
+    for name, shape in rec["shapes"].items():
+        mod_name, _, leaf = name.rpartition(".")
+        mod = modules.get(mod_name)
+        if mod is None:
+            raise UserError(f"prune surgery names layer {mod_name!r}, which the network does not have")
+        old = getattr(mod, leaf)
+        new = torch.empty([int(s) for s in shape], dtype=old.dtype)
+        if isinstance(old, nn.Parameter):
+            setattr(mod, leaf, nn.Parameter(new, requires_grad=old.requires_grad))
+        else:
+            mod.register_buffer(leaf, new)
+    for mod_name, attrs in rec["attrs"].items():
+        if mod_name not in modules:
+            raise UserError(f"prune surgery names layer {mod_name!r}, which the network does not have")
+        for a, v in attrs.items():
+            if a not in _WIDTH_ATTRS:
+                raise UserError(f"prune surgery: attribute {a!r} is not a width attribute")
+            setattr(modules[mod_name], a, int(v))
+    return net
+
+
+register_surgery("prune", _replay_prune)
+
+
+# --- unstructured pruning ----------------------------------------------------------------------------------------------
+
+def _ranks_zeroed(n: int, ratio: float) -> int:
+    return int(math.floor(ratio * n))
+
+
+@torch.no_grad()
+def unstructured_masks(net: nn.Module, cfg: PruneConfig) -> dict[str, torch.Tensor]:
+    """name -> boolean mask of the weights to zero (True = zeroed)."""
+    weights = prunable_weights(net, cfg.include_time)
+    masks = {}
+    if cfg.method == "global":  # L-Diff eq. 3: one magnitude threshold over all layers
+        flat = torch.cat([w.detach().abs().flatten() for w in weights.values()])
+        k = _ranks_zeroed(flat.numel(), cfg.ratio)
+        order = torch.argsort(flat, stable=True)
+        zero = torch.zeros(flat.numel(), dtype=torch.bool)
+        zero[order[:k]] = True
+        start = 0
+        for name, w in weights.items():
+            masks[name] = zero[start:start + w.numel()].reshape(w.shape)
+            start += w.numel()
+        return masks
+    g = torch.Generator().manual_seed(cfg.seed)
+    for name, w in weights.items():  # per layer: L-Diff eq. 1 (l1) or random
+        k = _ranks_zeroed(w.numel(), cfg.ratio)
+        score = w.detach().abs().flatten() if cfg.method == "l1" else torch.rand(w.numel(), generator=g)
+        zero = torch.zeros(w.numel(), dtype=torch.bool)
+        zero[torch.argsort(score, stable=True)[:k]] = True
+        masks[name] = zero.reshape(w.shape)
+    return masks
+
+
+def sparse_bytes(w: torch.Tensor, value_bytes: int = 4) -> dict[str, int]:
+    """Bytes of one weight tensor (as a matrix out × in·k·k) stored dense, as CSR (values + column
+    indices of the narrowest unsigned width that fits + int32 row pointers) and as a bitmask
+    (one bit per entry + the non-zero values)."""
+    rows = w.shape[0] if w.dim() > 1 else 1
+    cols = w.numel() // rows
+    nnz = int(torch.count_nonzero(w))
+    idx = 1 if cols <= 2 ** 8 else 2 if cols <= 2 ** 16 else 4
+    return {"dense": w.numel() * value_bytes, "csr": nnz * (value_bytes + idx) + 4 * (rows + 1),
+            "bitmask": math.ceil(w.numel() / 8) + nnz * value_bytes, "nnz": nnz, "numel": w.numel()}
+
+
+def sparsity_report(net: nn.Module, include_time: bool = False) -> dict:
+    """Sparsity of the prunable weights and of all parameters; model bytes dense / with the pruned
+    weights CSR- or bitmask-encoded (the others dense), fp32 values."""
+    targets = prunable_weights(net, include_time)
+    tot = {"dense": 0, "csr": 0, "bitmask": 0, "nnz": 0, "numel": 0}
+    for w in targets.values():
+        for k, v in sparse_bytes(w.detach()).items():
+            tot[k] += v
+    params = dict(net.named_parameters())
+    other = sum(p.numel() for n, p in params.items() if n not in targets)
+    all_nnz = sum(int(torch.count_nonzero(p)) for p in params.values())
+    all_n = sum(p.numel() for p in params.values())
+    return {"sparsity_prunable": 1 - tot["nnz"] / tot["numel"], "sparsity_all": 1 - all_nnz / all_n,
+            "params": all_n, "params_nonzero": all_nnz,
+            "bytes_dense": all_n * 4, "bytes_csr": tot["csr"] + other * 4, "bytes_bitmask": tot["bitmask"] + other * 4}
+
+
+def unstructured_prune(ckpt: Checkpoint, cfg: PruneConfig) -> tuple[Checkpoint, dict]:
+    """Zero weights in place of a copy (the network keeps its shape); returns (copy, sparsity report)."""
+    net = copy.deepcopy(ckpt.net)
+    with torch.no_grad():
+        for name, mask in unstructured_masks(net, cfg).items():
+            net.get_parameter(name).masked_fill_(mask, 0.0)
+    out = Checkpoint(net=net.eval(), arch=copy.deepcopy(ckpt.arch), schedule=ckpt.schedule,
+                     parameterization=ckpt.parameterization, meta=copy.deepcopy(ckpt.meta))
+    return out, sparsity_report(net, cfg.include_time)
+
+
+def prune_checkpoint(ckpt: Checkpoint, cfg: PruneConfig, images: torch.Tensor | None = None) -> Checkpoint:
+    """Structured or unstructured pruning of ``ckpt`` by ``cfg``; ``meta["prune"]`` says what was done."""
+    if cfg.structured:
+        out, log = structured_prune(ckpt, cfg, images)
+    else:
+        out, log = unstructured_prune(ckpt, cfg)
+    out.meta["prune"] = {"method": cfg.method, "ratio": cfg.ratio, "structured": cfg.structured,
+                         "ratio_means": "fraction of channels removed per prunable layer" if cfg.structured
+                         else "fraction of prunable Conv/Linear weights zeroed", **log}
+    return out
+
+
+@register_step("prune", {"method": REQUIRED, "ratio": REQUIRED, "structured": True, "norm": 2, "threshold": 0.05,
+                         "batch_size": 32, "t_stride": 1, "include_time": False},
+               types={"method": str, "ratio": (int, float)})
+def prune_step(ckpt, args, ctx):
+    """Prune channels (structured: magnitude|taylor|diff|random) or weights (structured=false: l1|random|global)."""
+    cfg = PruneConfig(method=args["method"], ratio=float(args["ratio"]), structured=args["structured"],
+                      norm=args["norm"], threshold=float(args["threshold"]), batch_size=args["batch_size"],
+                      t_stride=args["t_stride"], include_time=args["include_time"], seed=ctx.seed)
+    images = None
+    if cfg.structured and cfg.method in ("taylor", "diff"):
+        if not ctx.dataset:
+            raise UserError(f"prune: method={cfg.method} needs the training dataset; the checkpoint records none: pass --dataset")
+        from ..data import load_dataset
+
+        images = load_dataset(ctx.dataset, "train", ctx.data_dir, shape=image_shape(ckpt.arch)).images
+    return prune_checkpoint(ckpt, cfg, images)
