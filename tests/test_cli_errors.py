@@ -31,6 +31,10 @@ def files(tmp_path, tiny_ckpt, tiny_model_json):
     (tmp_path / "foreign" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
     (tmp_path / "notjson").mkdir()
     (tmp_path / "notjson" / "leandiff.json").write_text("{nope")
+    huge = tmp_path / "huge"  # finite weights whose outputs overflow to Inf while sampling
+    with torch.no_grad():
+        tiny_ckpt.net.conv_out.weight.fill_(3e38)
+    save_checkpoint(tiny_ckpt, huge)
     nan = tmp_path / "nan"
     with torch.no_grad():
         for p in tiny_ckpt.net.parameters():
@@ -107,6 +111,7 @@ def _cases(f):
         "foreign diffusers model": ["info", str(t / "foreign")],
         "corrupt metadata JSON": ["info", str(t / "notjson")],
         "NaN weights": ["sample", str(t / "nan"), "--out", out],
+        "weights overflowing in sampling": ["sample", str(t / "huge"), "--nfe", "3", "-n", "2", "--out", out],
         "unknown zoo model": ["info", "zoo:does-not-exist"],
         "unknown solver": ["sample", g, "--solver", "rk99", "--out", out],
         "unknown spacing": ["sample", g, "--spacing", "cubic", "--out", out],
