@@ -222,3 +222,16 @@ def test_disk_filling_up_mid_write_leaves_nothing(files, capsys, monkeypatch, fi
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "No space left on device" in err, err
     assert [p.name for p in out.iterdir()] == []  # no grid, no npz, no .tmp
+
+
+def test_results_row_on_a_full_disk_leaves_the_file_as_it_was(tmp_path, monkeypatch):
+    from leandiff.errors import UserError
+    from leandiff.evaluate.harness import append_row
+
+    results = tmp_path / "results.jsonl"
+    append_row(results, {"schema": "x", "a": 1})
+    before = results.read_bytes()
+    monkeypatch.setattr(builtins, "open", FullDisk(tmp_path, 10))  # room for 10 bytes of the next row
+    with pytest.raises(UserError, match="No space left"):
+        append_row(results, {"schema": "x", "b": "y" * 1000})
+    assert results.read_bytes() == before

@@ -342,13 +342,21 @@ def append_row(path: str | Path, row: dict) -> None:
     import os
 
     path = Path(path)
+    line = json.dumps(row, default=_json_default, sort_keys=True) + "\n"
+    size = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        size = path.stat().st_size if path.exists() else 0
         with open(path, "a") as f:
-            f.write(json.dumps(row, default=_json_default, sort_keys=True) + "\n")
+            f.write(line)
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
+        if size is not None:  # a full disk may have taken half the line: cut it off, keep the earlier rows
+            try:
+                os.truncate(path, size)
+            except OSError:
+                pass
         raise UserError(f"cannot append to {path}: {e.strerror or e}") from None
 
 
