@@ -245,3 +245,11 @@ def test_prune_then_finetune_recipe(tiny_ckpt, image_folder, tmp_path):
     bare.meta.pop("dataset", None)
     with pytest.raises(UserError, match="needs the training dataset"):
         apply_recipe(bare, "prune(method=diff,ratio=0.5)", tmp_path / "o2", progress=False, log=lambda s: None)
+
+
+def test_kd_finetune_as_first_step_freezes_a_copy_not_the_student(tiny_ckpt, image_folder, tmp_path):
+    # the recipe's origin is the student itself here: freezing it in place broke backward
+    start = tiny_ckpt.hash()
+    ck = apply_recipe(tiny_ckpt, "finetune(steps=1,batch_size=4,kd=true,bf16=false,ema_decay=0)", tmp_path / "o",
+                      dataset=f"folder:{image_folder}", progress=False, log=lambda s: None)
+    assert ck.hash() != start

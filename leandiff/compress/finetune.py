@@ -12,6 +12,8 @@ optimiser schedule is AdamW with cosine warm restarts (SGDR), as the L-Diff pape
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 
@@ -82,6 +84,9 @@ def finetune_step(ckpt, args, ctx):
     teacher = None
     if args["kd"] or args["teacher"]:
         teacher = load_checkpoint(args["teacher"]) if args["teacher"] else ctx.origin
+        if teacher.net is ckpt.net:  # KD as the recipe's first step: freeze a copy, not the student itself
+            teacher = copy.copy(teacher)
+            teacher.net = copy.deepcopy(ckpt.net)
         teacher.net.eval().requires_grad_(False)
     return finetune_checkpoint(ckpt, ctx.step_dir, steps=args["steps"], dataset=ctx.dataset, data_dir=ctx.data_dir,
                                teacher=teacher, kd_frac=args["kd_frac"], lr=args["lr"],

@@ -158,6 +158,7 @@ def _gradient_importance(inp: ImportanceInputs, threshold: float | None):
 
     net = inp.ckpt.net
     x0, noise = _batch(inp)
+    net.requires_grad_(True)  # the working copy may come from a frozen (teacher) checkpoint
     net.zero_grad(set_to_none=True)
     net.train(False)
     ts = range(0, inp.ckpt.schedule.T, inp.cfg.t_stride)
