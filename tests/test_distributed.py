@@ -38,7 +38,7 @@ def _eval_args(ckpt, out):
 def test_sharded_eval_equals_single_process(mnist_ckpt, tmp_path):
     single, sharded = tmp_path / "single.jsonl", tmp_path / "sharded.jsonl"
     run_cli(*_eval_args(mnist_ckpt, single), check=True)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     p = subprocess.run([*torchrun, "-m", "leandiff.cli", *_eval_args(mnist_ckpt, sharded)], capture_output=True,
                        text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0"))
     assert p.returncode == 0, p.stderr[-3000:]
@@ -62,7 +62,7 @@ def test_finetune_and_progressive_distillation_run_under_torchrun(tiny_ckpt, ima
     tiny_ckpt.meta["dataset"] = f"folder:{image_folder}"
     base = save_checkpoint(tiny_ckpt, tmp_path / "base")
     recipe = "finetune(steps=4,batch_size=8,bf16=false) > pd(from=4,to=2,steps_per_round=4,convert_steps=4,batch_size=8)"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29549"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     p = subprocess.run([*torchrun, "-m", "leandiff.cli", "compress", str(base), "--recipe", recipe,
                         "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0"))

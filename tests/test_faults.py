@@ -84,11 +84,11 @@ def _timed(args) -> float:
 
 
 @pytest.mark.parametrize("recipe", [
-    # 320 steps: the fine-tune saves its state at step 250 and at the end, so a kill may land before
+    # 280 steps: the fine-tune saves its state at step 250 and at the end, so a kill may land before
     # or after a saved state, or in the final copy
-    "finetune(steps=320,batch_size=8,bf16=false)",
+    "finetune(steps=280,batch_size=8,bf16=false)",
     # conversion to v, then rounds 8 -> 4 -> 2 steps, each resumable
-    "pd(from=8,to=2,steps_per_round=40,convert_steps=40,batch_size=8)",
+    "pd(from=8,to=2,steps_per_round=30,convert_steps=30,batch_size=8)",
 ])
 def test_sigkilled_compress_resumes_to_identical_weights(folder_ckpt, tmp_path, recipe):
     ref, run = tmp_path / "ref", tmp_path / "run"
