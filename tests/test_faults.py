@@ -1,4 +1,4 @@
-"""Faults: SIGKILL at random points of fine-tuning and progressive distillation (``leandiff compress``)
+"""Faults: SIGKILL at random points of training, fine-tuning and progressive distillation (``leandiff compress``)
 resumes to the same weights with nothing corrupt on disk; NaN/Inf in sampling and training is
 caught with its step (and layer) and leaves the last good checkpoint intact; the demo's fast mode
 opens no network connection."""
@@ -52,7 +52,7 @@ def _check_nothing_corrupt(root: Path) -> None:
             load_checkpoint(p.parent)
 
 
-def _kill_and_resume(args, out: Path, seconds_ref: float, seed: int) -> float:
+def _kill_and_resume(args, out: Path, seconds_ref: float, seed: int, resume_flag: tuple = ()) -> float:
     """Start ``leandiff ARGS``, SIGKILL it at a seeded random fraction of the uninterrupted run's
     time, check the disk, then run it again to completion. Returns the kill time."""
     at = random.Random(seed).uniform(0.3, 0.75) * seconds_ref
@@ -73,7 +73,7 @@ def _kill_and_resume(args, out: Path, seconds_ref: float, seed: int) -> float:
     assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill at {at:.1f}s"
     if out.exists():
         _check_nothing_corrupt(out)
-    run_cli(*args, check=True)
+    run_cli(*args, *resume_flag, check=True)
     return at
 
 
@@ -98,6 +98,19 @@ def test_sigkilled_compress_resumes_to_identical_weights(folder_ckpt, tmp_path, 
     assert _weights(run) == _weights(ref), f"killed at {at:.1f}s of {seconds:.1f}s"
     assert load_checkpoint(run).lineage[-1]["recipe"] == load_checkpoint(ref).lineage[-1]["recipe"]
     assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+    _check_nothing_corrupt(run)
+
+
+def test_sigkilled_training_at_a_random_point_resumes_to_identical_weights(image_folder, tiny_model_json, tmp_path):
+    def args(out):
+        return ["train", "--dataset", f"folder:{image_folder}", "--model", tiny_model_json, "--steps", 80,
+                "--batch-size", 8, "--checkpoint-every", 7, "--sample-every", 0, "--warmup", 5, "--seed", 4,
+                "--out", out]
+
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    seconds = _timed(args(ref))
+    at = _kill_and_resume(args(run), run, seconds, seed=11, resume_flag=("--resume",))
+    assert _weights(run) == _weights(ref), f"killed at {at:.1f}s of {seconds:.1f}s"
     _check_nothing_corrupt(run)
 
 
