@@ -85,6 +85,29 @@ def latency_table(paths: dict[str, Path], out: Path) -> dict:
     return rec
 
 
+def eps_mse_by_t(paths: dict[str, Path], ts=(0, 50, 200, 500, 800, 999), n: int = 256) -> dict:
+    """ε-MSE of each network at fixed timesteps on the first n test images (one fixed noise draw):
+    where in t a pruned / fine-tuned network lost its accuracy."""
+    import torch
+
+    from leandiff.data import load_dataset
+    from leandiff.schedule import q_sample
+
+    x0 = load_dataset("mnist", "test", None, shape=(1, 28, 28)).images[:n].float()
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    rec = {}
+    for name, path in paths.items():
+        ck = load_checkpoint(path)
+        d = ck.denoiser()
+        rec[name] = {}
+        for t in ts:
+            tt = torch.full((n,), t)
+            with torch.no_grad():
+                out = d(q_sample(ck.schedule, x0, tt, noise), tt)
+            rec[name][str(t)] = float(((out - noise) ** 2).mean())
+    return rec
+
+
 def _f(v, fmt="{:.3f}"):
     return "—" if v is None else fmt.format(v)
 
@@ -160,10 +183,19 @@ def report(a, out: Path, base, models: dict, done: dict, t_start: float):
     if "u-l1-0.5" in models:
         lat_nets["unstructured-l1-0.5"] = models["u-l1-0.5"]
     lat = latency_table(lat_nets, out)
-    write_report(a, out, done, lat, time.perf_counter() - t_start)
+    mse_nets = {"base": base.path}
+    for ratio in RATIOS:
+        for suffix in ("", "-ft"):
+            if f"s-magnitude-{ratio}{suffix}" in models:
+                mse_nets[f"s-magnitude-{ratio}{suffix}"] = models[f"s-magnitude-{ratio}{suffix}"]
+    for m in STRUCTURED:
+        if f"s-{m}-0.3-ft" in models:
+            mse_nets[f"s-{m}-0.3-ft"] = models[f"s-{m}-0.3-ft"]
+    mse = eps_mse_by_t(mse_nets)
+    write_report(a, out, done, lat, time.perf_counter() - t_start, mse)
 
 
-def write_report(a, out: Path, done: dict, lat: dict, seconds: float):
+def write_report(a, out: Path, done: dict, lat: dict, seconds: float, mse: dict):
     base = done["base"]
     fid0, mac0, par0 = base["quality"]["fid_dom"], base["cost"]["macs_per_image"], base["cost"]["params"]
     fid0_pre = done["base-pre"]["quality"]["fid_dom"] if "base-pre" in done else float("nan")
@@ -230,6 +262,12 @@ def write_report(a, out: Path, done: dict, lat: dict, seconds: float):
               "| network | b1 | b16 | b64 |", "|---|---|---|---|"]
     for k, v in lat.items():
         lines.append(f"| {k} | {v['1']:.2f} | {v['16']:.2f} | {v['64']:.2f} |")
+    ts = list(next(iter(mse.values())))
+    lines += ["", "### ε-MSE by timestep (256 test images, one noise draw): where the accuracy went", "",
+              "| network | " + " | ".join(f"t={t}" for t in ts) + " |", "|---|" + "---|" * len(ts)]
+    for k, v in mse.items():
+        lines.append(f"| {k} | " + " | ".join(f"{v[t]:.4f}" for t in ts) + " |")
+    rec["eps_mse_by_t"] = mse
     lines += ["", "### Targets and verdicts (computed from the rows above)", ""]
     rec["targets"] = {}
     for label, e in rec["structured"].items():
