@@ -48,6 +48,7 @@ def recipes(a) -> dict[str, str]:
     return {
         "pd": pd,
         "kd-s2": f"kd(s=2,kd_frac=0.7,steps={a.kd_steps},batch_size={a.batch})",
+        "kd-s2-long": f"kd(s=2,kd_frac=0.7,steps={a.kd_long_steps},batch_size={a.batch},lr=1e-3,schedule=cosine)",
         "lowrank-r2": "lowrank(r=2)",
         "lowrank-r2-kd": f"lowrank(r=2) > kd(s=1,kd_frac=0.7,steps={a.lr_steps},batch_size={a.batch},lr=2e-4)",
         "lora-r2": f"lora(r=2,steps={a.lr_steps},batch_size={a.batch},merge=false)",
@@ -199,6 +200,7 @@ def main(argv=None):
     p.add_argument("--os-steps", type=int, default=300)
     p.add_argument("--pairs", type=int, default=1024)
     p.add_argument("--kd-steps", type=int, default=400)
+    p.add_argument("--kd-long-steps", type=int, default=1200)
     p.add_argument("--lr-steps", type=int, default=250)
     p.add_argument("--report-only", action="store_true", help="write the results from the rows done so far")
     a = p.parse_args(argv)
@@ -230,7 +232,7 @@ def main(argv=None):
                 False, clf)
         # 3. KD / low-rank / LoRA under the common protocol.
         paths = make_models(a, base, out)
-        for name in ("kd-s2", "lowrank-r2", "lowrank-r2-kd", "lora-r2"):
+        for name in ("kd-s2", "lowrank-r2", "lowrank-r2-kd", "lora-r2", "kd-s2-long"):
             ck = load_checkpoint(paths[name])
             extra = {}
             if name == "lora-r2":
@@ -243,7 +245,9 @@ def write_report(a, out: Path, done: dict, seconds: float):
     pd_md, pd_rec = pd_table(done, a, a.n)
     pd2_md, pd2_rec = pd_table(done, a, a.n_target)
     kd_md, kd_rec = compression_table(done, [("base", "base mnist-tiny (16, 32, 80)"),
-                                             ("kd-s2", "KD(BM, s=2): student (8, 16, 40)")], a.n)
+                                             ("kd-s2", "KD(BM, s=2): student (8, 16, 40), 400 updates"),
+                                             ("kd-s2-long", f"KD(BM, s=2), {a.kd_long_steps} updates, lr 1e-3 cosine")],
+                                       a.n)
     lr_md, lr_rec = compression_table(done, [("base", "base"), ("lowrank-r2", "LowRank(BM, r=2), no fine-tune"),
                                              ("lowrank-r2-kd", "KD(BM, LowRank(BM, r=2))"),
                                              ("lora-r2", "LoRA(BM, r=2), adapters unmerged")], a.n)
@@ -324,7 +328,7 @@ LoRA adds adapters to a frozen base: it trains few parameters but ships more (un
 
 - PD from {a.pd_from} DDIM steps (the paper starts at 8192 with 50k updates per round); {a.pd_steps} updates × batch
   {a.batch} per round; ε→v conversion {a.convert_steps} updates.
-- KD student s=2 only ({a.kd_steps} updates × {a.batch}); s=4 not run. Low-rank r=2 only, fine-tune {a.lr_steps} updates;
+- KD student s=2 only ({a.kd_steps} and {a.kd_long_steps} updates × {a.batch}; the teacher had 4000 × 128); s=4 not run. Low-rank r=2 only, fine-tune {a.lr_steps} updates;
   LoRA r=2 {a.lr_steps} updates; one-shot {a.os_steps} updates on {a.pairs} teacher pairs.
 - DDPM-1000 reference taken from the model card (N=2048), not re-measured.
 
