@@ -238,7 +238,41 @@ def main(argv=None):
             if name == "lora-r2":
                 extra["trainable_params"] = ck.meta.get("lora", {}).get("trainable_params")
             run_row(rows_path, done, name, ck, "dpmpp-2m-sde", 20, "leading", a.n, True, clf, extra)
+        alternating_latency(out, base, paths)
     write_report(a, out, done, time.perf_counter() - t_all)
+
+
+LAT_MODELS = ("kd-s2", "lowrank-r2", "lora-r2")  # the fine-tuned low-rank net has the same shapes
+
+
+def alternating_latency(out: Path, base, paths: dict) -> dict:
+    """Per-evaluation latency of the base and every compressed network in the *same* alternating
+    rounds (the per-row latencies were measured minutes apart on a shared machine)."""
+    from leandiff.cost import measure_latency
+    from leandiff.io import write_json
+    from leandiff.models import image_shape
+
+    f = out / "latency_alternating.json"
+    if f.is_file():
+        return json.loads(f.read_text())
+    nets = {"base": base.net.eval()}
+    nets.update({n: load_checkpoint(paths[n]).net.eval() for n in LAT_MODELS if n in paths})
+    res = measure_latency(nets, image_shape(base.arch), LatencyConfig(rounds=7))
+    res = {n: {str(b): v for b, v in d.items()} for n, d in res.items()}
+    write_json(f, res)
+    return res
+
+
+def latency_table(out: Path) -> str:
+    f = out / "latency_alternating.json"
+    if not f.is_file():
+        return "(not measured)"
+    res = json.loads(f.read_text())
+    lines = ["| network | ms/eval b1 | b16 | b64 | b64 ÷ base |", "|---|---|---|---|---|"]
+    for n, d in res.items():
+        lines.append(f"| {n} | {d['1']['median_ms']:.2f} | {d['16']['median_ms']:.2f} | {d['64']['median_ms']:.2f} | "
+                     f"{d['64']['median_ms'] / res['base']['64']['median_ms']:.2f}× |")
+    return "\n".join(lines)
 
 
 def write_report(a, out: Path, done: dict, seconds: float):
@@ -323,6 +357,14 @@ LoRA adds adapters to a frozen base: it trains few parameters but ships more (un
 ## Combinations (shape of L-Diff Table 6)
 
 {combo_md}
+
+## Latency in alternating rounds
+
+The ms columns above come from each row's own measurement, taken minutes apart while other jobs shared
+the 2 cores; these are all the networks timed in the same 7 alternating rounds (median ms per
+evaluation, fp32 eager, one thread):
+
+{latency_table(out)}
 
 ## What was cut (CPU budget, about 35 min single thread)
 
