@@ -70,6 +70,10 @@ def register_runtime(name: str, fn: Runtime, description: str | None = None) -> 
 
 
 def get_runtime(name: str) -> Runtime:
+    if name not in RUNTIMES:
+        from .recipe import _load_steps
+
+        _load_steps()  # the compression modules register their runtimes (ort, ort-int8, fake-quant, ...) on import
     try:
         return RUNTIMES[name]
     except KeyError:

@@ -1,0 +1,196 @@
+"""The deployment path: ONNX export and runtimes that really run faster (or not — measure).
+
+- :func:`export_onnx` writes the network as ONNX (inputs ``x`` [B, C, H, W], ``t`` [B]; dynamic batch).
+- runtime ``ort``: ONNX Runtime fp32.
+- runtime ``ort-int8``: ONNX Runtime with real int8 kernels, from ``quantize_static`` (QDQ format,
+  QUInt8 activations, per-channel QInt8 weights, op types Conv/MatMul/Gemm only — the settings
+  measured fastest on these machines, see DESIGN.md), calibrated by any collector of
+  :mod:`leandiff.compress.quant`.
+- runtime ``compile``: ``torch.compile`` of the eager fp32 network.
+
+ONNX files are side files of the checkpoint directory (``model.onnx``, ``model.int8.onnx``); when a
+checkpoint has none, the runtimes export (and, for int8, calibrate with the ``uniform`` collector)
+on the fly into a cache directory keyed by the weights hash. ONNX Runtime uses as many threads as
+torch (``torch.get_num_threads()``), so ``OMP_NUM_THREADS=1`` comparisons are fair.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..denoiser import Denoiser, call_network
+from ..errors import UserError
+from ..runtime import register_runtime
+
+FP32_NAME = "model.onnx"
+INT8_NAME = "model.int8.onnx"
+CACHE = Path(os.environ.get("LEANDIFF_CACHE", Path(tempfile.gettempdir()) / "leandiff-onnx"))
+
+
+class _Plain(nn.Module):
+    """(x, t) -> tensor (no diffusers output object), t as a float vector."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, t):
+        return call_network(self.net, x, t)
+
+
+def export_onnx(ckpt, out: str | Path, opset: int = 17) -> Path:
+    """Write the checkpoint's network as ONNX with a dynamic batch dimension."""
+    from ..models import image_shape
+    from .quant import QuantLayer
+
+    if any(isinstance(m, QuantLayer) for m in ckpt.net.modules()):
+        raise UserError("export: fake-quant checkpoints are simulations; export the full-precision checkpoint "
+                        "and use quant(runtime=ort-int8) for real int8")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    x = torch.randn(2, *image_shape(ckpt.arch))
+    t = torch.full((2,), 500.0)
+    tmp = out.with_name(out.name + ".tmp")
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_Plain(copy.deepcopy(ckpt.net).float().eval()), (x, t), str(tmp), input_names=["x", "t"],
+                          output_names=["out"], dynamic_axes={"x": {0: "batch"}, "t": {0: "batch"}, "out": {0: "batch"}},
+                          opset_version=opset, dynamo=False)
+    os.replace(tmp, out)
+    return out
+
+
+class OrtNetwork:
+    """An ONNX Runtime session as a network ``(x, t) -> output`` (torch tensors in and out)."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        n = threads or torch.get_num_threads()
+        so.intra_op_num_threads, so.inter_op_num_threads = n, 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.path = str(path)
+        self.session = ort.InferenceSession(self.path, so, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
+        x = x.detach().float().contiguous()
+        t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x.shape[0]).contiguous()
+        out = self.session.run(None, {"x": x.numpy(), "t": t.numpy()})[0]
+        return torch.from_numpy(out)
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over a calibration set (x_t, t)."""
+
+    def __init__(self, xs: torch.Tensor, ts: torch.Tensor, batch_size: int = 32):
+        self.items = [{"x": xs[i:i + batch_size].numpy().astype(np.float32), "t": ts[i:i + batch_size].numpy().astype(np.float32)}
+                      for i in range(0, xs.shape[0], batch_size)]
+        self.pos = 0
+
+    def get_next(self):
+        if self.pos >= len(self.items):
+            return None
+        self.pos += 1
+        return self.items[self.pos - 1]
+
+    def rewind(self):
+        self.pos = 0
+
+
+def quantize_onnx_int8(fp32: str | Path, out: str | Path, calib: tuple[torch.Tensor, torch.Tensor],
+                       per_channel: bool = True) -> Path:
+    """Static int8: QDQ, QUInt8 activations, QInt8 weights (per channel), Conv/MatMul/Gemm only."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as d:  # quant_pre_process and the calibrator leave files behind
+        cwd = os.getcwd()
+        os.chdir(d)
+        try:
+            pre = Path(d) / "pre.onnx"
+            quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+            tmp = Path(d) / "int8.onnx"
+            quantize_static(str(pre), str(tmp), _Reader(*calib), quant_format=QuantFormat.QDQ,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
+                            op_types_to_quantize=["Conv", "MatMul", "Gemm"], calibrate_method=CalibrationMethod.MinMax)
+        finally:
+            os.chdir(cwd)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out) if tmp.stat().st_dev == out.parent.stat().st_dev else out.write_bytes(tmp.read_bytes())
+    return out
+
+
+def quantize_ort_int8(ckpt, ccfg, out_dir: str | Path, images=None, per_channel: bool = True):
+    """The quant(runtime=ort-int8) step: export, calibrate on collector ``ccfg``, write both ONNX
+    files into ``out_dir``; the returned checkpoint (same weights) records its runtime and calibration."""
+    from dataclasses import asdict
+
+    from ..checkpoint import Checkpoint
+    from ..models import image_shape
+    from .quant import collect
+
+    out_dir = Path(out_dir)
+    fp = ckpt.net.float().eval()
+    calib = collect(Denoiser(fp, ckpt.schedule, ckpt.parameterization), image_shape(ckpt.arch), ccfg, images)
+    fp32 = export_onnx(ckpt, out_dir / FP32_NAME)
+    quantize_onnx_int8(fp32, out_dir / INT8_NAME, calib, per_channel)
+    meta = copy.deepcopy(ckpt.meta)
+    meta["runtime"] = "ort-int8"
+    meta["quant"] = {"mode": "ONNX Runtime static int8 (real int8 kernels)", "w_bits": 8, "a_bits": 8,
+                     "format": "QDQ", "activations": "QUInt8 per tensor", "weights": "QInt8 per channel" if per_channel else "QInt8 per tensor",
+                     "op_types": ["Conv", "MatMul", "Gemm"], "files": [FP32_NAME, INT8_NAME], "calibration": asdict(ccfg)}
+    return Checkpoint(ckpt.net, copy.deepcopy(ckpt.arch), ckpt.schedule, ckpt.parameterization, meta)
+
+
+def _side_file(ckpt, name: str) -> Path | None:
+    if ckpt.path is None:
+        return None
+    p = Path(ckpt.path)
+    p = p / name if p.is_dir() else p.parent / name
+    return p if p.is_file() else None
+
+
+def onnx_file(ckpt, int8: bool) -> Path:
+    """The checkpoint's ONNX side file, else one exported (and calibrated) into the cache."""
+    name = INT8_NAME if int8 else FP32_NAME
+    found = _side_file(ckpt, name)
+    if found is not None:
+        return found
+    d = CACHE / ckpt.hash()
+    if (d / name).is_file():
+        return d / name
+    fp32 = d / FP32_NAME if (d / FP32_NAME).is_file() else export_onnx(ckpt, d / FP32_NAME)
+    if not int8:
+        return fp32
+    from ..models import image_shape
+    from .quant import CalibConfig, collect
+
+    calib = collect(Denoiser(ckpt.net.float().eval(), ckpt.schedule, ckpt.parameterization), image_shape(ckpt.arch),
+                    CalibConfig(collector="uniform", n=128, steps=20))
+    return quantize_onnx_int8(fp32, d / INT8_NAME, calib)
+
+
+def ort_fp32(ckpt) -> OrtNetwork:
+    return OrtNetwork(onnx_file(ckpt, int8=False))
+
+
+def ort_int8(ckpt) -> OrtNetwork:
+    return OrtNetwork(onnx_file(ckpt, int8=True))
+
+
+def compiled(ckpt) -> nn.Module:
+    return torch.compile(_Plain(ckpt.net.float().eval()))
+
+
+register_runtime("ort", ort_fp32, "ONNX Runtime fp32 (CPU)")
+register_runtime("ort-int8", ort_int8, "ONNX Runtime static int8 (QDQ, real int8 kernels)")
+register_runtime("compile", compiled, "torch.compile, fp32 (compiles per input shape)")
