@@ -248,5 +248,16 @@ main.add_command(bench)
 main.add_command(report)
 
 
+@main.command("export")
+@click.argument("ckpt")
+@click.option("--onnx", "onnx_out", required=True, type=click.Path(dir_okay=False), help="output .onnx file (dynamic batch)")
+def export_cmd(ckpt, onnx_out):
+    """Export a checkpoint's network to ONNX (issue 6: quantization / deployment)."""
+    from .checkpoint import load_checkpoint
+    from .compress.onnx import export_onnx
+
+    click.echo(f"{export_onnx(load_checkpoint(ckpt), onnx_out)}: inputs x [B,C,H,W], t [B]; output [B,C,H,W]")
+
+
 if __name__ == "__main__":
     main()

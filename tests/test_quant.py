@@ -1,0 +1,248 @@
+"""Quantization: fake-quant error bounds, W8A8 fidelity, calibration collectors' timestep
+distributions, ONNX export equivalence, the ort-int8 runtime inside every solver, checkpoints that
+know their runtime and reload from data."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from leandiff.checkpoint import load_checkpoint, save_checkpoint
+from leandiff.compress import quant as Q
+from leandiff.compress.onnx import OrtNetwork, export_onnx, quantize_ort_int8
+from leandiff.errors import UserError
+from leandiff.models import image_shape
+from leandiff.sample import SampleConfig, sample_all
+from leandiff.solvers import SOLVERS, nfe_per_step
+
+from conftest import run_cli
+
+
+def _cos(a, b):
+    return torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+
+
+# --- the quantizer -----------------------------------------------------------------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.integers(2, 16), lo=st.floats(-50, 0), width=st.floats(1e-3, 100), seed=st.integers(0, 2 ** 16))
+def test_quantize_dequantize_error_at_most_half_step(bits, lo, width, seed):
+    x = lo + width * torch.rand(500, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    s, z = Q.affine_params(torch.tensor(lo, dtype=torch.float64), torch.tensor(lo + width, dtype=torch.float64), bits)
+    err = (Q.fake_quant(x, s, z, *Q.int_range(bits, False)) - x).abs()
+    assert (err <= s / 2 + 1e-9 * (1 + x.abs())).all()
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_weight_quant_error_at_most_half_step_per_channel(bits, per_channel):
+    w = torch.randn(16, 8, 3, 3, generator=torch.Generator().manual_seed(bits)) * torch.linspace(0.01, 3, 16)[:, None, None, None]
+    s = Q.weight_scale(w, bits, per_channel, "minmax")
+    assert s.numel() == (16 if per_channel else 1)
+    sb = s.reshape(-1, 1, 1, 1)
+    wq = Q.fake_quant(w, sb, 0.0, *Q.int_range(bits, True))
+    assert ((wq - w).abs() <= sb / 2 + 1e-7).all()
+    assert len(torch.unique(torch.round(wq / sb))) <= 2 ** bits
+
+
+def test_mse_observer_never_worse_than_minmax():
+    v = torch.randn(20000, generator=torch.Generator().manual_seed(0)) ** 3  # heavy tails
+    def err(lo, hi):
+        s, z = Q.affine_params(lo, hi, 4)
+        return (Q.fake_quant(v, s, z, *Q.int_range(4, False)) - v).pow(2).mean()
+    assert err(*Q.OBSERVERS["mse"](v, 4)) <= err(*Q.OBSERVERS["minmax"](v, 4))
+
+
+def test_config_errors_are_user_errors():
+    with pytest.raises(UserError, match="w must be 2..8"):
+        Q.QuantConfig(w_bits=9)
+    with pytest.raises(UserError, match="a must be 4..16"):
+        Q.QuantConfig(a_bits=3)
+    with pytest.raises(UserError, match="unknown observer"):
+        Q.QuantConfig(observer="nope")
+
+
+# --- fake quantization of a network --------------------------------------------------------------------------------
+
+CALIB = Q.CalibConfig(collector="uniform", n=32, steps=4, batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from leandiff.checkpoint import Checkpoint
+    from leandiff.models import build_network
+    from leandiff.schedule import Schedule
+
+    from conftest import TINY_UNET
+    arch = {"type": "diffusers.UNet2DModel", "config": dict(TINY_UNET)}
+    torch.manual_seed(0)
+    return Checkpoint(net=build_network(arch).eval(), arch=arch, schedule=Schedule("linear"), meta={"dataset": "test"})
+
+
+@pytest.mark.parametrize("t_groups", [1, 4])
+def test_w8a8_fake_quant_close_to_fp32(tiny, t_groups):
+    q = Q.fake_quantize(tiny, Q.QuantConfig(w_bits=8, a_bits=8, t_groups=t_groups), CALIB)
+    x, t = Q.collect(tiny.denoiser(), image_shape(tiny.arch), Q.CalibConfig(collector="uniform", n=16, steps=4, seed=1))
+    with torch.no_grad():
+        ref, out = tiny.net(x, t).sample, q.net(x, t).sample
+    assert _cos(ref, out) >= 0.99
+    assert not torch.equal(ref, out)  # it did quantize
+    layers = [m for m in q.net.modules() if isinstance(m, Q.QuantLayer)]
+    assert layers and all(m.a_scale.numel() == t_groups for m in layers)
+    assert q.meta["runtime"] == "fake-quant" and "simulation" in q.meta["quant"]["mode"]
+    # kept in full precision by default
+    assert not isinstance(q.net.conv_in, Q.QuantLayer) and not isinstance(q.net.conv_out, Q.QuantLayer)
+    assert not any(isinstance(m, Q.QuantLayer) for m in q.net.time_embedding.modules())
+    if t_groups > 1:  # activation range drifts with t: the groups' scales are not all equal
+        assert any(len(set(m.a_scale.tolist())) > 1 for m in layers)
+
+
+def test_w4_worse_than_w8(tiny):
+    x, t = Q.collect(tiny.denoiser(), image_shape(tiny.arch), CALIB)
+    with torch.no_grad():
+        ref = tiny.net(x, t).sample
+        errs = {w: (Q.fake_quantize(tiny, Q.QuantConfig(w_bits=w), CALIB).net(x, t).sample - ref).pow(2).mean() for w in (4, 8)}
+    assert errs[4] > errs[8]
+
+
+def test_fake_quant_checkpoint_reloads_from_data(tiny, tmp_path):
+    q = Q.fake_quantize(tiny, Q.QuantConfig(w_bits=4, t_groups=2, observer="percentile"), CALIB)
+    save_checkpoint(q, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["leandiff.json", "model.safetensors"]
+    meta = json.loads((tmp_path / "leandiff.json").read_text())
+    assert meta["architecture"]["surgery"][-1]["kind"] == "quant"
+    assert meta["quant"]["calibration"]["collector"] == "uniform"
+    r = load_checkpoint(tmp_path)
+    x, t = torch.randn(3, 1, 16, 16), torch.tensor([10.0, 500.0, 900.0])
+    with torch.no_grad():
+        assert torch.equal(r.net(x, t).sample, q.net(x, t).sample)
+    assert r.sampling_defaults()[2] == "fake-quant"
+
+
+# --- collectors ------------------------------------------------------------------------------------------------------
+
+def _ddim_grid(ck, steps):
+    from leandiff.sample import solver_timesteps
+    return solver_timesteps(ck.denoiser(), SampleConfig(solver="ddim", nfe=steps))
+
+
+def test_qdiff_takes_every_cth_step_equally(tiny):
+    cfg = Q.CalibConfig(collector="qdiff", n=40, steps=10, interval=3)
+    x, t = Q.collect(tiny.denoiser(), image_shape(tiny.arch), cfg)
+    grid = _ddim_grid(tiny, 10)
+    want = sorted(float(grid[i]) for i in range(0, 10, 3))
+    counts = {v: int((t == v).sum()) for v in t.unique().tolist()}
+    assert sorted(counts) == want
+    assert set(counts.values()) == {40 // 4}
+    assert x.shape == (40, 1, 16, 16) and torch.isfinite(x).all()
+
+
+def test_uniform_spreads_over_the_trajectory(tiny):
+    x, t = Q.collect(tiny.denoiser(), image_shape(tiny.arch), Q.CalibConfig(collector="uniform", n=400, steps=4))
+    grid = [float(v) for v in _ddim_grid(tiny, 4)]
+    counts = torch.tensor([int((t == v).sum()) for v in grid], dtype=torch.float)
+    assert counts.sum() == 400
+    chi2 = ((counts - 100) ** 2 / 100).sum().item()
+    assert chi2 < 16.3  # χ²(3) 0.999 quantile
+
+
+def test_ndtc_timesteps_follow_floored_clamped_normal():
+    T, cfg = 1000, Q.CalibConfig(collector="ndtc", n=20000, mu=0.4, sigma=0.2)
+    t = Q.ndtc_timesteps(T, cfg, torch.Generator().manual_seed(0))
+    assert t.min() >= 0 and t.max() <= T - 1 and torch.equal(t, t.floor())
+    mu, sd = 0.4 * T, 0.2 * T
+    for k in (100, 250, 400, 550, 700):  # P(floor(t) <= k) = Φ((k + 1 − μ)/σ)
+        want = 0.5 * (1 + math.erf((k + 1 - mu) / (sd * math.sqrt(2))))
+        assert abs((t <= k).float().mean().item() - want) < 0.015
+
+
+def test_ndtc_denoises_down_to_its_own_timestep(tiny):
+    cfg = Q.CalibConfig(collector="ndtc", n=24, steps=3, mu=0.5, sigma=0.3)
+    x, t = Q.collect(tiny.denoiser(), image_shape(tiny.arch), cfg)
+    torch.testing.assert_close(t, Q.ndtc_timesteps(tiny.schedule.T, cfg, torch.Generator().manual_seed(cfg.seed)))
+    assert x.shape == (24, 1, 16, 16) and torch.isfinite(x).all()
+    assert len(t.unique()) > 5
+
+
+def test_unknown_collector_and_real_without_data(tiny):
+    with pytest.raises(UserError, match="unknown calibration collector"):
+        Q.collect(tiny.denoiser(), (1, 16, 16), Q.CalibConfig(collector="nope"))
+    with pytest.raises(UserError, match="needs training images"):
+        Q.collect(tiny.denoiser(), (1, 16, 16), Q.CalibConfig(collector="real"))
+
+
+# --- ONNX Runtime ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def int8_dir(tiny, tmp_path_factory):
+    d = tmp_path_factory.mktemp("ort")
+    # A random network's own trajectories explode (|x| ~ 100); noised synthetic images keep x_t in the
+    # range the test feeds, so the int8 graph is compared where it was calibrated.
+    ck = quantize_ort_int8(tiny, Q.CalibConfig(collector="real", n=64), d, images=_images())
+    save_checkpoint(ck, d)
+    return d
+
+
+def _images(seed=0):
+    return torch.rand(64, 1, 16, 16, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_ort_fp32_equals_torch(tiny, tmp_path):
+    p = export_onnx(tiny, tmp_path / "m.onnx")
+    x, t = torch.randn(5, 1, 16, 16), torch.tensor([0.0, 10.0, 250.5, 600.0, 999.0])
+    with torch.no_grad():
+        ref = tiny.net(x, t).sample
+    torch.testing.assert_close(OrtNetwork(p)(x, t), ref, atol=1e-4, rtol=0)
+
+
+def test_ort_int8_checkpoint_knows_runtime_and_calibration(int8_dir):
+    ck = load_checkpoint(int8_dir)
+    assert ck.meta["runtime"] == "ort-int8" and ck.sampling_defaults()[2] == "ort-int8"
+    assert ck.meta["quant"]["calibration"]["collector"] == "real"
+    assert (int8_dir / "model.int8.onnx").is_file()
+    net = __import__("leandiff.runtime", fromlist=["x"]).runtime_network(ck, "ort-int8")
+    assert net.path.endswith("model.int8.onnx")
+    x, t = Q.collect(ck.denoiser(), (1, 16, 16), Q.CalibConfig(collector="real", n=16, seed=1), _images(1))
+    with torch.no_grad():
+        assert _cos(net(x, t), ck.net(x, t).sample) > 0.9
+
+
+@pytest.mark.parametrize("solver", sorted(SOLVERS))
+def test_ort_int8_runs_inside_every_solver(int8_dir, solver):
+    from leandiff.runtime import runtime_denoiser
+
+    d = runtime_denoiser(load_checkpoint(int8_dir), "ort-int8")
+    nfe = nfe_per_step(solver) * 3
+    out = sample_all(d, (1, 16, 16), SampleConfig(solver=solver, nfe=nfe, n=3, batch_size=3))
+    assert out.shape == (3, 1, 16, 16) and torch.isfinite(out).all()
+    assert d.nfe > 0
+
+
+def test_dynamic_int8_runtime_runs(tiny):
+    from leandiff.runtime import runtime_network
+
+    net = runtime_network(tiny, "dynamic-int8")
+    x, t = torch.randn(2, 1, 16, 16), torch.full((2,), 100.0)
+    with torch.no_grad():
+        assert _cos(net(x, t).sample, tiny.net(x, t).sample) > 0.99
+
+
+# --- CLI -------------------------------------------------------------------------------------------------------------
+
+def test_cli_export_and_compress_quant(tiny, tmp_path):
+    save_checkpoint(tiny, tmp_path / "base")
+    r = run_cli("export", str(tmp_path / "base"), "--onnx", str(tmp_path / "m.onnx"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "m.onnx").stat().st_size > 0
+    r = run_cli("compress", str(tmp_path / "base"), "--recipe",
+                "quant(w=8,a=8,calib=qdiff,runtime=ort-int8,n=16,steps=4,interval=2)", "--out", str(tmp_path / "q"))
+    assert r.returncode == 0, r.stderr
+    assert "ort-int8" in r.stdout
+    ck = load_checkpoint(tmp_path / "q")
+    assert ck.meta["runtime"] == "ort-int8" and (tmp_path / "q" / "model.int8.onnx").is_file()
+    r = run_cli("compress", str(tmp_path / "base"), "--recipe", "quant(w=9)", "--out", str(tmp_path / "bad"))
+    assert r.returncode == 2 and "w must be 2..8" in r.stderr
