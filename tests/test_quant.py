@@ -204,6 +204,12 @@ def test_ort_int8_checkpoint_knows_runtime_and_calibration(int8_dir):
     assert ck.meta["runtime"] == "ort-int8" and ck.sampling_defaults()[2] == "ort-int8"
     assert ck.meta["quant"]["calibration"]["collector"] == "real"
     assert (int8_dir / "model.int8.onnx").is_file()
+    import onnx  # conv_in / conv_out / time MLP stay fp32 (keep_first_last, keep_time): no quantized weight feeds them
+    g = onnx.load(str(int8_dir / "model.int8.onnx")).graph
+    dq_out = {o for n in g.node if n.op_type == "DequantizeLinear" for o in n.output}
+    kept = [n for n in g.node if n.op_type in ("Conv", "Gemm") and ("conv_out" in n.name or "time_embedding" in n.name)]
+    assert kept and not any(len(n.input) > 1 and n.input[1] in dq_out for n in kept)
+    assert any(len(n.input) > 1 and n.input[1] in dq_out for n in g.node if n.op_type == "Conv")
     net = __import__("leandiff.runtime", fromlist=["x"]).runtime_network(ck, "ort-int8")
     assert net.path.endswith("model.int8.onnx")
     x, t = Q.collect(ck.denoiser(), (1, 16, 16), Q.CalibConfig(collector="real", n=16, seed=1), _images(1))

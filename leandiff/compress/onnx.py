@@ -105,9 +105,21 @@ class _Reader:
         self.pos = 0
 
 
+def excluded_nodes(model_path: str | Path, keep_first_last: bool, keep_time: bool) -> list[str]:
+    """Names of the Conv/Gemm/MatMul nodes kept in fp32: conv_in/conv_out and the time-embedding MLP,
+    as the fake-quant path keeps them (the UNet's output ε̂ is multiplied by σ/α in x̂₀ at high t, so
+    an 8-bit grid on it is costly)."""
+    import onnx
+
+    keep = (("/conv_in/", "/conv_out/") if keep_first_last else ()) + (("/time_embedding/",) if keep_time else ())
+    return [n.name for n in onnx.load(str(model_path)).graph.node
+            if n.op_type in ("Conv", "Gemm", "MatMul") and any(k in n.name for k in keep)]
+
+
 def quantize_onnx_int8(fp32: str | Path, out: str | Path, calib: tuple[torch.Tensor, torch.Tensor],
-                       per_channel: bool = True) -> Path:
-    """Static int8: QDQ, QUInt8 activations, QInt8 weights (per channel), Conv/MatMul/Gemm only."""
+                       per_channel: bool = True, keep_first_last: bool = True, keep_time: bool = True) -> Path:
+    """Static int8: QDQ, QUInt8 activations, QInt8 weights (per channel), Conv/MatMul/Gemm only;
+    first/last convolutions and the time embedding optionally kept in fp32."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -121,7 +133,8 @@ def quantize_onnx_int8(fp32: str | Path, out: str | Path, calib: tuple[torch.Ten
             tmp = Path(d) / "int8.onnx"
             quantize_static(str(pre), str(tmp), _Reader(*calib), quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
-                            op_types_to_quantize=["Conv", "MatMul", "Gemm"], calibrate_method=CalibrationMethod.MinMax)
+                            op_types_to_quantize=["Conv", "MatMul", "Gemm"], calibrate_method=CalibrationMethod.MinMax,
+                            nodes_to_exclude=excluded_nodes(pre, keep_first_last, keep_time))
         finally:
             os.chdir(cwd)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +142,8 @@ def quantize_onnx_int8(fp32: str | Path, out: str | Path, calib: tuple[torch.Ten
     return out
 
 
-def quantize_ort_int8(ckpt, ccfg, out_dir: str | Path, images=None, per_channel: bool = True):
+def quantize_ort_int8(ckpt, ccfg, out_dir: str | Path, images=None, per_channel: bool = True,
+                      keep_first_last: bool = True, keep_time: bool = True):
     """The quant(runtime=ort-int8) step: export, calibrate on collector ``ccfg``, write both ONNX
     files into ``out_dir``; the returned checkpoint (same weights) records its runtime and calibration."""
     from dataclasses import asdict
@@ -142,12 +156,13 @@ def quantize_ort_int8(ckpt, ccfg, out_dir: str | Path, images=None, per_channel:
     fp = ckpt.net.float().eval()
     calib = collect(Denoiser(fp, ckpt.schedule, ckpt.parameterization), image_shape(ckpt.arch), ccfg, images)
     fp32 = export_onnx(ckpt, out_dir / FP32_NAME)
-    quantize_onnx_int8(fp32, out_dir / INT8_NAME, calib, per_channel)
+    quantize_onnx_int8(fp32, out_dir / INT8_NAME, calib, per_channel, keep_first_last, keep_time)
     meta = copy.deepcopy(ckpt.meta)
     meta["runtime"] = "ort-int8"
     meta["quant"] = {"mode": "ONNX Runtime static int8 (real int8 kernels)", "w_bits": 8, "a_bits": 8,
                      "format": "QDQ", "activations": "QUInt8 per tensor", "weights": "QInt8 per channel" if per_channel else "QInt8 per tensor",
-                     "op_types": ["Conv", "MatMul", "Gemm"], "files": [FP32_NAME, INT8_NAME], "calibration": asdict(ccfg)}
+                     "op_types": ["Conv", "MatMul", "Gemm"],
+                     "keep_first_last": keep_first_last, "keep_time": keep_time, "files": [FP32_NAME, INT8_NAME], "calibration": asdict(ccfg)}
     return Checkpoint(ckpt.net, copy.deepcopy(ckpt.arch), ckpt.schedule, ckpt.parameterization, meta)
 
 

@@ -448,7 +448,8 @@ def quant_step(ckpt, args, ctx):
         if (args["w"], args["a"]) != (8, 8) or args["t_groups"] != 1:
             raise UserError("quant: runtime=ort-int8 is W8A8 with one activation scale (t_groups=1)")
         from .onnx import quantize_ort_int8
-        return quantize_ort_int8(ckpt, ccfg, ctx.step_dir, images=images, per_channel=args["per_channel"])
+        return quantize_ort_int8(ckpt, ccfg, ctx.step_dir, images=images, per_channel=args["per_channel"],
+                                 keep_first_last=args["keep_first_last"], keep_time=args["keep_time"])
     qcfg = QuantConfig(w_bits=args["w"], a_bits=args["a"], per_channel=args["per_channel"], observer=args["observer"],
                        w_observer=args["w_observer"], keep_first_last=args["keep_first_last"],
                        keep_time=args["keep_time"], t_groups=args["t_groups"])
