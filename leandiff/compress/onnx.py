@@ -123,7 +123,7 @@ def quantize_onnx_int8(fp32: str | Path, out: str | Path, calib: tuple[torch.Ten
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    out = Path(out)
+    fp32, out = Path(fp32).resolve(), Path(out).resolve()  # absolute: the work below runs in a temp dir
     with tempfile.TemporaryDirectory() as d:  # quant_pre_process and the calibrator leave files behind
         cwd = os.getcwd()
         os.chdir(d)
