@@ -259,5 +259,16 @@ def export_cmd(ckpt, onnx_out):
     click.echo(f"{export_onnx(load_checkpoint(ckpt), onnx_out)}: inputs x [B,C,H,W], t [B]; output [B,C,H,W]")
 
 
+@main.command("study")
+@click.argument("study_toml", type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="study directory (results.jsonl, ckpts/, report/)")
+def study_cmd(study_toml, out_dir):
+    """Run a study grid (issue 9): cells appended to OUT/results.jsonl, resumable; report + findings at the end."""
+    from .study import load_study, run_study
+
+    run_study(load_study(study_toml), out_dir, progress=False, log=click.echo)
+    click.echo(f"{out_dir}/report/index.html, {out_dir}/findings.md")
+
+
 if __name__ == "__main__":
     main()
