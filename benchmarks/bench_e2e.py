@@ -1,0 +1,89 @@
+"""End-to-end benchmark (issue 9): images/s of a leandiff combination (checkpoint or base+recipe,
+solver, NFE, runtime) against diffusers' DDPMPipeline at 1000 steps on the same base UNet2DModel.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_e2e.py --solver dpmpp-2m-sde --nfe 10 --runtime bf16
+
+Speed: both generate the same batch (``--batch`` images, one call), timed in alternating rounds
+(``--rounds``, median). Quality: the leandiff combination's FID-dom at N=``--n`` (evaluate_checkpoint);
+the 1000-step DDPM reference FID-dom is taken from the zoo card (N=2048, same classifier), not
+re-measured here (that would need 2048×1000 network evaluations).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_results  # noqa: E402
+
+from leandiff.checkpoint import load_checkpoint  # noqa: E402
+from leandiff.denoiser import Denoiser  # noqa: E402
+from leandiff.evaluate import EvalConfig, evaluate_checkpoint  # noqa: E402
+from leandiff.models import image_shape  # noqa: E402
+from leandiff.runtime import runtime_network  # noqa: E402
+from leandiff.sample import SampleConfig, sample_all  # noqa: E402
+
+DDPM1000_FID_DOM = 0.379  # zoo:mnist-tiny CARD.md, ddpm-1000, N=2048
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ckpt", default="zoo:mnist-tiny", help="the leandiff model (a compressed checkpoint)")
+    ap.add_argument("--base", default="zoo:mnist-tiny", help="the base model whose UNet DDPMPipeline runs")
+    ap.add_argument("--solver", default="dpmpp-2m-sde")
+    ap.add_argument("--nfe", type=int, default=10)
+    ap.add_argument("--runtime", default="bf16")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--n", type=int, default=2048, help="samples for the FID-dom of the leandiff combination")
+    a = ap.parse_args()
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    base, ck = load_checkpoint(a.base), load_checkpoint(a.ckpt)
+    s = base.schedule
+    sched = DDPMScheduler(num_train_timesteps=s.num_timesteps, beta_start=s.beta_start, beta_end=s.beta_end,
+                          beta_schedule="linear" if s.kind == "linear" else "squaredcos_cap_v2",
+                          prediction_type={"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[base.parameterization])
+    pipe = DDPMPipeline(unet=base.net.float().eval(), scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    shape = image_shape(ck.arch)
+    net = runtime_network(ck, a.runtime)
+    cfg = SampleConfig(solver=a.solver, nfe=a.nfe, n=a.batch, seed=0, batch_size=a.batch)
+    t_pipe, t_ours = [], []
+    for _ in range(a.rounds):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            pipe(batch_size=a.batch, num_inference_steps=1000, generator=torch.Generator().manual_seed(0), output_type="np")
+        t_pipe.append(time.perf_counter() - t0)
+        if hasattr(net, "reset"):
+            net.reset()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            sample_all(Denoiser(net, ck.schedule, ck.parameterization), shape, cfg)
+        t_ours.append(time.perf_counter() - t0)
+        print(f"round: DDPMPipeline-1000 {t_pipe[-1]:.1f} s, leandiff {t_ours[-1]:.3f} s ({a.batch} images)", flush=True)
+    ips_pipe, ips_ours = a.batch / statistics.median(t_pipe), a.batch / statistics.median(t_ours)
+    row = evaluate_checkpoint(ck, EvalConfig(solver=a.solver, nfe=a.nfe, n=a.n, seed=0, batch_size=256,
+                                             runtime=a.runtime, latency=None, inception=False))
+    fid = row["quality"]["fid_dom"]
+    ratio, speed = fid / DDPM1000_FID_DOM, ips_ours / ips_pipe
+    md = (f"# End to end ({a.ckpt}, {a.solver}-{a.nfe}, runtime {a.runtime}) vs diffusers DDPMPipeline-1000 on {a.base}\n\n"
+          f"Speed: batch {a.batch}, {a.rounds} alternating rounds, median, OMP_NUM_THREADS=1 on a shared 2-core machine.\n\n"
+          f"| | images/s | FID-dom (N) |\n|---|---|---|\n"
+          f"| diffusers DDPMPipeline, 1000 steps | {ips_pipe:.3f} | {DDPM1000_FID_DOM} (2048, zoo card) |\n"
+          f"| leandiff {a.solver}-{a.nfe} {a.runtime} | {ips_ours:.1f} | {fid:.4f} ({a.n}) |\n\n"
+          f"- Speed-up {speed:.0f}× (target ≥ 500×: {'met' if speed >= 500 else 'NOT met'}); FID-dom ÷ DDPM-1000 "
+          f"{ratio:.3f} (condition ≤ 1.10: {'met' if ratio <= 1.10 else 'NOT met'}).\n")
+    print(md)
+    write_results("e2e", {"images_per_s_pipeline": ips_pipe, "images_per_s_leandiff": ips_ours, "speedup": speed,
+                          "fid_dom": fid, "fid_ratio_vs_ddpm1000_card": ratio, "t_pipe": t_pipe, "t_ours": t_ours,
+                          "settings": vars(a)}, md)
+
+
+if __name__ == "__main__":
+    main()
