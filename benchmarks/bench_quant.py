@@ -184,6 +184,9 @@ def main():
           f"ORT int8 latency is measured on the ndtc-calibrated model (the calibration changes scale values only, not "
           f"the graph). Fake-quant rows are SIMULATIONS in fp32: their latency is shown only to make plain that they are "
           f"slower, never a speed-up.\n\n{table}\n\n" + "\n".join(verdict) + extra_md)
+    notes = Path(__file__).resolve().parent / "results" / "quant_notes.md"
+    if notes.is_file():  # hand-written reading of the last committed run (cuts, noise, conclusions)
+        md += "\n" + notes.read_text()
     print(md)
     write_results("quant", {"rows": rows, "latency": lat, "extra_latency": extra, "verdict": verdict,
                             "settings": vars(a)}, md)
