@@ -71,6 +71,12 @@ class Checkpoint:
                 int(nfe if nfe is not None else rec.get("nfe") or 50),
                 runtime if runtime is not None else (rt if isinstance(rt, str) else None) or "eager")
 
+    def default_spacing(self, spacing: str | None = None) -> str:
+        """Timestep spacing when the user names none: the recorded one (a progressively distilled
+        student is trained on trailing steps and is only right on them), else leading."""
+        rec = self.meta.get("sampler") if isinstance(self.meta.get("sampler"), dict) else {}
+        return spacing if spacing is not None else str(rec.get("spacing") or "leading")
+
     def hash(self) -> str:
         """Short content hash of the weights (sha256 over names, shapes and bytes)."""
         return weights_hash(self.net.state_dict())

@@ -101,7 +101,8 @@ def train(dataset, data_dir, model, init_ckpt, steps, batch_size, lr, warmup, lr
 @click.option("--nfe", type=int, default=None, help="network evaluations per sample (default: the checkpoint's, else 50)")
 @click.option("--runtime", default=None,
               help="eager, bf16, ... (leandiff.runtime.RUNTIMES; default: the checkpoint's, else eager)")
-@click.option("--spacing", default="leading", show_default=True)
+@click.option("--spacing", default=None,
+              help="leading, trailing, quadratic, logsnr (default: the checkpoint's, else leading)")
 @click.option("--eta", type=float, default=None, help="DDIM η (0 deterministic, 1 DDPM-like)")
 @click.option("-n", "n", type=int, default=64, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -121,6 +122,7 @@ def sample(ckpt, solver, nfe, runtime, spacing, eta, n, seed, batch_size, no_cli
 
     ck = load_checkpoint(ckpt)
     solver, nfe, runtime = ck.sampling_defaults(solver, nfe, runtime)
+    spacing = ck.default_spacing(spacing)
     ensure_writable_dir(out)
     opts = {} if eta is None else {"eta": eta}
     cfg = SampleConfig(solver=solver, nfe=nfe, spacing=spacing, n=n, seed=seed, batch_size=batch_size,
@@ -143,6 +145,8 @@ def sample(ckpt, solver, nfe, runtime, spacing, eta, n, seed, batch_size, no_cli
 @click.option("--json", "as_json", is_flag=True, help="print the whole record as JSON")
 def info(ckpt, as_json):
     """Architecture, parameters, MACs per image and lineage of a checkpoint."""
+    import torch
+
     from .checkpoint import load_checkpoint
     from .cost import count_params, macs_per_image
     from .models import image_shape
@@ -157,14 +161,21 @@ def info(ckpt, as_json):
         click.echo(json.dumps(rec, indent=2))
         return
     cfg = ck.arch["config"]
+    channels = cfg.get("block_out_channels")
+    surgery = [s.get("kind", "?") for s in ck.arch.get("surgery", [])]
+    if surgery and hasattr(ck.net, "down_blocks"):  # pruned: the widths the network has now, per block
+        channels = [max((m.out_channels for m in b.modules() if isinstance(m, torch.nn.Conv2d)), default=0)
+                    for b in ck.net.down_blocks]
     click.echo(f"{ck.path}  weights {rec['weights']}")
-    click.echo(f"  network      {ck.arch['type']} channels {cfg.get('block_out_channels')} "
-               f"layers/block {cfg.get('layers_per_block')} image {shape}")
+    click.echo(f"  network      {ck.arch['type']} channels {channels} "
+               f"layers/block {cfg.get('layers_per_block')} image {shape}"
+               + (f"; surgery: {', '.join(surgery)}" if surgery else ""))
     click.echo(f"  parameters   {rec['params']:,} ({rec['params_nonzero']:,} non-zero)")
     click.echo(f"  MACs/image   {rec['macs_per_image'] / 1e9:.4f} G")
     click.echo(f"  schedule     {ck.schedule.kind}, T={ck.schedule.T}; predicts {ck.parameterization}")
     for i, step in enumerate(ck.lineage):
-        click.echo(f"  lineage[{i}]   {step.get('step')} {json.dumps(step.get('settings', {}), sort_keys=True)[:160]}")
+        settings = step.get("settings", step.get("args", {}))  # train records settings, recipe steps args
+        click.echo(f"  lineage[{i}]   {step.get('step')} {json.dumps(settings, sort_keys=True)[:160]}")
 
 
 @main.command()

@@ -159,18 +159,21 @@ class StepSpec:
     params: dict  # name -> default (REQUIRED if it must be given); the default's type is the argument's type
     types: dict  # name -> type or tuple of types; from the defaults unless given
     help: str = ""
+    validate: Callable | None = None  # validate(args) raises UserError on bad values, at parse time
 
 
 STEPS: dict[str, StepSpec] = {}
 
 
-def register_step(name: str, params: dict[str, Any], *, types: dict | None = None, help: str = ""):
+def register_step(name: str, params: dict[str, Any], *, types: dict | None = None, help: str = "",
+                  validate: Callable | None = None):
     """Decorator: register ``fn(ckpt, args, ctx) -> ckpt`` as recipe step ``name``.
 
     ``params`` maps each accepted argument to its default (:data:`REQUIRED` when there is none);
     the argument's type is taken from the default (an int default also accepts nothing but ints;
     a float default accepts ints) unless ``types`` says otherwise. ``fn`` receives ``args`` with
-    every default filled in.
+    every default filled in. ``validate(args)``, when given, checks the values (a method's name,
+    a ratio's range) when the recipe is parsed, so a bad last step fails before the first runs.
     """
     types = dict(types or {})
     for k, d in params.items():
@@ -187,7 +190,8 @@ def register_step(name: str, params: dict[str, Any], *, types: dict | None = Non
     def deco(fn):
         if name in STEPS and STEPS[name].fn is not fn:
             raise ValueError(f"recipe step {name!r} is already registered")
-        STEPS[name] = StepSpec(name, fn, dict(params), types, help or (fn.__doc__ or "").strip().split("\n")[0])
+        STEPS[name] = StepSpec(name, fn, dict(params), types, help or (fn.__doc__ or "").strip().split("\n")[0],
+                               validate)
         return fn
 
     return deco
@@ -231,6 +235,11 @@ def check(steps: list[Step]) -> list[Step]:
             raise RecipeError(f"recipe: step {st.name} (position {st.pos + 1}): missing argument(s) {', '.join(missing)}")
         for k, d in spec.params.items():
             args.setdefault(k, None if d is REQUIRED else d)
+        if spec.validate is not None:
+            try:
+                spec.validate(args)
+            except UserError as e:
+                raise RecipeError(f"recipe: step {st.name} (position {st.pos + 1}): {e}") from None
         out.append(Step(st.name, args, st.pos))
     return out
 

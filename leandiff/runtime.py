@@ -10,6 +10,7 @@ can label speed-ups (and fake-quant simulation, which saves no time) honestly.
 """
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 import torch
@@ -77,7 +78,9 @@ def get_runtime(name: str) -> Runtime:
     try:
         return RUNTIMES[name]
     except KeyError:
-        raise UserError(f"unknown runtime {name!r}; known: {', '.join(sorted(RUNTIMES))}") from None
+        # families registered for k = 1, 2, ... (cache:2, cache-nu:3) are listed once, as NAME:K
+        known = sorted({re.sub(r":\d+$", ":K", n) for n in RUNTIMES})
+        raise UserError(f"unknown runtime {name!r}; known: {', '.join(known)}") from None
 
 
 def runtime_network(ckpt, name: str = "eager") -> Callable:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import Checkpoint, save_checkpoint
+from .checkpoint import META_NAME, Checkpoint, load_checkpoint, save_checkpoint
 from .denoiser import Denoiser
 from .errors import UserError
 from .io import atomic_path, save_grid
@@ -279,10 +279,12 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, init: Checkpoint, images: to
     if world > 1:
         torch.distributed.barrier()
         if rank != 0:  # every rank returns what rank 0 wrote (its metadata included)
-            from .checkpoint import load_checkpoint
-
             ck = load_checkpoint(out_dir)
-    if ck is None:  # resumed a run that had already finished
+    if ck is None and (out_dir / META_NAME).is_file():
+        # resumed a run that had already finished: what it wrote (its train record and lineage
+        # included), not the init's metadata
+        ck = load_checkpoint(out_dir)
+    if ck is None:
         ck = Checkpoint(net=ema, arch=init.arch, schedule=init.schedule,
                         parameterization=init.parameterization, meta=copy.deepcopy(init.meta), path=out_dir)
     net.eval()

@@ -20,7 +20,14 @@ def test_demo_fast_mode_writes_report_with_all_rows(tmp_path):
     assert "report:" in r.stdout
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [(x["protocol"]["solver"], x["protocol"]["nfe_used"], x["protocol"]["runtime"]) for x in rows] == [
-        ("ddim", 4, "eager"), ("dpmpp-2m", 4, "eager"), ("ddim", 4, "bf16")]
+        ("ddim", 4, "eager"), ("dpmpp-2m", 4, "eager"), ("ddim", 4, "bf16"), ("ddim", 4, "ort-int8"),
+        ("ddim", 4, "cache:2")]
+    assert [x["checkpoint"] for x in rows].count("zoo:mnist-tiny > int8") == 1
+    # the caching row prices what it ran: 2 full + 2 shallow evaluations, fewer MACs than the full net
+    cached = rows[-1]["cost"]
+    assert cached["cache_calls"] == {"full": 2, "shallow": 2}
+    assert cached["macs_per_eval_spent"] < 0.8 * cached["macs_per_image"]
+    assert "macs_per_eval_spent" not in rows[0]["cost"]
     assert all(x["protocol"]["n"] == 32 and x["quality"]["fid_dom"] > 0 for x in rows)
     report = out / "report"
     for name in ("index.html", "report.md", "results.csv"):
@@ -31,7 +38,7 @@ def test_demo_fast_mode_writes_report_with_all_rows(tmp_path):
     assert p.refs and all((report / ref).is_file() for ref in p.refs), p.refs
     md = (report / "report.md").read_text()
     assert "model card" in md  # the 1000-step reference row, read from the card and labelled
-    assert md.count("| zoo:mnist-tiny |") == 3
+    assert md.count("| zoo:mnist-tiny |") == 4 and md.count("| zoo:mnist-tiny > int8 |") == 1
     # a rerun resumes: nothing is evaluated twice
     run_cli("demo", "--fast", "--out", out, check=True)
-    assert len((out / "results.jsonl").read_text().splitlines()) == 3
+    assert len((out / "results.jsonl").read_text().splitlines()) == 5

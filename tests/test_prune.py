@@ -230,6 +230,11 @@ def test_issue_recipes_parse_and_bad_ones_fail():
         PruneConfig("magnitude", 1.0)
     with pytest.raises(UserError):
         parse_recipe("prune(ratio=0.5)")  # method is required
+    # bad values fail when the recipe is parsed, before an earlier step has spent its time
+    with pytest.raises(UserError, match=r"step prune \(position 22\): prune: unknown structured method 'foo'"):
+        parse_recipe("finetune(steps=10) > prune(method=foo,ratio=0.3)")
+    with pytest.raises(UserError, match="ratio must be in"):
+        parse_recipe("prune(method=magnitude,ratio=1.5)")
 
 
 def test_prune_then_finetune_recipe(tiny_ckpt, image_folder, tmp_path):

@@ -154,3 +154,24 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
     assert h0 == h1
     # rank 0 wrote the checkpoint, and it trained on both ranks' halves of the batch
     assert load_checkpoint(tmp_path).meta["train"]["world_size"] == 2
+
+
+def test_resuming_a_finished_run_returns_what_it_wrote(tiny_ckpt, tmp_path):
+    import copy
+
+    from leandiff.train import train
+
+    images = torch.rand(8, 1, 16, 16) * 2 - 1
+    cfg = TrainConfig(steps=3, batch_size=4, warmup=1, checkpoint_every=3, sample_every=0)
+    first = train(cfg, tmp_path, init=copy.deepcopy(tiny_ckpt), images=images, progress=False)
+    again = train(cfg, tmp_path, init=copy.deepcopy(tiny_ckpt), images=images, resume=True, progress=False)
+    assert first.meta["train"]["completed_steps"] == 3
+    assert again.meta["train"] == first.meta["train"] and again.lineage == first.lineage
+    assert again.hash() == first.hash()
+
+
+def test_sample_and_eval_default_to_the_recorded_spacing(tiny_ckpt):
+    tiny_ckpt.meta["sampler"] = {"solver": "ddim", "nfe": 2, "spacing": "trailing"}
+    assert tiny_ckpt.default_spacing() == "trailing" and tiny_ckpt.default_spacing("leading") == "leading"
+    del tiny_ckpt.meta["sampler"]
+    assert tiny_ckpt.default_spacing() == "leading"

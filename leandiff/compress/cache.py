@@ -145,6 +145,10 @@ class CachedUNet(nn.Module):
         h = last(f_up, res[:n], emb)
         return self._head(h, t)
 
+    def macs_spent(self, shape: tuple[int, int, int]) -> dict:
+        """MACs per image spent by the calls since ``calls`` was last cleared (the harness's hook)."""
+        return macs_spent(self, shape)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         tv = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
         new_run = (self._cache is None or self._cache.shape[0] != x.shape[0]

@@ -364,12 +364,10 @@ def prune_checkpoint(ckpt: Checkpoint, cfg: PruneConfig, images: torch.Tensor | 
 
 @register_step("prune", {"method": REQUIRED, "ratio": REQUIRED, "structured": True, "norm": 2, "threshold": 0.05,
                          "batch_size": 32, "t_stride": 1, "include_time": False},
-               types={"method": str, "ratio": (int, float)})
+               types={"method": str, "ratio": (int, float)}, validate=lambda args: _step_config(args, 0))
 def prune_step(ckpt, args, ctx):
     """Prune channels (structured: magnitude|taylor|diff|random) or weights (structured=false: l1|random|global)."""
-    cfg = PruneConfig(method=args["method"], ratio=float(args["ratio"]), structured=args["structured"],
-                      norm=args["norm"], threshold=float(args["threshold"]), batch_size=args["batch_size"],
-                      t_stride=args["t_stride"], include_time=args["include_time"], seed=ctx.seed)
+    cfg = _step_config(args, ctx.seed)
     images = None
     if cfg.structured and cfg.method in ("taylor", "diff"):
         if not ctx.dataset:
@@ -378,3 +376,10 @@ def prune_step(ckpt, args, ctx):
 
         images = load_dataset(ctx.dataset, "train", ctx.data_dir, shape=image_shape(ckpt.arch)).images
     return prune_checkpoint(ckpt, cfg, images)
+
+
+def _step_config(args: dict, seed: int) -> PruneConfig:
+    """The step's arguments as a PruneConfig (which checks them)."""
+    return PruneConfig(method=args["method"], ratio=float(args["ratio"]), structured=args["structured"],
+                       norm=args["norm"], threshold=float(args["threshold"]), batch_size=args["batch_size"],
+                       t_stride=args["t_stride"], include_time=args["include_time"], seed=seed)

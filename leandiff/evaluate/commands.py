@@ -56,7 +56,8 @@ def classifier_train(dataset, data_dir, epochs, seed, out, reference):
 @click.option("-n", "n", type=int, default=2048, show_default=True, callback=_positive, help="generated samples")
 @click.option("--runtime", default=None,
               help="eager, bf16, ... (leandiff.runtime.RUNTIMES; default: the checkpoint's, else eager)")
-@click.option("--spacing", default="leading", show_default=True)
+@click.option("--spacing", default=None,
+              help="leading, trailing, quadratic, logsnr (default: the checkpoint's, else leading)")
 @click.option("--eta", type=float, default=None, help="DDIM η (0 deterministic, 1 DDPM-like)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=256, show_default=True, callback=_positive)
@@ -76,6 +77,7 @@ def eval_cmd(ckpt, solver, nfe, n, runtime, spacing, eta, seed, batch_size, no_c
 
     ck = load_checkpoint(ckpt)
     solver, nfe, runtime = ck.sampling_defaults(solver, nfe, runtime)
+    spacing = ck.default_spacing(spacing)
     cfg = EvalConfig(solver=solver, nfe=nfe, n=n, seed=seed, spacing=spacing, runtime=runtime, batch_size=batch_size,
                      clip_x0=not no_clip, opts={} if eta is None else {"eta": eta}, dataset=dataset,
                      data_dir=data_dir, classifier=classifier_path, latency=None if no_latency else LatencyConfig())
