@@ -28,6 +28,7 @@ class Row:
     runtime: str = "eager"  # "" means the runtime the compressed checkpoint records
     recipe: str = ""  # a compression recipe applied to the base model ("" = the base itself)
     label: str = ""  # short name of the compressed model, e.g. "int8"
+    model: str = ""  # another shipped checkpoint made from the base (a distilled student), e.g. zoo:mnist-tiny-pd4
 
 
 # Compression recipes of the demo (made once per output directory, cached in OUT/ckpts/):
@@ -100,11 +101,17 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log=print) -> Path:
     log(markdown_header())
     models = {"": ck}
     for r in cfg.rows:
-        if r.recipe not in models:
-            models[r.recipe] = _compressed(ck, r, out / "ckpts" / r.label, log)
-        model = models[r.recipe]
+        source = r.model or r.recipe
+        if source not in models:
+            models[source] = load_checkpoint(r.model) if r.model else _compressed(ck, r, out / "ckpts" / r.label, log)
+            if r.model and ck.hash() not in {st.get("parent") for st in models[source].lineage}:
+                log(f"note: {r.model} was not made from {cfg.model}; its rows are skipped")
+                models[source] = None
+        model = models[source]
+        if model is None:
+            continue
         runtime = r.runtime or model.sampling_defaults()[2]
-        name = f"{cfg.model} > {r.label}" if r.recipe else cfg.model
+        name = r.model or (f"{cfg.model} > {r.label}" if r.recipe else cfg.model)
         key = (r.solver, r.nfe, runtime, n, name)
         if key in done:
             continue

@@ -242,3 +242,40 @@ def test_native_writer_failing_mid_file_is_one_line_and_leaves_nothing(image_fol
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("leandiff: error: cannot write") and "too large" in lines[0], p.stderr
     assert [f for f in out.rglob("*") if f.is_file()] == []
+
+
+STUDY_TOML = """
+title = "killed study"
+n = 16
+seed = 0
+batch_size = 16
+latency = false
+solvers = ["ddim"]
+nfe = [2, 3]
+runtimes = ["ckpt"]
+
+[[models]]
+name = "base"
+ckpt = "zoo:mnist-tiny"
+
+[[models]]
+name = "pruned"
+base = "zoo:mnist-tiny"
+recipe = "prune(method=magnitude,ratio=0.3) > finetune(steps=30,batch_size=8,bf16=false)"
+"""
+
+
+def test_sigkilled_study_resumes_to_the_same_table(tmp_path):
+    toml = tmp_path / "s.toml"
+    toml.write_text(STUDY_TOML)
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    seconds = _timed(["study", toml, "--out", ref])
+    at = _kill_and_resume(["study", toml, "--out", run], run, seconds, seed=11)
+
+    def table(d):
+        rows = [json.loads(line) for line in (d / "results.jsonl").read_text().splitlines()]
+        return {r["study_cell_key"]: (r["weights"], r["quality"]["fid_dom"]) for r in rows}
+
+    assert table(run) == table(ref), f"killed at {at:.1f}s of {seconds:.1f}s"
+    assert len(table(run)) == 4
+    _check_nothing_corrupt(run)

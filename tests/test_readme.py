@@ -17,3 +17,16 @@ def test_readme_python_example_runs():
 def test_readme_names_the_two_commands():
     first_screen = "\n".join((ROOT / "README.md").read_text().splitlines()[:15])
     assert "make demo" in first_screen and "make test" in first_screen
+
+
+def test_readme_commands_exist_and_recipes_parse():
+    from leandiff.cli import main
+    from leandiff.recipe import parse_recipe
+
+    text = (ROOT / "README.md").read_text()
+    lines = [ln for ln in text.splitlines() if ln.startswith("leandiff ")]
+    assert len(lines) >= 10
+    for ln in lines:
+        assert ln.split()[1] in main.commands, ln
+    for recipe in re.findall(r'--recipe "([^"]+)"', text):
+        parse_recipe(recipe)  # raises on a recipe that would not run
