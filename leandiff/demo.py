@@ -38,6 +38,7 @@ class Row:
 INT8 = "quant(w=8,a=8,calib=qdiff,runtime=ort-int8)"
 INT8_FAST = "quant(w=8,a=8,calib=qdiff,runtime=ort-int8,n=32,steps=10)"
 SPARSE = "prune(method=global,ratio=0.3,structured=false)"
+STUDENT = "zoo:mnist-tiny-pd4"  # made from zoo:mnist-tiny by progressive distillation (see its card)
 
 # The rows of the full demo, chosen to fit ~10 minutes on 2 cores.
 FULL_ROWS = (Row("ddim", 10), Row("ddim", 20), Row("ddim", 50),
@@ -47,9 +48,11 @@ FULL_ROWS = (Row("ddim", 10), Row("ddim", 20), Row("ddim", 50),
              Row("ddim", 20, "", INT8, "int8"), Row("dpmpp-2m", 10, "", INT8, "int8"),
              Row("dpmpp-2m-sde", 20, "", INT8, "int8"),
              Row("dpmpp-2m-sde", 20, "cache-nu:2"), Row("ddim", 20, "cache:2"),
-             Row("ddim", 20, "", SPARSE, "sparse30"))
+             Row("ddim", 20, "", SPARSE, "sparse30"),
+             # the shipped 4-step progressively distilled student, alone and stacked with real int8
+             Row("ddim", 4, model=STUDENT), Row("ddim", 4, "", INT8, "int8", STUDENT))
 FAST_ROWS = (Row("ddim", 4), Row("dpmpp-2m", 4), Row("ddim", 4, "bf16"),
-             Row("ddim", 4, "", INT8_FAST, "int8"), Row("ddim", 4, "cache:2"))
+             Row("ddim", 4, "", INT8_FAST, "int8"), Row("ddim", 4, "cache:2"), Row("ddim", 4, model=STUDENT))
 
 
 @dataclass(frozen=True)
@@ -99,19 +102,23 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log=print) -> Path:
     latency = LatencyConfig(batch_sizes=(1, 16), rounds=3, warmup=1) if cfg.fast else LatencyConfig(rounds=3)
     log(f"demo: {cfg.model} ({dataset}), {len(cfg.rows)} rows × N={n}, results in {results}")
     log(markdown_header())
-    models = {"": ck}
+    models = {("", ""): ck}
     for r in cfg.rows:
-        source = r.model or r.recipe
-        if source not in models:
-            models[source] = load_checkpoint(r.model) if r.model else _compressed(ck, r, out / "ckpts" / r.label, log)
-            if r.model and ck.hash() not in {st.get("parent") for st in models[source].lineage}:
+        if (r.model, "") not in models:  # another shipped checkpoint, used only if made from the demo's model
+            other = load_checkpoint(r.model)
+            made_from_base = ck.hash() in {st.get("parent") for st in other.lineage}
+            if not made_from_base:
                 log(f"note: {r.model} was not made from {cfg.model}; its rows are skipped")
-                models[source] = None
-        model = models[source]
-        if model is None:
+            models[(r.model, "")] = other if made_from_base else None
+        start = models[(r.model, "")]
+        if start is None:
             continue
+        if (r.model, r.recipe) not in models:
+            models[(r.model, r.recipe)] = _compressed(start, r, out / "ckpts" / _tag(r), log)
+        model = models[(r.model, r.recipe)]
         runtime = r.runtime or model.sampling_defaults()[2]
-        name = r.model or (f"{cfg.model} > {r.label}" if r.recipe else cfg.model)
+        name = r.model or cfg.model
+        name = f"{name} > {r.label}" if r.recipe else name
         key = (r.solver, r.nfe, runtime, n, name)
         if key in done:
             continue
@@ -120,7 +127,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log=print) -> Path:
                           batch_size=min(cfg.batch_size, n), latency=latency, inception=False,
                           mse_n=min(n, 1000))
         # no ':' in file names (cache:2): a relative link "a-cache:2.png" would read as a URL scheme
-        grid = out / "grids" / f"{r.label or 'base'}-{r.solver}-{r.nfe}-{runtime.replace(':', '')}.png"
+        grid = out / "grids" / f"{_tag(r)}-{r.solver}-{r.nfe}-{runtime.replace(':', '')}.png"
         row = evaluate_checkpoint(model, ecfg, classifier=clf, reference=ref, grid_path=grid, progress=True,
                                   log=lambda *_: None)
         row["checkpoint"] = name
@@ -135,6 +142,12 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log=print) -> Path:
     index = write_report(reference + rows, out / "report", title=f"leandiff demo: {cfg.model}")
     log(f"demo finished in {time.perf_counter() - t0:.0f} s; report: {index}")
     return index
+
+
+def _tag(row: Row) -> str:
+    """A file-name stem unique to the row's model: [other model-]label, or base."""
+    model = row.model.replace("zoo:", "").replace("/", "_").replace(":", "_")
+    return "-".join(p for p in (model, row.label or ("" if model else "base")) if p)
 
 
 def _compressed(base, row: Row, ckpt_dir: Path, log):

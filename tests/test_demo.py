@@ -21,10 +21,13 @@ def test_demo_fast_mode_writes_report_with_all_rows(tmp_path):
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [(x["protocol"]["solver"], x["protocol"]["nfe_used"], x["protocol"]["runtime"]) for x in rows] == [
         ("ddim", 4, "eager"), ("dpmpp-2m", 4, "eager"), ("ddim", 4, "bf16"), ("ddim", 4, "ort-int8"),
-        ("ddim", 4, "cache:2")]
+        ("ddim", 4, "cache:2"), ("ddim", 4, "eager")]
+    # the shipped distilled student samples with the spacing it was trained for
+    assert rows[-1]["checkpoint"] == "zoo:mnist-tiny-pd4" and rows[-1]["protocol"]["spacing"] == "trailing"
+    assert rows[-1]["quality"]["fid_dom"] < rows[0]["quality"]["fid_dom"]  # 4 steps: the student beats DDIM
     assert [x["checkpoint"] for x in rows].count("zoo:mnist-tiny > int8") == 1
     # the caching row prices what it ran: 2 full + 2 shallow evaluations, fewer MACs than the full net
-    cached = rows[-1]["cost"]
+    cached = rows[4]["cost"]
     assert cached["cache_calls"] == {"full": 2, "shallow": 2}
     assert cached["macs_per_eval_spent"] < 0.8 * cached["macs_per_image"]
     assert "macs_per_eval_spent" not in rows[0]["cost"]
@@ -41,4 +44,4 @@ def test_demo_fast_mode_writes_report_with_all_rows(tmp_path):
     assert md.count("| zoo:mnist-tiny |") == 4 and md.count("| zoo:mnist-tiny > int8 |") == 1
     # a rerun resumes: nothing is evaluated twice
     run_cli("demo", "--fast", "--out", out, check=True)
-    assert len((out / "results.jsonl").read_text().splitlines()) == 5
+    assert len((out / "results.jsonl").read_text().splitlines()) == 6

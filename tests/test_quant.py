@@ -252,3 +252,22 @@ def test_cli_export_and_compress_quant(tiny, tmp_path):
     assert ck.meta["runtime"] == "ort-int8" and (tmp_path / "q" / "model.int8.onnx").is_file()
     r = run_cli("compress", str(tmp_path / "base"), "--recipe", "quant(w=9)", "--out", str(tmp_path / "bad"))
     assert r.returncode == 2 and "w must be 2..8" in r.stderr
+
+
+def test_calibration_follows_a_students_own_sampler(tiny, tmp_path):
+    """quant(steps=0), the default, calibrates on the trajectory the model is deployed with: a
+    distilled student's recorded NFE and spacing (every one of its few steps), else 50 leading."""
+    import copy
+
+    from leandiff.recipe import apply_recipe
+
+    student = copy.deepcopy(tiny)
+    student.meta["sampler"] = {"solver": "ddim", "nfe": 4, "spacing": "trailing"}
+    q = apply_recipe(student, "quant(calib=qdiff,n=8)", tmp_path / "s")
+    assert {k: q.meta["quant"]["calibration"][k] for k in ("steps", "interval", "spacing")} == \
+        {"steps": 4, "interval": 1, "spacing": "trailing"}
+    base = apply_recipe(copy.deepcopy(tiny), "quant(calib=qdiff,n=8)", tmp_path / "b")
+    assert {k: base.meta["quant"]["calibration"][k] for k in ("steps", "interval", "spacing")} == \
+        {"steps": 50, "interval": 5, "spacing": "leading"}
+    with pytest.raises(UserError, match="steps must be >= 0"):
+        apply_recipe(copy.deepcopy(tiny), "quant(steps=-1)", tmp_path / "bad")

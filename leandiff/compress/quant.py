@@ -239,6 +239,7 @@ class CalibConfig:
     collector: str = "ndtc"  # uniform | qdiff | ndtc | real
     n: int = 256  # calibration samples (x_t, t)
     steps: int = 50  # DDIM steps of the full-precision trajectories the samples are taken from
+    spacing: str = "leading"  # their timestep spacing (a distilled student's own: trailing)
     interval: int = 5  # qdiff: every c-th step of the trajectory
     mu: float = 0.4  # ndtc: mean of t as a fraction of T
     sigma: float = 0.4  # ndtc: standard deviation of t as a fraction of T
@@ -264,7 +265,8 @@ def fp_trajectories(denoiser: Denoiser, shape, cfg: CalibConfig, n_traj: int) ->
 
     rec = _Recorder(denoiser.net)
     d = Denoiser(rec, denoiser.schedule, denoiser.parameterization)
-    sample_all(d, shape, SampleConfig(solver="ddim", nfe=cfg.steps, n=n_traj, seed=cfg.seed, batch_size=cfg.batch_size))
+    sample_all(d, shape, SampleConfig(solver="ddim", nfe=cfg.steps, spacing=cfg.spacing, n=n_traj, seed=cfg.seed,
+                                      batch_size=cfg.batch_size))
     per_batch = [rec.calls[i:i + cfg.steps] for i in range(0, len(rec.calls), cfg.steps)]
     # step i of every batch together
     return [(torch.cat([b[i][0] for b in per_batch]), torch.cat([b[i][1] for b in per_batch])) for i in range(cfg.steps)]
@@ -428,15 +430,26 @@ register_runtime("dynamic-int8", dynamic_int8, "PyTorch dynamic int8 (Linear lay
 QUANT_RUNTIMES = ("fake", "ort-int8")
 
 
-@register_step("quant", {"w": 8, "a": 8, "calib": "ndtc", "runtime": "fake", "n": 256, "steps": 50,
+@register_step("quant", {"w": 8, "a": 8, "calib": "ndtc", "runtime": "fake", "n": 256, "steps": 0,
                          "interval": 5, "mu": 0.4, "sigma": 0.4, "observer": "minmax", "w_observer": "minmax",
                          "per_channel": True, "keep_first_last": True, "keep_time": True, "t_groups": 1},
                help="post-training quantization: fake-quant simulation (any bits) or real int8 via ONNX Runtime")
 def quant_step(ckpt, args, ctx):
     if args["runtime"] not in QUANT_RUNTIMES:
         raise UserError(f"quant: runtime must be one of {', '.join(QUANT_RUNTIMES)}, got {args['runtime']!r}")
-    ccfg = CalibConfig(collector=args["calib"], n=args["n"], steps=args["steps"], interval=args["interval"],
-                       mu=args["mu"], sigma=args["sigma"], seed=ctx.seed)
+    # steps=0: calibrate on the trajectories the model is deployed with: a distilled student's own
+    # few steps and spacing when it records them (its activations at other timesteps are not the
+    # ones int8 must cover), else 50 DDIM steps; every step of so short a trajectory is used by qdiff.
+    steps, interval = args["steps"], args["interval"]
+    if steps < 0 or interval < 1 or args["n"] < 1:
+        raise UserError(f"quant: steps must be >= 0 (0: the checkpoint's own), interval and n >= 1; "
+                        f"got steps={steps}, interval={interval}, n={args['n']}")
+    if steps == 0:
+        rec = ckpt.meta.get("sampler") if isinstance(ckpt.meta.get("sampler"), dict) else {}
+        steps = int(rec.get("nfe") or 50)
+        interval = min(interval, max(1, steps // 4))
+    ccfg = CalibConfig(collector=args["calib"], n=args["n"], steps=steps, interval=interval,
+                       spacing=ckpt.default_spacing(), mu=args["mu"], sigma=args["sigma"], seed=ctx.seed)
     images = None
     if ccfg.collector == "real":
         if not ctx.dataset:
