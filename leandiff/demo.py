@@ -41,7 +41,7 @@ SPARSE = "prune(method=global,ratio=0.3,structured=false)"
 STUDENT = "zoo:mnist-tiny-pd4"  # made from zoo:mnist-tiny by progressive distillation (see its card)
 
 # The rows of the full demo, chosen to fit ~10 minutes on 2 cores.
-FULL_ROWS = (Row("ddim", 10), Row("ddim", 20), Row("ddim", 50),
+FULL_ROWS = (Row("ddim", 10), Row("ddim", 20),
              Row("dpmpp-2m", 10), Row("dpmpp-2m", 20), Row("dpmpp-3m", 10),
              Row("heun", 20), Row("ams-ddim", 20), Row("dpmpp-2m-sde", 20),
              Row("ddim", 20, "bf16"), Row("dpmpp-2m", 10, "bf16"),

@@ -255,8 +255,8 @@ def test_cli_export_and_compress_quant(tiny, tmp_path):
 
 
 def test_calibration_follows_a_students_own_sampler(tiny, tmp_path):
-    """quant(steps=0), the default, calibrates on the trajectory the model is deployed with: a
-    distilled student's recorded NFE and spacing (every one of its few steps), else 50 leading."""
+    """quant(steps=0), the default, calibrates on as many steps as the model is deployed with: a
+    distilled student's recorded NFE (every one of its few steps), else 50; leading spacing."""
     import copy
 
     from leandiff.recipe import apply_recipe
@@ -265,7 +265,7 @@ def test_calibration_follows_a_students_own_sampler(tiny, tmp_path):
     student.meta["sampler"] = {"solver": "ddim", "nfe": 4, "spacing": "trailing"}
     q = apply_recipe(student, "quant(calib=qdiff,n=8)", tmp_path / "s")
     assert {k: q.meta["quant"]["calibration"][k] for k in ("steps", "interval", "spacing")} == \
-        {"steps": 4, "interval": 1, "spacing": "trailing"}
+        {"steps": 4, "interval": 1, "spacing": "leading"}
     base = apply_recipe(copy.deepcopy(tiny), "quant(calib=qdiff,n=8)", tmp_path / "b")
     assert {k: base.meta["quant"]["calibration"][k] for k in ("steps", "interval", "spacing")} == \
         {"steps": 50, "interval": 5, "spacing": "leading"}

@@ -239,7 +239,7 @@ class CalibConfig:
     collector: str = "ndtc"  # uniform | qdiff | ndtc | real
     n: int = 256  # calibration samples (x_t, t)
     steps: int = 50  # DDIM steps of the full-precision trajectories the samples are taken from
-    spacing: str = "leading"  # their timestep spacing (a distilled student's own: trailing)
+    spacing: str = "leading"  # their timestep spacing
     interval: int = 5  # qdiff: every c-th step of the trajectory
     mu: float = 0.4  # ndtc: mean of t as a fraction of T
     sigma: float = 0.4  # ndtc: standard deviation of t as a fraction of T
@@ -437,9 +437,11 @@ QUANT_RUNTIMES = ("fake", "ort-int8")
 def quant_step(ckpt, args, ctx):
     if args["runtime"] not in QUANT_RUNTIMES:
         raise UserError(f"quant: runtime must be one of {', '.join(QUANT_RUNTIMES)}, got {args['runtime']!r}")
-    # steps=0: calibrate on the trajectories the model is deployed with: a distilled student's own
-    # few steps and spacing when it records them (its activations at other timesteps are not the
-    # ones int8 must cover), else 50 DDIM steps; every step of so short a trajectory is used by qdiff.
+    # steps=0: calibrate on as many DDIM steps as the model is deployed with (a distilled student
+    # records its few steps; every step of so short a trajectory is used by qdiff), else 50.
+    # The spacing stays leading: measured on zoo:mnist-tiny-pd4 (N=512, fp32 FID-dom 4.025), 4
+    # leading steps gave int8 FID-dom 4.026, 50 leading 5.875, and the student's own 4 trailing steps
+    # 5.999: the trailing grid's t=999 step (pure noise) stretches the min-max activation ranges.
     steps, interval = args["steps"], args["interval"]
     if steps < 0 or interval < 1 or args["n"] < 1:
         raise UserError(f"quant: steps must be >= 0 (0: the checkpoint's own), interval and n >= 1; "
@@ -449,7 +451,7 @@ def quant_step(ckpt, args, ctx):
         steps = int(rec.get("nfe") or 50)
         interval = min(interval, max(1, steps // 4))
     ccfg = CalibConfig(collector=args["calib"], n=args["n"], steps=steps, interval=interval,
-                       spacing=ckpt.default_spacing(), mu=args["mu"], sigma=args["sigma"], seed=ctx.seed)
+                       mu=args["mu"], sigma=args["sigma"], seed=ctx.seed)
     images = None
     if ccfg.collector == "real":
         if not ctx.dataset:
