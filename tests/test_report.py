@@ -110,4 +110,8 @@ def test_pareto_front_and_reference_ratio():
     assert pareto_front(pts) == [3, 0, 1, 4]
     mk = lambda w, rt, nfe, f: {"weights": w, "protocol": {"runtime": rt, "nfe_used": nfe}, "quality": {"fid_dom": f}}  # noqa: E731
     rows = [mk("a", "eager", 10, 4.0), mk("a", "eager", 100, 2.0), mk("a", "bf16", 100, 3.0), mk("b", "bf16", 10, 1.0)]
-    assert reference_ratios(rows) == [2.0, 1.0, 1.5, None]
+    assert reference_ratios(rows) == [2.0, 1.0, 1.5, 0.5]  # b has no eager row: the dataset's reference
+    # a distilled model evaluated once is divided by the base's reference, not by itself
+    rows = [dict(mk("a", "eager", 1000, 0.5), dataset="m"), dict(mk("s", "eager", 4, 2.0), dataset="m"),
+            dict(mk("s", "int8", 4, 3.0), dataset="m"), dict(mk("c", "eager", 4, 8.0), dataset="other")]
+    assert reference_ratios(rows) == [1.0, 4.0, 1.5, 1.0]
