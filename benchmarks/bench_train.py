@@ -58,13 +58,13 @@ def main():
     save_grid(x, grid, nrow=8)
 
     figures = {"train_images_per_s_median": med, "train_images_per_s_rounds": rates,
-               "shipped_run": {k: tr.get(k) for k in ("dataset", "model", "steps", "batch_size", "bf16", "lr", "seed",
+               "run": args.ckpt, "run_settings": {k: tr.get(k) for k in ("dataset", "model", "steps", "batch_size", "bf16", "lr", "seed",
                                                        "wall_seconds", "completed_steps", "num_images")},
                "ddim50_grid": grid.name, "ddim50_images_per_s": stats.images_per_s}
     md = (f"# Training mnist-tiny on the bundled MNIST (4,000 train digits)\n\n"
           f"| precision | training images/s (median of {args.rounds} alternating rounds, batch 128) |\n|---|---|\n"
           f"| fp32 | {med['fp32']:.0f} |\n| bf16 autocast | {med['bf16']:.0f} |\n\n"
-          f"Shipped run: {tr.get('completed_steps')} steps × batch {tr.get('batch_size')}, bf16={tr.get('bf16')}, "
+          f"Training run `{args.ckpt}`: {tr.get('completed_steps')} steps × batch {tr.get('batch_size')}, bf16={tr.get('bf16')}, "
           f"wall time {tr.get('wall_seconds')} s ({(tr.get('wall_seconds') or 0) / 60:.1f} min).\n\n"
           f"DDIM-50 samples (64, seed 0): `{grid.name}`\n")
     write_results("train_mnist_tiny", figures, md)
