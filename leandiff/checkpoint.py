@@ -64,7 +64,7 @@ class Checkpoint:
                           runtime: str | None = None) -> tuple[str, int, str]:
         """(solver, NFE, runtime) to use when the user names none: what the checkpoint records
         (a distilled model its intended NFE, a quantized one its runtime), else DDIM-50 on eager."""
-        rec = self.meta.get("sampler") if isinstance(self.meta.get("sampler"), dict) else {}
+        rec = self._sampler()
         rt = self.meta.get("runtime")
         # `is None`, not `or`: an explicit NFE 0 or solver "" is the user's, to be refused downstream
         return (solver if solver is not None else rec.get("solver") or "ddim",
@@ -74,8 +74,12 @@ class Checkpoint:
     def default_spacing(self, spacing: str | None = None) -> str:
         """Timestep spacing when the user names none: the recorded one (a progressively distilled
         student is trained on trailing steps and is only right on them), else leading."""
-        rec = self.meta.get("sampler") if isinstance(self.meta.get("sampler"), dict) else {}
-        return spacing if spacing is not None else str(rec.get("spacing") or "leading")
+        return spacing if spacing is not None else str(self._sampler().get("spacing") or "leading")
+
+    def _sampler(self) -> dict:
+        """The sampler a compression step recorded (meta["sampler"]: solver, nfe, spacing), or {}."""
+        rec = self.meta.get("sampler")
+        return rec if isinstance(rec, dict) else {}
 
     def hash(self) -> str:
         """Short content hash of the weights (sha256 over names, shapes and bytes)."""

@@ -1,7 +1,8 @@
 """``leandiff demo``: the project's main job, offline, on the shipped MNIST model.
 
 It samples with a handful of solvers and NFEs, applies the compression methods that need no
-training (bf16, real int8 through ONNX Runtime, feature caching, unstructured pruning), evaluates
+training (bf16, real int8 through ONNX Runtime, feature caching, unstructured pruning), adds the
+shipped distilled student (alone and stacked with int8), evaluates
 every row with the same protocol (same N, seed, classifier, reference split), reads the 1000-step
 DDPM reference row from the model card (labelled as such, not re-run: it takes most of an hour
 here), and writes the HTML report.
@@ -26,7 +27,7 @@ class Row:
     solver: str
     nfe: int
     runtime: str = "eager"  # "" means the runtime the compressed checkpoint records
-    recipe: str = ""  # a compression recipe applied to the base model ("" = the base itself)
+    recipe: str = ""  # a compression recipe applied to the row's model ("" = the model itself)
     label: str = ""  # short name of the compressed model, e.g. "int8"
     model: str = ""  # another shipped checkpoint made from the base (a distilled student), e.g. zoo:mnist-tiny-pd4
 

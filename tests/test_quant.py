@@ -271,3 +271,7 @@ def test_calibration_follows_a_students_own_sampler(tiny, tmp_path):
         {"steps": 50, "interval": 5, "spacing": "leading"}
     with pytest.raises(UserError, match="steps must be >= 0"):
         apply_recipe(copy.deepcopy(tiny), "quant(steps=-1)", tmp_path / "bad")
+    with pytest.raises(UserError, match="unknown spacing 'bogus'"):
+        apply_recipe(copy.deepcopy(tiny), "quant(spacing=bogus)", tmp_path / "bad2")
+    trailing = apply_recipe(copy.deepcopy(student), "quant(calib=qdiff,n=8,spacing=trailing)", tmp_path / "t")
+    assert trailing.meta["quant"]["calibration"]["spacing"] == "trailing"

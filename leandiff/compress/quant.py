@@ -33,7 +33,7 @@ from ..errors import UserError
 from ..models import register_surgery
 from ..recipe import register_step
 from ..runtime import eager, register_runtime
-from ..schedule import alpha_sigma, q_sample
+from ..schedule import SPACINGS, alpha_sigma, q_sample
 
 # --- the quantizer ---------------------------------------------------------------------------------------------------
 
@@ -239,7 +239,7 @@ class CalibConfig:
     collector: str = "ndtc"  # uniform | qdiff | ndtc | real
     n: int = 256  # calibration samples (x_t, t)
     steps: int = 50  # DDIM steps of the full-precision trajectories the samples are taken from
-    spacing: str = "leading"  # their timestep spacing
+    spacing: str = "leading"  # their timestep spacing (uniform, qdiff; ndtc walks its own linear grid)
     interval: int = 5  # qdiff: every c-th step of the trajectory
     mu: float = 0.4  # ndtc: mean of t as a fraction of T
     sigma: float = 0.4  # ndtc: standard deviation of t as a fraction of T
@@ -431,7 +431,7 @@ QUANT_RUNTIMES = ("fake", "ort-int8")
 
 
 @register_step("quant", {"w": 8, "a": 8, "calib": "ndtc", "runtime": "fake", "n": 256, "steps": 0,
-                         "interval": 5, "mu": 0.4, "sigma": 0.4, "observer": "minmax", "w_observer": "minmax",
+                         "spacing": "leading", "interval": 5, "mu": 0.4, "sigma": 0.4, "observer": "minmax", "w_observer": "minmax",
                          "per_channel": True, "keep_first_last": True, "keep_time": True, "t_groups": 1},
                help="post-training quantization: fake-quant simulation (any bits) or real int8 via ONNX Runtime")
 def quant_step(ckpt, args, ctx):
@@ -439,18 +439,18 @@ def quant_step(ckpt, args, ctx):
         raise UserError(f"quant: runtime must be one of {', '.join(QUANT_RUNTIMES)}, got {args['runtime']!r}")
     # steps=0: calibrate on as many DDIM steps as the model is deployed with (a distilled student
     # records its few steps; every step of so short a trajectory is used by qdiff), else 50.
-    # The spacing stays leading: measured on zoo:mnist-tiny-pd4 (N=512, fp32 FID-dom 4.025), 4
-    # leading steps gave int8 FID-dom 4.026, 50 leading 5.875, and the student's own 4 trailing steps
-    # 5.999: the trailing grid's t=999 step (pure noise) stretches the min-max activation ranges.
+    # The spacing defaults to leading even for a trailing-spaced student: the trailing grid's t=999
+    # step (pure noise) stretches the min-max activation ranges (measured in docs/quantization.md).
     steps, interval = args["steps"], args["interval"]
     if steps < 0 or interval < 1 or args["n"] < 1:
         raise UserError(f"quant: steps must be >= 0 (0: the checkpoint's own), interval and n >= 1; "
                         f"got steps={steps}, interval={interval}, n={args['n']}")
+    if args["spacing"] not in SPACINGS:  # used by the trajectory collectors (uniform, qdiff)
+        raise UserError(f"quant: unknown spacing {args['spacing']!r}; expected one of {', '.join(SPACINGS)}")
     if steps == 0:
-        rec = ckpt.meta.get("sampler") if isinstance(ckpt.meta.get("sampler"), dict) else {}
-        steps = int(rec.get("nfe") or 50)
+        steps = ckpt.sampling_defaults()[1]  # the recorded NFE, else 50
         interval = min(interval, max(1, steps // 4))
-    ccfg = CalibConfig(collector=args["calib"], n=args["n"], steps=steps, interval=interval,
+    ccfg = CalibConfig(collector=args["calib"], n=args["n"], steps=steps, spacing=args["spacing"], interval=interval,
                        mu=args["mu"], sigma=args["sigma"], seed=ctx.seed)
     images = None
     if ccfg.collector == "real":
