@@ -77,6 +77,8 @@ def main():
     p.add_argument("--spacing", default="trailing", help="timestep spacing for every solver ...")
     p.add_argument("--spacing-for", nargs="*", default=[], metavar="SOLVER=SPACING", help="... unless named here")
     p.add_argument("--out", default="runs/bench/solvers")
+    p.add_argument("--results-name", default="solvers",
+                   help="benchmarks/results/NAME.{json,md} (and NAME_fid_vs_nfe.png) to write")
     args = p.parse_args()
     try:
         spacing_for = dict(kv.split("=", 1) for kv in args.spacing_for)
@@ -143,11 +145,11 @@ def publish(rows, ck, args, out: Path, text: str) -> None:
         f"row, seed {args.seed}, the same x_T for every row; FID-dom/KID on the shipped MNIST classifier against "
         f"the held-out split; x̂₀ clipped to [-1, 1]. NFE above {args.max_nfe_all} only for {', '.join(args.refs)}.",
         "", "## Winner per NFE, AMS against its plain sampler", "", text, "", "## Every row", "", *table, "",
-        "![FID-dom against NFE](solvers_fid_vs_nfe.png)", ""])
-    write_results("solvers", {"checkpoint": args.ckpt, "weights": ck.hash(), "n": args.n, "seed": args.seed,
+        f"![FID-dom against NFE]({args.results_name}_fid_vs_nfe.png)", ""])
+    write_results(args.results_name, {"checkpoint": args.ckpt, "weights": ck.hash(), "n": args.n, "seed": args.seed,
                               "rows": compact}, md)
     if (out / "fid_vs_nfe.png").is_file():
-        shutil.copyfile(out / "fid_vs_nfe.png", RESULTS / "solvers_fid_vs_nfe.png")
+        shutil.copyfile(out / "fid_vs_nfe.png", RESULTS / f"{args.results_name}_fid_vs_nfe.png")
 
 
 if __name__ == "__main__":

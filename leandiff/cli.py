@@ -103,7 +103,7 @@ def train(dataset, data_dir, model, init_ckpt, steps, batch_size, lr, warmup, lr
               help="eager, bf16, ... (leandiff.runtime.RUNTIMES; default: the checkpoint's, else eager)")
 @click.option("--spacing", default=None,
               help="leading, trailing, quadratic, logsnr (default: the checkpoint's, else leading)")
-@click.option("--eta", type=float, default=None, help="DDIM η (0 deterministic, 1 DDPM-like)")
+@click.option("--eta", type=float, default=None, help="DDIM η (0 deterministic, 1 DDPM-like); the noise level of dpmpp-*-sde (1: the SDE, 0: the ODE)")
 @click.option("-n", "n", type=int, default=64, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=256, show_default=True)

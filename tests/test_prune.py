@@ -29,7 +29,7 @@ def _out(net, x=X, t=T):
 
 @pytest.mark.parametrize("method", sorted(prune.IMPORTANCE))
 def test_structured_prune_keeps_output_shape_and_shrinks(tiny_ckpt, method):
-    cfg = PruneConfig(method, 0.5, t_stride=100, batch_size=4)
+    cfg = PruneConfig(method, 0.5, t_stride=100, batch_size=4, min_group_channels=0)  # every layer halves
     out = prune_checkpoint(tiny_ckpt, cfg, _images())
     shape = image_shape(tiny_ckpt.arch)
     assert _out(out.net).shape == _out(tiny_ckpt.net).shape
@@ -45,6 +45,36 @@ def test_structured_prune_keeps_output_shape_and_shrinks(tiny_ckpt, method):
     assert out.meta["prune"]["method"] == method
     assert out.arch["surgery"][-1]["kind"] == "prune"
     assert tiny_ckpt.net.conv_in.weight.shape[0] == 8  # the input checkpoint is untouched
+
+
+def _group_widths(net) -> list[tuple[int, int]]:
+    return [(m.num_channels, m.num_groups) for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]
+
+
+def test_group_norm_floor_keeps_two_channels_a_group(tiny_ckpt, tmp_path):
+    """GroupNorm(4) on 8 channels has 2 a group: without the floor p = 0.5 leaves 1 (an instance norm);
+    with the default floor those norms keep 2 a group, the others are pruned as asked, and it reloads."""
+    bare = prune_checkpoint(tiny_ckpt, PruneConfig("magnitude", 0.5, min_group_channels=0))
+    assert min(c // g for c, g in _group_widths(bare.net)) == 1
+    assert bare.meta["prune"]["protected_norms"] == {}
+    out = prune_checkpoint(tiny_ckpt, PruneConfig("magnitude", 0.5))
+    before = dict(zip([n for n, m in tiny_ckpt.net.named_modules() if isinstance(m, torch.nn.GroupNorm)],
+                      _group_widths(tiny_ckpt.net)))
+    after = dict(zip([n for n, m in out.net.named_modules() if isinstance(m, torch.nn.GroupNorm)],
+                     _group_widths(out.net)))
+    for name, (c, g) in after.items():
+        assert c // g >= min(2, before[name][0] // g), (name, c, g)
+    protected = out.meta["prune"]["protected_norms"]
+    assert protected and all(before[n][0] // before[n][1] == 2 for n in protected)
+    assert "down_blocks.0.resnets.0.norm1" in protected
+    # the 16-channel level is still pruned (4 a group -> 2), so the network did shrink
+    assert count_params(out.net)["params"] < count_params(tiny_ckpt.net)["params"]
+    assert out.net.down_blocks[1].resnets[0].norm2.num_channels == 8
+    save_checkpoint(out, tmp_path / "p")
+    assert torch.equal(_out(load_checkpoint(tmp_path / "p").net), _out(out.net))
+    with pytest.raises(UserError, match="min_group_channels"):
+        PruneConfig("magnitude", 0.5, min_group_channels=-1)
+    assert parse_recipe("prune(method=magnitude,ratio=0.3,min_group_channels=0)")[0].args["min_group_channels"] == 0
 
 
 def test_include_time_prunes_the_time_embedding(tiny_ckpt):
@@ -86,7 +116,7 @@ def test_magnitude_importance_keeps_the_larger_channels(tiny_ckpt):
     big = [0, 2, 4, 6]
     with torch.no_grad():
         net.conv_in.weight[big] *= 100
-    out = prune_checkpoint(tiny_ckpt, PruneConfig("magnitude", 0.5, norm=1))
+    out = prune_checkpoint(tiny_ckpt, PruneConfig("magnitude", 0.5, norm=1, min_group_channels=0))
     assert out.net.conv_in.weight.shape[0] == 4
     assert torch.equal(out.net.conv_in.weight, net.conv_in.weight[big])
 

@@ -209,6 +209,28 @@ def test_dpmpp_2m_sde_equals_diffusers_with_the_same_noise(unet):
     assert _max_rel(ours[-1], ref[-1]) <= 1e-4
 
 
+@pytest.mark.parametrize("sde,ode", [("dpmpp-2m-sde", "dpmpp-2m"), ("dpmpp-3m-sde", "dpmpp-3m")])
+def test_sde_solvers_without_noise_are_their_ode_solvers(unet, sde, ode):
+    """η = 0 removes the fresh noise and the extra contraction: the SDE solver is the ODE solver, step for step."""
+    ts = make_timesteps(SCHED, 12, "trailing")
+    x = x_T((2, 1, 8, 8), dtype=torch.float32)
+    for a, b in zip(_ours(sde, unet, x, ts, torch.Generator().manual_seed(12), eta=0.0), _ours(ode, unet, x, ts),
+                    strict=True):
+        assert _max_rel(a, b) <= 1e-6
+    D = gaussian_denoiser(0.5)
+    torch.testing.assert_close(get_solver(sde)(D, x_T(), ts, eta=0.0), get_solver(ode)(D, x_T(), ts),
+                               rtol=1e-10, atol=1e-10)
+
+
+def test_dpmpp_3m_sde_noise_level_interpolates():
+    """Partial noise (0 < η < 1) still samples the data distribution, and differs from both ends."""
+    s, D, ts = 0.5, gaussian_denoiser(0.5), make_timesteps(SCHED, 200, "logsnr")
+    outs = {eta: get_solver("dpmpp-3m-sde")(D, x_T(), ts, generator=torch.Generator().manual_seed(13), eta=eta)
+            for eta in (0.0, 0.5, 1.0)}
+    assert abs(outs[0.5].std().item() / s - 1) < 0.02
+    assert (outs[0.5] - outs[0.0]).abs().max() > 1e-2 and (outs[0.5] - outs[1.0]).abs().max() > 1e-2
+
+
 @pytest.mark.parametrize("name,ours,steps", [("DDIMScheduler", "ddim", 10),
                                              ("DPMSolverMultistepScheduler", "dpmpp-2m", 20)])
 def test_adapter_runs_diffusers_like_its_twin(unet, name, ours, steps):
@@ -269,14 +291,15 @@ def test_clip_x0_keeps_samples_in_range(unet, name):
         out = get_solver(name)(D, 3 * x_T((2, 1, 8, 8), dtype=torch.float32), make_timesteps(SCHED, 6, "trailing"),
                                generator=torch.Generator().manual_seed(9), clip_x0=True)
     assert torch.isfinite(out).all()
-    if name in ("euler", "heun", "dpmpp-2m", "dpmpp-3m", "dpmpp-2m-sde", "euler-maruyama"):
+    if name in ("euler", "heun", "dpmpp-2m", "dpmpp-3m", "dpmpp-2m-sde", "dpmpp-3m-sde", "euler-maruyama"):
         assert out.abs().max() <= 1 + 1e-6
 
 
 @pytest.mark.parametrize("name,opts", [("ddim", {"eta": 1.5}), ("ddim", {"eta": -0.1}),
                                        ("ams-ddim", {"eta": 2.0}), ("ams-ddim", {"a": 1.0}),
                                        ("ams-ddpm", {"c": 1.0}), ("ams-ddpm", {"b": 0.0}),
-                                       ("ams-ddpm", {"zeta": -1.0})])
+                                       ("ams-ddpm", {"zeta": -1.0}), ("dpmpp-2m-sde", {"eta": 1.2}),
+                                       ("dpmpp-3m-sde", {"eta": -0.5})])
 def test_bad_options_fail_loudly(name, opts):
     with pytest.raises(UserError, match=list(opts)[0]):
         get_solver(name)(gaussian_denoiser(0.5), x_T((2, 1, 2, 2)), [999, 500], **opts)

@@ -58,7 +58,7 @@ def classifier_train(dataset, data_dir, epochs, seed, out, reference):
               help="eager, bf16, ... (leandiff.runtime.RUNTIMES; default: the checkpoint's, else eager)")
 @click.option("--spacing", default=None,
               help="leading, trailing, quadratic, logsnr (default: the checkpoint's, else leading)")
-@click.option("--eta", type=float, default=None, help="DDIM η (0 deterministic, 1 DDPM-like)")
+@click.option("--eta", type=float, default=None, help="DDIM η (0 deterministic, 1 DDPM-like); the noise level of dpmpp-*-sde (1: the SDE, 0: the ODE)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=256, show_default=True, callback=_positive)
 @click.option("--no-clip", is_flag=True, help="do not clamp x̂₀ to [-1, 1] inside the solver")

@@ -15,7 +15,7 @@ from ..errors import UserError
 from .ams import sample_ams_ddim, sample_ams_ddpm
 from .ddim import sample_ddim
 from .ddpm import sample_ddpm
-from .dpmpp import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m
+from .dpmpp import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m, sample_dpmpp_3m_sde
 from .euler_maruyama import sample_euler_maruyama
 from .karras import sample_euler, sample_heun
 from .truncated import truncated_start  # noqa: F401  (start any solver from a noised reference)
@@ -37,6 +37,7 @@ SOLVERS: dict[str, Callable] = {
     # reverse SDE
     "euler-maruyama": sample_euler_maruyama,
     "dpmpp-2m-sde": sample_dpmpp_2m_sde,
+    "dpmpp-3m-sde": sample_dpmpp_3m_sde,
 }
 
 # Solvers whose output depends only on x_T (no fresh noise): their error must fall with the steps.
