@@ -77,6 +77,9 @@ def main():
     p.add_argument("--spacing", default="trailing", help="timestep spacing for every solver ...")
     p.add_argument("--spacing-for", nargs="*", default=[], metavar="SOLVER=SPACING", help="... unless named here")
     p.add_argument("--out", default="runs/bench/solvers")
+    p.add_argument("--merge", default="",
+                   help="a committed results JSON of an earlier run (same checkpoint weights, N and seed) whose rows "
+                        "join the summary and table (not the HTML report); rows run now win")
     p.add_argument("--results-name", default="solvers",
                    help="benchmarks/results/NAME.{json,md} (and NAME_fid_vs_nfe.png) to write")
     args = p.parse_args()
@@ -116,11 +119,31 @@ def main():
     from leandiff.evaluate import write_report
 
     write_report(rows, out, title=f"Solvers on {args.ckpt}")
+    rows = rows + earlier_rows(args, ck, rows)
     text = summary(rows, args.nfe)
     (out / "summary.md").write_text(text)
     print(text)
     print(f"-> {out / 'index.html'}, {out / 'summary.md'}")
     publish(rows, ck, args, out, text)
+
+
+def earlier_rows(args, ck, rows: list[dict]) -> list[dict]:
+    """The rows of ``--merge`` (a results JSON written by :func:`publish`) in the harness's row shape,
+    minus those run now; refused unless weights, N and seed agree, so every row shares one protocol."""
+    if not args.merge:
+        return []
+    import json
+
+    prev = json.loads(Path(args.merge).read_text())
+    if (prev["weights"], prev["n"], prev["seed"]) != (ck.hash(), args.n, args.seed):
+        raise SystemExit(f"--merge {args.merge}: weights/N/seed {prev['weights']}/{prev['n']}/{prev['seed']} "
+                         f"differ from this run's {ck.hash()}/{args.n}/{args.seed}")
+    now = {(r["protocol"]["solver"], r["protocol"]["nfe"]) for r in rows}
+    return [{"protocol": {"solver": c["solver"], "nfe": c["nfe"], "nfe_used": c["nfe_used"], "spacing": c["spacing"],
+                          "n": prev["n"], "seed": prev["seed"]},
+             "quality": {k: c[k] for k in ("fid_dom", "kid", "kid_std", "precision", "recall")},
+             "cost": {"sampling_seconds": c["sampling_seconds"]}, "merged_from": args.merge}
+            for c in prev["rows"] if (c["solver"], c["nfe"]) not in now]
 
 
 def publish(rows, ck, args, out: Path, text: str) -> None:
@@ -135,15 +158,21 @@ def publish(rows, ck, args, out: Path, text: str) -> None:
                 "spacing": r["protocol"]["spacing"], "fid_dom": r["quality"]["fid_dom"], "kid": r["quality"]["kid"],
                 "kid_std": r["quality"]["kid_std"], "precision": r["quality"]["precision"],
                 "recall": r["quality"]["recall"], "sampling_seconds": r["cost"]["sampling_seconds"]} for r in keep]
-    table = ["| solver | NFE | spacing | FID-dom | KID×1e3 | precision | recall | sampling s |",
-             "|---|---|---|---|---|---|---|---|"]
+    for c, r in zip(compact, keep):
+        c["run"] = "earlier" if "merged_from" in r else "this"
+    table = ["| solver | NFE | spacing | FID-dom | KID×1e3 | precision | recall | sampling s | run |",
+             "|---|---|---|---|---|---|---|---|---|"]
     table += [f"| {c['solver']} | {c['nfe_used']:g} | {c['spacing']} | {c['fid_dom']:.3f} | {c['kid'] * 1e3:.1f} | "
-              f"{c['precision']:.3f} | {c['recall']:.3f} | {c['sampling_seconds']:.1f} |" for c in compact]
+              f"{c['precision']:.3f} | {c['recall']:.3f} | {c['sampling_seconds']:.1f} | {c['run']} |" for c in compact]
+    merged = (f" Rows marked \"earlier\" are the committed rows of `{args.merge}` (same weights, N and seed, "
+              f"an earlier run of this benchmark); \"this\" rows were run by the command below."
+              if args.merge else "")
     md = "\n".join([
         "# Solvers: FID-dom and KID against NFE", "",
         f"Checkpoint `{args.ckpt}` (weights {ck.hash()}, the shipped zoo:mnist-tiny), N = {args.n} samples per "
         f"row, seed {args.seed}, the same x_T for every row; FID-dom/KID on the shipped MNIST classifier against "
-        f"the held-out split; x̂₀ clipped to [-1, 1]. NFE above {args.max_nfe_all} only for {', '.join(args.refs)}.",
+        f"the held-out split; x̂₀ clipped to [-1, 1]. NFE above {args.max_nfe_all} only for {', '.join(args.refs)}."
+        + merged,
         "", "## Winner per NFE, AMS against its plain sampler", "", text, "", "## Every row", "", *table, "",
         f"![FID-dom against NFE]({args.results_name}_fid_vs_nfe.png)", ""])
     write_results(args.results_name, {"checkpoint": args.ckpt, "weights": ck.hash(), "n": args.n, "seed": args.seed,

@@ -123,6 +123,30 @@ def test_fake_quant_checkpoint_reloads_from_data(tiny, tmp_path):
     assert r.sampling_defaults()[2] == "fake-quant"
 
 
+def test_adaround_lowers_the_layer_error_and_stays_on_the_grid(tiny, tmp_path):
+    """AdaRound (w_round=adaround) learns each weight's rounding: every layer's output error on the
+    calibration inputs is no worse than rounding to nearest (nearest is kept where it would be) and lower over all, the weights it writes are
+    exactly on the quantization grid, and the checkpoint reloads to the same outputs."""
+    cfg = Q.QuantConfig(w_bits=4, a_bits=8, w_round="adaround", adaround_iters=60)
+    q = Q.fake_quantize(tiny, cfg, CALIB)
+    rep = q.meta["quant"]["adaround"]
+    layers = {n: m for n, m in q.net.named_modules() if isinstance(m, Q.QuantLayer)}
+    assert set(rep) == set(layers)
+    assert all(r["mse_adaround"] <= r["mse_nearest"] for r in rep.values())
+    assert sum(r["mse_adaround"] for r in rep.values()) < sum(r["mse_nearest"] for r in rep.values())
+    assert any(r["flipped"] > 0 for r in rep.values())  # some weights round the other way
+    for m in layers.values():
+        s = m.w_scale.reshape((-1,) + (1,) * (m.inner.weight.ndim - 1))
+        k = m.inner.weight / s
+        assert torch.allclose(k, k.round(), atol=1e-4) and k.abs().max() <= 8
+    save_checkpoint(q, tmp_path)
+    x, t = torch.randn(3, 1, 16, 16), torch.tensor([10.0, 500.0, 900.0])
+    with torch.no_grad():
+        assert torch.equal(load_checkpoint(tmp_path).net(x, t).sample, q.net(x, t).sample)
+    with pytest.raises(UserError, match="w_round"):
+        Q.QuantConfig(w_round="stochastic")
+
+
 # --- collectors ------------------------------------------------------------------------------------------------------
 
 def _ddim_grid(ck, steps):

@@ -12,7 +12,9 @@ Pieces, each a small strategy in a dict registry:
   ``real`` baseline: ``uniform``, ``qdiff`` (Q-Diffusion's time-step-aware sampling, Li et al. 2023
   §4.2), ``ndtc`` (PTQ4DM's normally distributed time-step calibration, Shang et al. 2023 Alg. 1) —
   :data:`COLLECTORS`;
-- activation scales per timestep group (beyond the papers: the activation range drifts with t).
+- activation scales per timestep group (beyond the papers: the activation range drifts with t);
+- weight rounding: to nearest, or learned per weight by AdaRound (``w_round=adaround``; Nagel et al.
+  2020, the layer-wise core of the BRECQ reconstruction that Q-Diffusion runs) — :func:`adaround_layer`.
 
 A quantized network reloads from data: the ``quant`` surgery record names the wrapped layers and
 the settings; the scales are buffers in ``model.safetensors``.
@@ -168,6 +170,8 @@ class QuantConfig:
     keep_first_last: bool = True  # conv_in and conv_out stay full precision
     keep_time: bool = True  # the time-embedding MLP stays full precision
     t_groups: int = 1  # activation scales per timestep group (1 = one scale for all t)
+    w_round: str = "nearest"  # weight rounding: nearest | adaround (learned on the calibration set)
+    adaround_iters: int = 400  # AdaRound optimisation steps per layer
 
     def __post_init__(self):
         if not 2 <= self.w_bits <= 8:
@@ -180,6 +184,10 @@ class QuantConfig:
             raise UserError(f"quant: unknown weight observer {self.w_observer!r}; known: minmax, mse")
         if self.t_groups < 1:
             raise UserError(f"quant: t_groups must be >= 1, got {self.t_groups}")
+        if self.w_round not in ("nearest", "adaround"):
+            raise UserError(f"quant: unknown w_round {self.w_round!r}; known: nearest, adaround")
+        if self.adaround_iters < 1:
+            raise UserError(f"quant: adaround_iters must be >= 1, got {self.adaround_iters}")
 
 
 def quantizable(net: nn.Module, cfg: QuantConfig) -> list[str]:
@@ -381,6 +389,105 @@ def calibrate(net: nn.Module, calib: tuple[torch.Tensor, torch.Tensor], cfg: Qua
             m.record = None
 
 
+# --- AdaRound ----------------------------------------------------------------------------------------------------------
+
+ADAROUND_ZETA, ADAROUND_GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (Nagel et al. 2020, eq. 23)
+
+
+def _rect_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    """h(V) = clip(σ(V)·(ζ − γ) + γ, 0, 1): a soft rounding offset in [0, 1] that can reach 0 and 1 exactly."""
+    return (torch.sigmoid(v) * (ADAROUND_ZETA - ADAROUND_GAMMA) + ADAROUND_GAMMA).clamp(0, 1)
+
+
+def adaround_layer(layer: "QuantLayer", inputs: torch.Tensor, iters: int = 400, batch: int = 16, lam: float = 0.01,
+                   lr: float = 1e-2, seed: int = 0) -> dict:
+    """Learn whether each weight rounds up or down (AdaRound, Nagel et al. 2020, eq. 21–25).
+
+    ŵ = s·clip(⌊w/s⌋ + h(V), c_min, c_max) with V initialised so that h(V) = w/s − ⌊w/s⌋ (ŵ = w at the
+    start), minimising ‖f(x; w) − f(x; ŵ)‖² over the layer's full-precision calibration inputs x plus
+    λ·Σ(1 − |2h(V) − 1|^β), β annealed from 20 to 2 after a 20 % warm-up (no regulariser), which
+    drives every h to 0 or 1. The result is written into the layer's weight as the rounded grid value
+    s·clip(⌊w/s⌋ + 1[h ≥ ½]), which the layer's nearest rounding then reproduces exactly, so a
+    checkpoint needs no extra tensors. Should the learned rounding come out worse than nearest on the
+    check batch (too few iterations), nearest is kept. Returns both output MSEs and the fraction flipped."""
+    inner = layer.inner
+    w = inner.weight.detach()
+    s = layer.w_scale.reshape((-1,) + (1,) * (w.ndim - 1))
+    c_min, c_max = int_range(layer.w_bits, True)
+    w_floor = torch.floor(w / s)
+    rest = (w / s - w_floor).clamp(1e-4, 1 - 1e-4)
+    v = torch.log((rest - ADAROUND_GAMMA) / (ADAROUND_ZETA - rest)).requires_grad_(True)  # h(V) = rest
+    opt = torch.optim.Adam([v], lr=lr)
+
+    def apply(wq: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(inner, nn.Conv2d):
+            return F.conv2d(x, wq, inner.bias, inner.stride, inner.padding, inner.dilation, inner.groups)
+        return F.linear(x, wq, inner.bias)
+
+    g = torch.Generator().manual_seed(seed)
+    warm = int(0.2 * iters)
+    for it in range(iters):
+        x = inputs[torch.randint(0, inputs.shape[0], (min(batch, inputs.shape[0]),), generator=g)]
+        with torch.no_grad():
+            target = apply(w, x)
+        h = _rect_sigmoid(v)
+        loss = (apply(s * (w_floor + h).clamp(c_min, c_max), x) - target).pow(2).mean()
+        if it >= warm:
+            beta = 20 + (2 - 20) * (it - warm) / max(1, iters - warm)  # linear decay 20 -> 2
+            loss = loss + lam * (1 - (2 * h - 1).abs().pow(beta)).sum() / w.numel()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        hard = s * (w_floor + (v >= 0).to(w.dtype)).clamp(c_min, c_max)  # h(V) ≥ ½ ⇔ V ≥ 0 (ζ + γ = 1)
+        nearest = fake_quant(w, s, 0.0, c_min, c_max)
+        x = inputs[:min(64, inputs.shape[0])]
+        target = apply(w, x)
+        err = {"mse_nearest": (apply(nearest, x) - target).pow(2).mean().item(),
+               "mse_adaround": (apply(hard, x) - target).pow(2).mean().item()}
+        if err["mse_adaround"] > err["mse_nearest"]:  # too few iterations to converge: keep nearest rounding
+            hard, err["mse_adaround"], err["kept_nearest"] = nearest, err["mse_nearest"], True
+        err["flipped"] = float((hard != nearest).float().mean())
+        inner.weight.copy_(hard)
+    return err
+
+
+@torch.no_grad()
+def _layer_inputs(net: nn.Module, layers: list, calib, batch_size: int = 64, keep: int = 256) -> dict:
+    """Each QuantLayer's full-precision input on the first ``keep`` calibration samples."""
+    store: dict = {m: [] for m in layers}
+    hooks = [m.register_forward_pre_hook(lambda mod, args: store[mod].append(args[0].detach().clone()))
+             for m in layers]
+    saved = [(m, m.record) for m in layers]
+    try:
+        for m in layers:
+            m.record = []  # calibration mode: the layers run in full precision
+        xs, ts = calib
+        for b0 in range(0, min(keep, xs.shape[0]), batch_size):
+            call_network(net, xs[b0:b0 + batch_size][:keep - b0], ts[b0:b0 + batch_size][:keep - b0])
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, r in saved:
+            m.record = r
+    return {m: torch.cat(v) for m, v in store.items()}
+
+
+def adaround(net: nn.Module, calib, cfg: QuantConfig, log=None) -> dict:
+    """AdaRound every QuantLayer, one layer at a time, on full-precision calibration inputs."""
+    layers = [m for m in net.modules() if isinstance(m, QuantLayer)]
+    names = {m: n for n, m in net.named_modules() if isinstance(m, QuantLayer)}
+    inputs = _layer_inputs(net, layers, calib)
+    report = {}
+    with torch.enable_grad():
+        for i, m in enumerate(layers):
+            report[names[m]] = adaround_layer(m, inputs.pop(m), iters=cfg.adaround_iters, seed=i)
+            if log:
+                r = report[names[m]]
+                log(f"adaround {names[m]}: output MSE {r['mse_nearest']:.3e} -> {r['mse_adaround']:.3e}")
+    return report
+
+
 def fake_quantize(ckpt, qcfg: QuantConfig, ccfg: CalibConfig, images=None):
     """A copy of ``ckpt`` with fake-quantized layers calibrated on collector ``ccfg`` (a simulation)."""
     from ..checkpoint import Checkpoint
@@ -392,12 +499,15 @@ def fake_quantize(ckpt, qcfg: QuantConfig, ccfg: CalibConfig, images=None):
     net = copy.deepcopy(fp)
     names = quantizable(net, qcfg)
     wrap_network(net, qcfg, names, ckpt.schedule.T)
-    calibrate(net, calib, qcfg)
+    calibrate(net, calib, qcfg)  # weight scales from the observer, activation scales
+    rounding = adaround(net, calib, qcfg) if qcfg.w_round == "adaround" else None
     arch = copy.deepcopy(ckpt.arch)
     arch.setdefault("surgery", []).append({"kind": "quant", "config": asdict(qcfg), "modules": names, "T": ckpt.schedule.T})
     meta = copy.deepcopy(ckpt.meta)
     meta["runtime"] = "fake-quant"
     meta["quant"] = {"mode": "fake-quant (simulation, no speed-up)", **asdict(qcfg), "calibration": asdict(ccfg)}
+    if rounding is not None:
+        meta["quant"]["adaround"] = rounding
     return Checkpoint(net.eval(), arch, ckpt.schedule, ckpt.parameterization, meta)
 
 
@@ -432,7 +542,8 @@ QUANT_RUNTIMES = ("fake", "ort-int8")
 
 @register_step("quant", {"w": 8, "a": 8, "calib": "ndtc", "runtime": "fake", "n": 256, "steps": 0,
                          "spacing": "leading", "interval": 5, "mu": 0.4, "sigma": 0.4, "observer": "minmax", "w_observer": "minmax",
-                         "per_channel": True, "keep_first_last": True, "keep_time": True, "t_groups": 1},
+                         "per_channel": True, "keep_first_last": True, "keep_time": True, "t_groups": 1,
+                         "w_round": "nearest", "adaround_iters": 400},
                help="post-training quantization: fake-quant simulation (any bits) or real int8 via ONNX Runtime")
 def quant_step(ckpt, args, ctx):
     if args["runtime"] not in QUANT_RUNTIMES:
@@ -460,14 +571,16 @@ def quant_step(ckpt, args, ctx):
         from ..models import image_shape
         images = load_dataset(ctx.dataset, "train", ctx.data_dir, shape=image_shape(ckpt.arch)).images
     if args["runtime"] == "ort-int8":
-        if (args["w"], args["a"]) != (8, 8) or args["t_groups"] != 1:
-            raise UserError("quant: runtime=ort-int8 is W8A8 with one activation scale (t_groups=1)")
+        if (args["w"], args["a"]) != (8, 8) or args["t_groups"] != 1 or args["w_round"] != "nearest":
+            raise UserError("quant: runtime=ort-int8 is W8A8 with one activation scale (t_groups=1) and "
+                            "ONNX Runtime's own rounding (w_round=nearest)")
         from .onnx import quantize_ort_int8
         return quantize_ort_int8(ckpt, ccfg, ctx.step_dir, images=images, per_channel=args["per_channel"],
                                  keep_first_last=args["keep_first_last"], keep_time=args["keep_time"])
     qcfg = QuantConfig(w_bits=args["w"], a_bits=args["a"], per_channel=args["per_channel"], observer=args["observer"],
                        w_observer=args["w_observer"], keep_first_last=args["keep_first_last"],
-                       keep_time=args["keep_time"], t_groups=args["t_groups"])
+                       keep_time=args["keep_time"], t_groups=args["t_groups"], w_round=args["w_round"],
+                       adaround_iters=args["adaround_iters"])
     return fake_quantize(ckpt, qcfg, ccfg, images)
 
 
