@@ -540,24 +540,42 @@ register_runtime("dynamic-int8", dynamic_int8, "PyTorch dynamic int8 (Linear lay
 QUANT_RUNTIMES = ("fake", "ort-int8")
 
 
+def _check_args(args: dict) -> None:
+    """The quant step's values, checked when the recipe is parsed (before earlier steps spend their time)."""
+    if args["runtime"] not in QUANT_RUNTIMES:
+        raise UserError(f"quant: runtime must be one of {', '.join(QUANT_RUNTIMES)}, got {args['runtime']!r} "
+                        f"(dynamic int8 and ort fp32 are runtimes: --runtime dynamic-int8 / ort)")
+    if args["steps"] < 0 or args["interval"] < 1 or args["n"] < 1:
+        raise UserError(f"quant: steps must be >= 0 (0: the checkpoint's own), interval and n >= 1; "
+                        f"got steps={args['steps']}, interval={args['interval']}, n={args['n']}")
+    if args["spacing"] not in SPACINGS:  # used by the trajectory collectors (uniform, qdiff)
+        raise UserError(f"quant: unknown spacing {args['spacing']!r}; expected one of {', '.join(SPACINGS)}")
+    if args["calib"] not in COLLECTORS:
+        raise UserError(f"quant: unknown calib {args['calib']!r}; known: {', '.join(COLLECTORS)}")
+    if args["runtime"] == "ort-int8":
+        if (args["w"], args["a"]) != (8, 8) or args["t_groups"] != 1 or args["w_round"] != "nearest":
+            raise UserError("quant: runtime=ort-int8 is W8A8 with one activation scale (t_groups=1) and "
+                            "ONNX Runtime's own rounding (w_round=nearest)")
+    else:
+        QuantConfig(w_bits=args["w"], a_bits=args["a"], per_channel=args["per_channel"], observer=args["observer"],
+                    w_observer=args["w_observer"], keep_first_last=args["keep_first_last"],
+                    keep_time=args["keep_time"], t_groups=args["t_groups"], w_round=args["w_round"],
+                    adaround_iters=args["adaround_iters"])
+
+
 @register_step("quant", {"w": 8, "a": 8, "calib": "ndtc", "runtime": "fake", "n": 256, "steps": 0,
                          "spacing": "leading", "interval": 5, "mu": 0.4, "sigma": 0.4, "observer": "minmax", "w_observer": "minmax",
                          "per_channel": True, "keep_first_last": True, "keep_time": True, "t_groups": 1,
                          "w_round": "nearest", "adaround_iters": 400},
-               help="post-training quantization: fake-quant simulation (any bits) or real int8 via ONNX Runtime")
+               help="post-training quantization: fake-quant simulation (any bits) or real int8 via ONNX Runtime",
+               validate=lambda args: _check_args(args))
 def quant_step(ckpt, args, ctx):
-    if args["runtime"] not in QUANT_RUNTIMES:
-        raise UserError(f"quant: runtime must be one of {', '.join(QUANT_RUNTIMES)}, got {args['runtime']!r}")
+    _check_args(args)
     # steps=0: calibrate on as many DDIM steps as the model is deployed with (a distilled student
     # records its few steps; every step of so short a trajectory is used by qdiff), else 50.
     # The spacing defaults to leading even for a trailing-spaced student: the trailing grid's t=999
     # step (pure noise) stretches the min-max activation ranges (measured in docs/quantization.md).
     steps, interval = args["steps"], args["interval"]
-    if steps < 0 or interval < 1 or args["n"] < 1:
-        raise UserError(f"quant: steps must be >= 0 (0: the checkpoint's own), interval and n >= 1; "
-                        f"got steps={steps}, interval={interval}, n={args['n']}")
-    if args["spacing"] not in SPACINGS:  # used by the trajectory collectors (uniform, qdiff)
-        raise UserError(f"quant: unknown spacing {args['spacing']!r}; expected one of {', '.join(SPACINGS)}")
     if steps == 0:
         steps = ckpt.sampling_defaults()[1]  # the recorded NFE, else 50
         interval = min(interval, max(1, steps // 4))
@@ -571,9 +589,6 @@ def quant_step(ckpt, args, ctx):
         from ..models import image_shape
         images = load_dataset(ctx.dataset, "train", ctx.data_dir, shape=image_shape(ckpt.arch)).images
     if args["runtime"] == "ort-int8":
-        if (args["w"], args["a"]) != (8, 8) or args["t_groups"] != 1 or args["w_round"] != "nearest":
-            raise UserError("quant: runtime=ort-int8 is W8A8 with one activation scale (t_groups=1) and "
-                            "ONNX Runtime's own rounding (w_round=nearest)")
         from .onnx import quantize_ort_int8
         return quantize_ort_int8(ckpt, ccfg, ctx.step_dir, images=images, per_channel=args["per_channel"],
                                  keep_first_last=args["keep_first_last"], keep_time=args["keep_time"])
