@@ -38,6 +38,7 @@ def main():
     ap.add_argument("--solver", default="dpmpp-2m-sde")
     ap.add_argument("--nfe", type=int, default=10)
     ap.add_argument("--runtime", default="bf16")
+    ap.add_argument("--spacing", default=None, help="timestep spacing (default: the checkpoint's, else leading)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--n", type=int, default=2048, help="samples for the FID-dom of the leandiff combination")
@@ -53,7 +54,8 @@ def main():
     pipe.set_progress_bar_config(disable=True)
     shape = image_shape(ck.arch)
     net = runtime_network(ck, a.runtime)
-    cfg = SampleConfig(solver=a.solver, nfe=a.nfe, n=a.batch, seed=0, batch_size=a.batch)
+    spacing = ck.default_spacing(a.spacing)
+    cfg = SampleConfig(solver=a.solver, nfe=a.nfe, n=a.batch, seed=0, batch_size=a.batch, spacing=spacing)
     t_pipe, t_ours = [], []
     for _ in range(a.rounds):
         t0 = time.perf_counter()
@@ -68,11 +70,11 @@ def main():
         t_ours.append(time.perf_counter() - t0)
         print(f"round: DDPMPipeline-1000 {t_pipe[-1]:.1f} s, leandiff {t_ours[-1]:.3f} s ({a.batch} images)", flush=True)
     ips_pipe, ips_ours = a.batch / statistics.median(t_pipe), a.batch / statistics.median(t_ours)
-    row = evaluate_checkpoint(ck, EvalConfig(solver=a.solver, nfe=a.nfe, n=a.n, seed=0, batch_size=256,
+    row = evaluate_checkpoint(ck, EvalConfig(solver=a.solver, nfe=a.nfe, n=a.n, seed=0, batch_size=256, spacing=spacing,
                                              runtime=a.runtime, latency=None, inception=False))
     fid = row["quality"]["fid_dom"]
     ratio, speed = fid / DDPM1000_FID_DOM, ips_ours / ips_pipe
-    md = (f"# End to end ({a.ckpt}, {a.solver}-{a.nfe}, runtime {a.runtime}) vs diffusers DDPMPipeline-1000 on {a.base}\n\n"
+    md = (f"# End to end ({a.ckpt}, {a.solver}-{a.nfe} {spacing}, runtime {a.runtime}) vs diffusers DDPMPipeline-1000 on {a.base}\n\n"
           f"Speed: batch {a.batch}, {a.rounds} alternating rounds, median, OMP_NUM_THREADS=1 on a shared 2-core machine.\n\n"
           f"| | images/s | FID-dom (N) |\n|---|---|---|\n"
           f"| diffusers DDPMPipeline, 1000 steps | {ips_pipe:.3f} | {DDPM1000_FID_DOM} (2048, zoo card) |\n"

@@ -128,17 +128,26 @@ def main():
 
 
 def earlier_rows(args, ck, rows: list[dict]) -> list[dict]:
-    """The rows of ``--merge`` (a results JSON written by :func:`publish`) in the harness's row shape,
+    """The rows of ``--merge`` (a results JSON written by :func:`publish`, or a JSONL of harness rows such as
+    a model card's ``card_rows.jsonl``) in the harness's row shape,
     minus those run now; refused unless weights, N and seed agree, so every row shares one protocol."""
     if not args.merge:
         return []
     import json
 
+    now = {(r["protocol"]["solver"], r["protocol"]["nfe"]) for r in rows}
+    if args.merge.endswith(".jsonl"):  # harness rows (e.g. a model card's card_rows.jsonl): same weights, N, seed
+        prev_rows = read_rows([Path(args.merge)])
+        bad = [r for r in prev_rows if (r.get("weights"), r["protocol"]["n"], r["protocol"]["seed"])
+               != (ck.hash(), args.n, args.seed)]
+        if bad:
+            raise SystemExit(f"--merge {args.merge}: {len(bad)} row(s) with other weights/N/seed than this run's")
+        return [{**r, "merged_from": args.merge} for r in prev_rows
+                if (r["protocol"]["solver"], r["protocol"]["nfe"]) not in now]
     prev = json.loads(Path(args.merge).read_text())
     if (prev["weights"], prev["n"], prev["seed"]) != (ck.hash(), args.n, args.seed):
         raise SystemExit(f"--merge {args.merge}: weights/N/seed {prev['weights']}/{prev['n']}/{prev['seed']} "
                          f"differ from this run's {ck.hash()}/{args.n}/{args.seed}")
-    now = {(r["protocol"]["solver"], r["protocol"]["nfe"]) for r in rows}
     return [{"protocol": {"solver": c["solver"], "nfe": c["nfe"], "nfe_used": c["nfe_used"], "spacing": c["spacing"],
                           "n": prev["n"], "seed": prev["seed"]},
              "quality": {k: c[k] for k in ("fid_dom", "kid", "kid_std", "precision", "recall")},
@@ -165,7 +174,7 @@ def publish(rows, ck, args, out: Path, text: str) -> None:
     table += [f"| {c['solver']} | {c['nfe_used']:g} | {c['spacing']} | {c['fid_dom']:.3f} | {c['kid'] * 1e3:.1f} | "
               f"{c['precision']:.3f} | {c['recall']:.3f} | {c['sampling_seconds']:.1f} | {c['run']} |" for c in compact]
     merged = (f" Rows marked \"earlier\" are the committed rows of `{args.merge}` (same weights, N and seed, "
-              f"an earlier run of this benchmark); \"this\" rows were run by the command below."
+              f"measured by the same harness in an earlier run); \"this\" rows were run by the command below."
               if args.merge else "")
     md = "\n".join([
         "# Solvers: FID-dom and KID against NFE", "",
