@@ -157,8 +157,6 @@ def earlier_rows(args, ck, rows: list[dict]) -> list[dict]:
 
 def publish(rows, ck, args, out: Path, text: str) -> None:
     """benchmarks/results/solvers.{json,md} and the FID-vs-NFE plot, for the commit."""
-    import shutil
-
     from _common import RESULTS, write_results
 
     keep = sorted((r for r in rows if r["protocol"]["n"] == args.n and r["protocol"]["seed"] == args.seed),
@@ -174,7 +172,8 @@ def publish(rows, ck, args, out: Path, text: str) -> None:
     table += [f"| {c['solver']} | {c['nfe_used']:g} | {c['spacing']} | {c['fid_dom']:.3f} | {c['kid'] * 1e3:.1f} | "
               f"{c['precision']:.3f} | {c['recall']:.3f} | {c['sampling_seconds']:.1f} | {c['run']} |" for c in compact]
     merged = (f" Rows marked \"earlier\" are the committed rows of `{args.merge}` (same weights, N and seed, "
-              f"measured by the same harness in an earlier run); \"this\" rows were run by the command below."
+              f"measured by the same harness in an earlier run); \"this\" rows were run by the command below. Sampling "
+              f"seconds are wall times under the load each run saw (the machine was shared): compare them within a run."
               if args.merge else "")
     md = "\n".join([
         "# Solvers: FID-dom and KID against NFE", "",
@@ -186,8 +185,32 @@ def publish(rows, ck, args, out: Path, text: str) -> None:
         f"![FID-dom against NFE]({args.results_name}_fid_vs_nfe.png)", ""])
     write_results(args.results_name, {"checkpoint": args.ckpt, "weights": ck.hash(), "n": args.n, "seed": args.seed,
                               "rows": compact}, md)
-    if (out / "fid_vs_nfe.png").is_file():
-        shutil.copyfile(out / "fid_vs_nfe.png", RESULTS / f"{args.results_name}_fid_vs_nfe.png")
+    plot_fid_vs_nfe(compact, RESULTS / f"{args.results_name}_fid_vs_nfe.png",
+                    f"{args.ckpt}, N={args.n}, seed {args.seed}")
+
+
+def plot_fid_vs_nfe(compact: list[dict], path: Path, title: str) -> None:
+    """FID-dom against NFE spent, one line per solver (every row, merged ones included), log-log;
+    the 1000-step DDPM row as a horizontal reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)
+    ref = [c for c in compact if c["solver"] == "ddpm" and c["nfe"] == 1000]
+    for solver in sorted({c["solver"] for c in compact}):
+        pts = sorted((c["nfe_used"], c["fid_dom"]) for c in compact if c["solver"] == solver and c["nfe"] <= 100)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=solver.replace("diffusers:", "d:"))
+    if ref:
+        ax.axhline(ref[0]["fid_dom"], color="k", ls="--", lw=1, label="ddpm 1000 steps")
+    ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel="FID-dom", title=title)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
