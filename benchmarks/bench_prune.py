@@ -290,13 +290,16 @@ def write_report(a, out: Path, done: dict, lat: dict, seconds: float, mse: dict)
                      + f". Diff-Pruning {'beats' if beats else 'does not beat'} both magnitude and Taylor here "
                      f"(one seed, N={a.n}: differences of a few % are within sampling noise).")
         rec.setdefault("diff_beats_magnitude_and_taylor", {})[str(ratio)] = beats
-    lines += ["", "What was cut to fit the shared 2-core CPU (load ≈ 7 during the run): rows that are not fine-tuned "
+    lines += ["", "What was cut to fit the shared 2-core CPU (other benchmarks ran beside this one; latency rounds alternate between networks, so the load is shared fairly): rows that are not fine-tuned "
               f"(structured before fine-tuning, unstructured) use N={a.n_pre} samples against a base row at the same N "
               f"(the protocol's N={a.n} is used for the base and every fine-tuned row); only p ∈ {{{a.ft_ratios}}} is "
               f"fine-tuned ({a.ft_steps} steps × 128 = {a.ft_steps / BASE_STEPS:.0%} of the base training, plain MSE, "
               f"lr {a.ft_lr}, no KD); Taylor / Diff-Pruning gradients on one batch of 32 at every "
               f"{a.t_stride}th timestep (threshold {a.threshold}); latency is measured once per architecture "
               "(all importances give the same shapes at one p, and fine-tuning keeps them)."]
+    if a.report_only:
+        lines += ["", "The rows and models were made by the same command without `--report-only` (which resumes "
+                  "them); this file was then written from them."]
     rec["seconds"] = seconds
     md = "\n".join(lines)
     print(md)
