@@ -48,6 +48,10 @@ def variants(collectors, n_calib: int, calib_steps: int):
         for c in collectors:
             cc = CalibConfig(collector=c, n=n_calib, steps=calib_steps)
             yield f"fake-W{w}A8[{c}]", ("fake", QuantConfig(w_bits=w, a_bits=8), cc), "fake-quant", "simulation"
+    for c in collectors:  # W4A8 with empirical bias correction (quant.correct_bias)
+        cc = CalibConfig(collector=c, n=n_calib, steps=calib_steps)
+        yield (f"fake-W4A8-bc[{c}]", ("fake", QuantConfig(w_bits=4, a_bits=8, bias_correction=True), cc),
+               "fake-quant", "simulation")
 
 
 def build(base, how, out: Path):
@@ -72,6 +76,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=7, help="alternating latency rounds")
     ap.add_argument("--extra", action="store_true", help="latency-only rows for mnist-small / cifar10-ddpm (random weights)")
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--only", default="", help="comma-separated row names to run (default: every row)")
+    ap.add_argument("--results-name", default="quant", help="benchmarks/results/NAME.{json,md}")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -83,8 +89,12 @@ def main():
     # --- quality, one row per variant --------------------------------------------------------------------------------
     ckpts = {}
     var = list(variants(COLLECTORS, a.n_calib, a.calib_steps))
+    tail = [("fake-W4A8-tgroups4[best]", "tgroups", "fake-quant", "simulation")]
+    if a.only:
+        keep = {x.strip() for x in a.only.split(",")}
+        var, tail = [v for v in var if v[0] in keep], [v for v in tail if v[0] in keep]
     best = None
-    for name, how, rt, kind in var + [("fake-W4A8-tgroups4[best]", "tgroups", "fake-quant", "simulation")]:
+    for name, how, rt, kind in var + tail:
         if how == "tgroups":  # activation scales per timestep group, with the best W4A8 collector
             w4 = [r for r in done.values() if r["bench_name"].startswith("fake-W4A8[")]
             if not w4:
@@ -154,6 +164,8 @@ def main():
     sp64 = l0[64]["median_ms"] / lat["ort-int8[ndtc]"][64]["median_ms"] if "ort-int8[ndtc]" in lat else float("nan")
     best_int8 = min(ort8, key=ort8.get) if ort8 else None
     best_w4 = min(w4, key=w4.get) if w4 else None
+    w4bc = {c: done[f"fake-W4A8-bc[{c}]"]["quality"]["fid_dom"] for c in COLLECTORS if f"fake-W4A8-bc[{c}]" in done}
+    best_bc = min(w4bc, key=w4bc.get) if w4bc else None
     verdict = [
         f"- ort-int8 speed-up over torch fp32 eager at batch 64: {sp64:.2f}× (target ≥ 2.0×: {'met' if sp64 >= 2 else 'NOT met'}).",
         f"- ort-int8 FID-dom ÷ fp32, per collector: " + ", ".join(f"{c} {v / fid0:.3f}" for c, v in ort8.items())
@@ -162,6 +174,12 @@ def main():
         f"- fake W4A8 FID-dom ÷ fp32: " + ", ".join(f"{c} {v / fid0:.3f}" for c, v in w4.items())
         + f" (target ≤ 1.2 with the best collector: best {best_w4} {'met' if best_w4 and w4[best_w4] / fid0 <= 1.2 else 'NOT met'}).",
     ]
+    if w4bc:
+        verdict.append(f"- fake W4A8 with bias correction, FID-dom ÷ fp32: " + ", ".join(f"{c} {v / fid0:.3f}" for c, v in w4bc.items())
+                       + f" (target ≤ 1.2 with the best collector: best {best_bc} "
+                       f"{'met' if w4bc[best_bc] / fid0 <= 1.2 else 'NOT met'}).")
+    if sp64 != sp64:  # no ort-int8 row in this run (--only)
+        verdict = [v for v in verdict if not v.startswith("- ort-int8")]
     tg = [r for n, r in done.items() if n.startswith("fake-W4A8-tgroups4")]
     if tg and best_w4:
         verdict.append(f"- W4A8[{best_w4}] with 4 timestep-group activation scales: FID-dom ÷ fp32 "
@@ -185,10 +203,10 @@ def main():
           f"the graph). Fake-quant rows are SIMULATIONS in fp32: their latency is shown only to make plain that they are "
           f"slower, never a speed-up.\n\n{table}\n\n" + "\n".join(verdict) + extra_md)
     notes = Path(__file__).resolve().parent / "results" / "quant_notes.md"
-    if notes.is_file():  # hand-written reading of the last committed run (cuts, noise, conclusions)
+    if notes.is_file() and a.results_name == "quant":  # hand-written reading of the last committed run (cuts, noise, conclusions)
         md += "\n" + notes.read_text()
     print(md)
-    write_results("quant", {"rows": rows, "latency": lat, "extra_latency": extra, "verdict": verdict,
+    write_results(a.results_name, {"rows": rows, "latency": lat, "extra_latency": extra, "verdict": verdict,
                             "settings": vars(a)}, md)
 
 

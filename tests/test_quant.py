@@ -147,6 +147,35 @@ def test_adaround_lowers_the_layer_error_and_stays_on_the_grid(tiny, tmp_path):
         Q.QuantConfig(w_round="stochastic")
 
 
+def test_bias_correction_removes_the_mean_output_shift(tiny):
+    """With bias_correction each quantized layer's mean output over the calibration inputs equals the
+    full-precision layer's (per channel), where without it W4 leaves a shift."""
+    plain = Q.fake_quantize(tiny, Q.QuantConfig(w_bits=4, a_bits=8), CALIB)
+    fixed = Q.fake_quantize(tiny, Q.QuantConfig(w_bits=4, a_bits=8, bias_correction=True), CALIB)
+    calib = Q.collect(tiny.denoiser(), image_shape(tiny.arch), CALIB)
+    assert fixed.meta["quant"]["bias_correction_max_shift"]
+
+    # the full-precision inputs of every layer (the plain model's inner layers are the original ones)
+    layers = {n: m for n, m in plain.net.named_modules() if isinstance(m, Q.QuantLayer) and m.inner.bias is not None}
+    inputs = {n: x for n, (m, x) in zip(layers, Q._layer_inputs(plain.net, list(layers.values()), calib).items())}
+
+    def shifts(q):  # per layer: the largest per-channel mean of (quantized layer − original layer)
+        out = []
+        with torch.no_grad():
+            for n, x in inputs.items():
+                m, ref = q.net.get_submodule(n), tiny.net.get_submodule(n)
+                ch = 1 if isinstance(ref, torch.nn.Conv2d) else -1
+                d = (m(x) - ref(x)).movedim(ch, -1).reshape(-1, ref.bias.numel())
+                out.append(d.mean(0).abs().max().item())
+        return out
+
+    before, after = shifts(plain), shifts(fixed)
+    assert max(before) > 1e-3 and max(after) < 1e-5 * max(1.0, max(before))
+    with pytest.raises(UserError, match="bias_correction"):
+        from leandiff.recipe import parse_recipe
+        parse_recipe("quant(runtime=ort-int8,bias_correction=true)")
+
+
 # --- collectors ------------------------------------------------------------------------------------------------------
 
 def _ddim_grid(ck, steps):
