@@ -180,6 +180,8 @@ def main():
                        f"{'met' if w4bc[best_bc] / fid0 <= 1.2 else 'NOT met'}).")
     if sp64 != sp64:  # no ort-int8 row in this run (--only)
         verdict = [v for v in verdict if not v.startswith("- ort-int8")]
+    verdict = [v for v in verdict if not (v.startswith("- fake W8A8") and not w8)
+               and not (v.startswith("- fake W4A8 FID-dom") and not w4)]
     tg = [r for n, r in done.items() if n.startswith("fake-W4A8-tgroups4")]
     if tg and best_w4:
         verdict.append(f"- W4A8[{best_w4}] with 4 timestep-group activation scales: FID-dom ÷ fp32 "
