@@ -166,22 +166,19 @@ def main():
     best_w4 = min(w4, key=w4.get) if w4 else None
     w4bc = {c: done[f"fake-W4A8-bc[{c}]"]["quality"]["fid_dom"] for c in COLLECTORS if f"fake-W4A8-bc[{c}]" in done}
     best_bc = min(w4bc, key=w4bc.get) if w4bc else None
-    verdict = [
-        f"- ort-int8 speed-up over torch fp32 eager at batch 64: {sp64:.2f}× (target ≥ 2.0×: {'met' if sp64 >= 2 else 'NOT met'}).",
-        f"- ort-int8 FID-dom ÷ fp32, per collector: " + ", ".join(f"{c} {v / fid0:.3f}" for c, v in ort8.items())
-        + f" (target ≤ 1.05: best {best_int8} {'met' if best_int8 and ort8[best_int8] / fid0 <= 1.05 else 'NOT met'}).",
-        f"- fake W8A8 FID-dom ÷ fp32: " + ", ".join(f"{c} {v / fid0:.3f}" for c, v in w8.items()) + ".",
-        f"- fake W4A8 FID-dom ÷ fp32: " + ", ".join(f"{c} {v / fid0:.3f}" for c, v in w4.items())
-        + f" (target ≤ 1.2 with the best collector: best {best_w4} {'met' if best_w4 and w4[best_w4] / fid0 <= 1.2 else 'NOT met'}).",
-    ]
-    if w4bc:
-        verdict.append(f"- fake W4A8 with bias correction, FID-dom ÷ fp32: " + ", ".join(f"{c} {v / fid0:.3f}" for c, v in w4bc.items())
-                       + f" (target ≤ 1.2 with the best collector: best {best_bc} "
-                       f"{'met' if w4bc[best_bc] / fid0 <= 1.2 else 'NOT met'}).")
-    if sp64 != sp64:  # no ort-int8 row in this run (--only)
-        verdict = [v for v in verdict if not v.startswith("- ort-int8")]
-    verdict = [v for v in verdict if not (v.startswith("- fake W8A8") and not w8)
-               and not (v.startswith("- fake W4A8 FID-dom") and not w4)]
+    verdict = []
+    if ort8:  # a run with --only may have no ort-int8 rows
+        verdict += [
+            f"- ort-int8 speed-up over torch fp32 eager at batch 64: {sp64:.2f}× (target ≥ 2.0×: {'met' if sp64 >= 2 else 'NOT met'}).",
+            f"- ort-int8 FID-dom ÷ fp32, per collector: " + ", ".join(f"{c} {v / fid0:.3f}" for c, v in ort8.items())
+            + f" (target ≤ 1.05: best {best_int8} {'met' if ort8[best_int8] / fid0 <= 1.05 else 'NOT met'})."]
+    if w8:
+        verdict.append(f"- fake W8A8 FID-dom ÷ fp32: " + ", ".join(f"{c} {v / fid0:.3f}" for c, v in w8.items()) + ".")
+    for label, w4x, best_x in (("", w4, best_w4), (" with bias correction", w4bc, best_bc)):
+        if w4x:
+            verdict.append(f"- fake W4A8{label}, FID-dom ÷ fp32: " + ", ".join(f"{c} {v / fid0:.3f}" for c, v in w4x.items())
+                           + f" (target ≤ 1.2 with the best collector: best {best_x} "
+                           f"{'met' if w4x[best_x] / fid0 <= 1.2 else 'NOT met'}).")
     tg = [r for n, r in done.items() if n.startswith("fake-W4A8-tgroups4")]
     if tg and best_w4:
         verdict.append(f"- W4A8[{best_w4}] with 4 timestep-group activation scales: FID-dom ÷ fp32 "

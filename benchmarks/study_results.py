@@ -20,6 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
 
+from leandiff.study import load_study  # noqa: E402
+
 
 def cells(out: Path) -> list[dict]:
     path = out / "results.jsonl"
@@ -46,8 +48,7 @@ def main():
         wall_file.write_text(json.dumps(wall, indent=1))
     wall = json.loads(wall_file.read_text())
     findings = json.loads((out / "findings.json").read_text())
-    title = next((line.split("=", 1)[1].strip().strip('"') for line in study.read_text().splitlines()
-                  if line.startswith("title")), study.stem)
+    title = load_study(study).title
     table = ["| model | solver | NFE | runtime | N | FID-dom | KID×1e3 | cell s |", "|---|---|---|---|---|---|---|---|"]
     compact = []
     for r in rows:

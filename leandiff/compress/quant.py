@@ -109,6 +109,13 @@ def weight_scale(w: torch.Tensor, bits: int, per_channel: bool, observer: str) -
 
 # --- the quantized layer wrapper ---------------------------------------------------------------------------------------
 
+def layer_op(inner: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``inner`` (a Conv2d or Linear) applied to ``x`` with weight ``w`` in place of its own (same bias)."""
+    if isinstance(inner, nn.Conv2d):
+        return F.conv2d(x, w, inner.bias, inner.stride, inner.padding, inner.dilation, inner.groups)
+    return F.linear(x, w, inner.bias)
+
+
 class QuantLayer(nn.Module):
     """A Conv2d or Linear whose weights are fake-quantized (symmetric, per channel or per tensor, 2–8
     bits) and whose input activation is fake-quantized (affine, per tensor, 4–16 bits), with one
@@ -142,11 +149,7 @@ class QuantLayer(nn.Module):
         if self.record is not None:  # calibration: full precision, remember the inputs
             self.record.append((self.group, _subsample(x)))
             return self.inner(x)
-        x, w = self._qinput(x), self._qweight()
-        if isinstance(self.inner, nn.Conv2d):
-            m = self.inner
-            return F.conv2d(x, w, m.bias, m.stride, m.padding, m.dilation, m.groups)
-        return F.linear(x, w, self.inner.bias)
+        return layer_op(self.inner, self._qinput(x), self._qweight())
 
 
 def _subsample(x: torch.Tensor, k: int = 4096) -> torch.Tensor:
@@ -171,7 +174,7 @@ class QuantConfig:
     keep_time: bool = True  # the time-embedding MLP stays full precision
     t_groups: int = 1  # activation scales per timestep group (1 = one scale for all t)
     w_round: str = "nearest"  # weight rounding: nearest | adaround (learned on the calibration set)
-    bias_correction: bool = False  # remove the mean output shift the weight error causes (Nagel et al. 2019)
+    bias_correction: bool = False  # remove each layer's mean output shift from quantization (Nagel et al. 2019)
     adaround_iters: int = 400  # AdaRound optimisation steps per layer
 
     def __post_init__(self):
@@ -420,19 +423,14 @@ def adaround_layer(layer: "QuantLayer", inputs: torch.Tensor, iters: int = 400, 
     v = torch.log((rest - ADAROUND_GAMMA) / (ADAROUND_ZETA - rest)).requires_grad_(True)  # h(V) = rest
     opt = torch.optim.Adam([v], lr=lr)
 
-    def apply(wq: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(inner, nn.Conv2d):
-            return F.conv2d(x, wq, inner.bias, inner.stride, inner.padding, inner.dilation, inner.groups)
-        return F.linear(x, wq, inner.bias)
-
     g = torch.Generator().manual_seed(seed)
     warm = int(0.2 * iters)
     for it in range(iters):
         x = inputs[torch.randint(0, inputs.shape[0], (min(batch, inputs.shape[0]),), generator=g)]
         with torch.no_grad():
-            target = apply(w, x)
+            target = layer_op(inner, x, w)
         h = _rect_sigmoid(v)
-        loss = (apply(s * (w_floor + h).clamp(c_min, c_max), x) - target).pow(2).mean()
+        loss = (layer_op(inner, x, s * (w_floor + h).clamp(c_min, c_max)) - target).pow(2).mean()
         if it >= warm:
             beta = 20 + (2 - 20) * (it - warm) / max(1, iters - warm)  # linear decay 20 -> 2
             loss = loss + lam * (1 - (2 * h - 1).abs().pow(beta)).sum() / w.numel()
@@ -443,9 +441,9 @@ def adaround_layer(layer: "QuantLayer", inputs: torch.Tensor, iters: int = 400, 
         hard = s * (w_floor + (v >= 0).to(w.dtype)).clamp(c_min, c_max)  # h(V) ≥ ½ ⇔ V ≥ 0 (ζ + γ = 1)
         nearest = fake_quant(w, s, 0.0, c_min, c_max)
         x = inputs[:min(64, inputs.shape[0])]
-        target = apply(w, x)
-        err = {"mse_nearest": (apply(nearest, x) - target).pow(2).mean().item(),
-               "mse_adaround": (apply(hard, x) - target).pow(2).mean().item()}
+        target = layer_op(inner, x, w)
+        err = {"mse_nearest": (layer_op(inner, x, nearest) - target).pow(2).mean().item(),
+               "mse_adaround": (layer_op(inner, x, hard) - target).pow(2).mean().item()}
         if err["mse_adaround"] > err["mse_nearest"]:  # too few iterations to converge: keep nearest rounding
             hard, err["mse_adaround"], err["kept_nearest"] = nearest, err["mse_nearest"], True
         err["flipped"] = float((hard != nearest).float().mean())
@@ -475,47 +473,44 @@ def _layer_inputs(net: nn.Module, layers: list, calib, batch_size: int = 64, kee
 
 
 @torch.no_grad()
-def correct_bias(net: nn.Module, calib) -> dict:
+def correct_bias(layers: dict, inputs: dict, fp_weights: dict) -> dict:
     """Empirical bias correction (Nagel et al. 2019, "Data-free quantization", §4.2, with the expectation
     taken over calibration data): quantization shifts a layer's mean output per channel,
     E[f̂(x)] − E[f(x)]; subtract that shift from the bias. f̂ is the quantized layer as it runs (weights
-    and input activations quantized), f the full-precision one, x the layer's full-precision inputs on
-    the calibration set; the mean is over samples and positions. Systematic shifts matter more than
+    and input activations quantized), f the full-precision one (``fp_weights``: its weights before any
+    AdaRound), x the layer's full-precision inputs on the calibration set (``inputs``, from
+    :func:`_layer_inputs`); the mean is over samples and positions. Systematic shifts matter more than
     their size suggests in a sampler, which adds the same error at every step (a grey background).
-    Layers without a bias are left as they are. Returns name -> the largest |shift| removed."""
-    layers = [m for m in net.modules() if isinstance(m, QuantLayer)]
-    names = {m: n for n, m in net.named_modules() if isinstance(m, QuantLayer)}
-    inputs = _layer_inputs(net, layers, calib)
+    ``layers``: name -> QuantLayer. Layers without a bias are left as they are. Returns name -> the
+    largest |shift| removed."""
     report = {}
-    for m in layers:
-        x = inputs.pop(m)
+    for name, m in layers.items():
         if m.inner.bias is None:
             continue
+        x, w = inputs[m], fp_weights[m]
         saved, m.group = m.group, None  # one shift for every timestep group
         ch = 1 if isinstance(m.inner, nn.Conv2d) else -1  # the output-channel dimension
         total, count = torch.zeros_like(m.inner.bias), 0
         for b0 in range(0, x.shape[0], 64):
-            d = (m(x[b0:b0 + 64]) - m.inner(x[b0:b0 + 64])).movedim(ch, -1).reshape(-1, m.inner.bias.numel())
+            xb = x[b0:b0 + 64]
+            d = (m(xb) - layer_op(m.inner, xb, w)).movedim(ch, -1).reshape(-1, m.inner.bias.numel())
             total, count = total + d.sum(dim=0), count + d.shape[0]
         m.group = saved
         shift = total / count
         m.inner.bias.sub_(shift)
-        report[names[m]] = float(shift.abs().max())
+        report[name] = float(shift.abs().max())
     return report
 
 
-def adaround(net: nn.Module, calib, cfg: QuantConfig, log=None) -> dict:
-    """AdaRound every QuantLayer, one layer at a time, on full-precision calibration inputs."""
-    layers = [m for m in net.modules() if isinstance(m, QuantLayer)]
-    names = {m: n for n, m in net.named_modules() if isinstance(m, QuantLayer)}
-    inputs = _layer_inputs(net, layers, calib)
+def adaround(layers: dict, inputs: dict, cfg: QuantConfig, log=None) -> dict:
+    """AdaRound every QuantLayer (``layers``: name -> layer), one at a time, on its full-precision
+    calibration inputs (``inputs``, from :func:`_layer_inputs`)."""
     report = {}
     with torch.enable_grad():
-        for i, m in enumerate(layers):
-            report[names[m]] = adaround_layer(m, inputs.pop(m), iters=cfg.adaround_iters, seed=i)
+        for i, (name, m) in enumerate(layers.items()):
+            report[name] = r = adaround_layer(m, inputs[m], iters=cfg.adaround_iters, seed=i)
             if log:
-                r = report[names[m]]
-                log(f"adaround {names[m]}: output MSE {r['mse_nearest']:.3e} -> {r['mse_adaround']:.3e}")
+                log(f"adaround {name}: output MSE {r['mse_nearest']:.3e} -> {r['mse_adaround']:.3e}")
     return report
 
 
@@ -531,8 +526,15 @@ def fake_quantize(ckpt, qcfg: QuantConfig, ccfg: CalibConfig, images=None):
     names = quantizable(net, qcfg)
     wrap_network(net, qcfg, names, ckpt.schedule.T)
     calibrate(net, calib, qcfg)  # weight scales from the observer, activation scales
-    rounding = adaround(net, calib, qcfg) if qcfg.w_round == "adaround" else None
-    corrected = correct_bias(net, calib) if qcfg.bias_correction else None
+    rounding = corrected = None
+    if qcfg.w_round == "adaround" or qcfg.bias_correction:
+        layers = {n: m for n, m in net.named_modules() if isinstance(m, QuantLayer)}
+        inputs = _layer_inputs(net, list(layers.values()), calib)  # full precision, before any change
+        fp_weights = {m: m.inner.weight.detach().clone() for m in layers.values()}
+        if qcfg.w_round == "adaround":
+            rounding = adaround(layers, inputs, qcfg)
+        if qcfg.bias_correction:
+            corrected = correct_bias(layers, inputs, fp_weights)
     arch = copy.deepcopy(ckpt.arch)
     arch.setdefault("surgery", []).append({"kind": "quant", "config": asdict(qcfg), "modules": names, "T": ckpt.schedule.T})
     meta = copy.deepcopy(ckpt.meta)
@@ -603,7 +605,7 @@ def _check_args(args: dict) -> None:
                          "per_channel": True, "keep_first_last": True, "keep_time": True, "t_groups": 1,
                          "w_round": "nearest", "adaround_iters": 400, "bias_correction": False},
                help="post-training quantization: fake-quant simulation (any bits) or real int8 via ONNX Runtime",
-               validate=lambda args: _check_args(args))
+               validate=_check_args)
 def quant_step(ckpt, args, ctx):
     _check_args(args)
     # steps=0: calibrate on as many DDIM steps as the model is deployed with (a distilled student

@@ -26,13 +26,13 @@ from ..denoiser import Denoiser
 from ._common import alpha_sigma_f, check_range, half_lambda, predict, randn_like, step_pairs
 
 
-@torch.no_grad()
-def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, timesteps, *, generator=None, callback=None,
-                    clip_x0: bool = False) -> torch.Tensor:
-    """DPM-Solver++(2M), Lu et al. 2022b Alg. 2 ("midpoint" form, as diffusers' default):
+def _dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, timesteps, eta: float, generator, callback,
+              clip_x0: bool) -> torch.Tensor:
+    """Second-order multistep exponential integrator with noise level η (the family of :func:`_dpmpp_3m`):
 
-    x_s = (σ_s/σ_t)·x_t − α_s·(e^{−h} − 1)·D,  D = (1 + 1/(2r))·x̂₀_t − 1/(2r)·x̂₀_prev,  r = h_prev/h;
-    D = x̂₀_t on the first and the last step.
+    x_s = (σ_s/σ_t)·e^{−ηh}·x_t + α_s·(1 − e^{−H})·D + σ_s·sqrt(1 − e^{−2ηh})·z,  H = (1 + η)·h,
+    D = x̂₀_t + (x̂₀_t − x̂₀_prev)/(2r), r = h_prev/h ("midpoint"); D = x̂₀_t on the first step, and the
+    last step (to σ = 0) returns x̂₀ without noise. η = 0 is DPM-Solver++(2M), η = 1 SDE-DPM-Solver++(2M).
     """
     x0_prev, h_prev = None, None
     for i, (t, s) in enumerate(step_pairs(timesteps)):
@@ -40,7 +40,7 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, timesteps, *, generator
         a_s, s_s = alpha_sigma_f(denoiser, s)
         _, x0 = predict(denoiser, x, t, clip_x0)
         if s_s == 0:
-            # Last step to clean data: first order, x_s = x̂₀.
+            # Last step to clean data: first order, noise-free, x_s = x̂₀.
             x = x0
         else:
             h = half_lambda(a_s, s_s) - half_lambda(a_t, s_t)
@@ -48,12 +48,26 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, timesteps, *, generator
             if x0_prev is not None:
                 # Second-order multistep correction from the previous prediction.
                 r = h_prev / h
-                d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
-            x = (s_s / s_t) * x - a_s * math.expm1(-h) * d
+                d = x0 + (x0 - x0_prev) / (2 * r)
+            # Exponential-integrator step plus the exactly scaled fresh noise.
+            x = (s_s / s_t * math.exp(-eta * h)) * x - a_s * math.expm1(-(1 + eta) * h) * d
+            if eta > 0:
+                x = x + s_s * (-math.expm1(-2 * eta * h)) ** 0.5 * randn_like(x, generator)
             x0_prev, h_prev = x0, h
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "x0": x0})
     return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, timesteps, *, generator=None, callback=None,
+                    clip_x0: bool = False) -> torch.Tensor:
+    """DPM-Solver++(2M), Lu et al. 2022b Alg. 2 ("midpoint" form, as diffusers' default):
+
+    x_s = (σ_s/σ_t)·x_t − α_s·(e^{−h} − 1)·D,  D = (1 + 1/(2r))·x̂₀_t − 1/(2r)·x̂₀_prev,  r = h_prev/h;
+    D = x̂₀_t on the first and the last step. The η = 0 member of :func:`_dpmpp_2m`.
+    """
+    return _dpmpp_2m(denoiser, x, timesteps, 0.0, generator, callback, clip_x0)
 
 
 def _dpmpp_3m(denoiser: Denoiser, x: torch.Tensor, timesteps, eta: float, generator, callback,
@@ -150,30 +164,7 @@ def sample_dpmpp_2m_sde(denoiser: Denoiser, x: torch.Tensor, timesteps, *, gener
     and the two-step version uses D = x̂₀_t + (1/(2r))·(x̂₀_t − x̂₀_prev), r = h_prev/h ("midpoint", as
     diffusers' ``sde-dpmsolver++`` and k-diffusion's ``sample_dpmpp_2m_sde``). Last step: x̂₀, no noise.
 
-    ``eta`` < 1 takes the member of the family of :func:`_dpmpp_3m` with less fresh noise: with H = (1 + η)h,
-    x_s = (σ_s/σ_t)·e^{−ηh}·x_t + α_s·(1 − e^{−H})·D + σ_s·sqrt(1 − e^{−2ηh})·z; η = 0 is dpmpp-2m exactly.
+    ``eta`` < 1 takes the member of :func:`_dpmpp_2m` with less fresh noise; η = 0 is dpmpp-2m exactly.
     """
     eta = check_range("dpmpp-2m-sde", "eta", eta, 0.0, 1.0)
-    x0_prev, h_prev = None, None
-    for i, (t, s) in enumerate(step_pairs(timesteps)):
-        a_t, s_t = alpha_sigma_f(denoiser, t)
-        a_s, s_s = alpha_sigma_f(denoiser, s)
-        _, x0 = predict(denoiser, x, t, clip_x0)
-        if s_s == 0:
-            # Last step to clean data: first order, noise-free.
-            x = x0
-        else:
-            h = half_lambda(a_s, s_s) - half_lambda(a_t, s_t)
-            d = x0
-            if x0_prev is not None:
-                # Second-order multistep correction.
-                r = h_prev / h
-                d = x0 + (x0 - x0_prev) / (2 * r)
-            # Exponential-integrator step plus the exactly scaled fresh noise.
-            x = (s_s / s_t * math.exp(-eta * h)) * x - a_s * math.expm1(-(1 + eta) * h) * d
-            if eta > 0:
-                x = x + s_s * (-math.expm1(-2 * eta * h)) ** 0.5 * randn_like(x, generator)
-            x0_prev, h_prev = x0, h
-        if callback is not None:
-            callback({"i": i, "t": t, "x": x, "x0": x0})
-    return x
+    return _dpmpp_2m(denoiser, x, timesteps, eta, generator, callback, clip_x0)
