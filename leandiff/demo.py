@@ -51,6 +51,8 @@ FULL_ROWS = (Row("ddim", 10), Row("ddim", 20),
              Row("ddim", 20, "bf16"), Row("dpmpp-2m", 10, "bf16"),
              Row("ddim", 20, "", INT8, "int8"), Row("dpmpp-2m", 10, "", INT8, "int8"),
              Row("dpmpp-2m-sde", 20, "", INT8, "int8"),
+             # the best stacked recipe found (benchmarks/results/e2e_int8.md): real int8 + dpmpp-3m-sde 10
+             Row("dpmpp-3m-sde", 10, "", INT8, "int8", spacing="trailing"),
              Row("dpmpp-2m-sde", 20, "cache-nu:2"), Row("ddim", 20, "cache:2"),
              Row("ddim", 20, "", SPARSE, "sparse30"),
              # the shipped 4-step progressively distilled student, alone and stacked with real int8
