@@ -288,3 +288,22 @@ def test_kd_finetune_as_first_step_freezes_a_copy_not_the_student(tiny_ckpt, ima
     ck = apply_recipe(tiny_ckpt, "finetune(steps=1,batch_size=4,kd=true,bf16=false,ema_decay=0)", tmp_path / "o",
                       dataset=f"folder:{image_folder}", progress=False, log=lambda s: None)
     assert ck.hash() != start
+
+
+def test_finetune_weighting_changes_the_loss_and_bad_combinations_fail_at_parse_time(tiny_ckpt, image_folder, tmp_path):
+    runs = {}
+    for w in ("plain", "snr+1"):
+        ck = apply_recipe(tiny_ckpt, f"finetune(steps=2,batch_size=4,bf16=false,ema_decay=0,weighting={w})",
+                          tmp_path / w, dataset=f"folder:{image_folder}", progress=False, log=lambda s: None)
+        assert ck.lineage[-1]["args"]["weighting"] == w
+        runs[w] = ck.hash()
+    assert runs["plain"] != runs["snr+1"]  # same data, seed and steps: only the loss differs
+    with pytest.raises(UserError, match="weighting must be one of"):
+        parse_recipe("finetune(steps=2,weighting=snr)")
+    with pytest.raises(UserError, match="KD mixes plain MSEs"):
+        parse_recipe("prune(method=magnitude,ratio=0.3) > finetune(steps=2,kd=true,weighting=snr+1)")
+    with pytest.raises(UserError, match="KD mixes plain MSEs"):
+        parse_recipe("finetune(steps=2,kd=true,x0_weight=0.01)")
+    with pytest.raises(UserError, match="x0_weight must be >= 0"):
+        parse_recipe("finetune(steps=2,x0_weight=-1)")
+    parse_recipe("finetune(steps=2,x0_weight=0.01)")

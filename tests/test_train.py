@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from leandiff.checkpoint import load_checkpoint
+from leandiff.errors import UserError
 from leandiff.train import DiffusionLoss, TrainConfig, lr_at
 
 from conftest import ROOT, run_cli
@@ -113,6 +114,27 @@ def test_snr_plus_one_weighting_equals_v_mse(tiny_ckpt):
     a = DiffusionLoss("snr+1")(d, x0, torch.Generator().manual_seed(0))
     b = DiffusionLoss("plain")(d, x0, torch.Generator().manual_seed(0))
     assert a.item() == pytest.approx(b.item(), rel=1e-4)
+
+
+def test_x0_weight_adds_the_inverse_snr_weighted_eps_error(tiny_ckpt):
+    """For an ε-model λ·‖x₀ − x̂₀‖² = λ/SNR·‖ε − ε̂‖²: the loss equals the per-sample sum computed by hand."""
+    from leandiff.denoiser import Denoiser
+    from leandiff.schedule import log_snr, q_sample
+
+    d = Denoiser(tiny_ckpt.net, tiny_ckpt.schedule, "eps")
+    x0 = torch.randn(6, 1, 16, 16).clamp(-1, 1)
+    got = DiffusionLoss("plain", x0_weight=0.01)(d, x0, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)  # the loss's own draws, in its order
+    t = torch.randint(0, d.schedule.T, (6,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    with torch.no_grad():
+        err = (d(q_sample(d.schedule, x0, t, noise), t) - noise).pow(2).flatten(1).mean(1)
+    inv_snr = (-log_snr(d.schedule, t)).exp()
+    want = err.mean() + 0.01 * (inv_snr * err).mean()
+    assert got.item() == pytest.approx(want.item(), rel=1e-4)
+    assert got.item() > DiffusionLoss("plain")(d, x0, torch.Generator().manual_seed(3)).item()
+    with pytest.raises(UserError, match="x0_weight adds to the plain loss only"):
+        TrainConfig(weighting="snr+1", x0_weight=0.1)
 
 
 def test_lr_schedule_shapes():
