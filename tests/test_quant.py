@@ -270,6 +270,31 @@ def test_ort_int8_checkpoint_knows_runtime_and_calibration(int8_dir):
         assert _cos(net(x, t), ck.net(x, t).sample) > 0.9
 
 
+def test_ort_int8_honours_the_percentile_observer_on_an_uneven_calibration_set(tiny, tmp_path):
+    """observer=percentile reaches ORT's Percentile calibrator (narrower activation ranges than MinMax);
+    40 samples do not split into batches of 32, which ORT's histogram calibrators cannot stack."""
+    import onnx
+    from onnx import numpy_helper
+
+    from leandiff.compress.onnx import quantize_onnx_int8
+
+    fp32 = export_onnx(tiny, tmp_path / "m.onnx")
+    calib = Q.collect(tiny.denoiser(), (1, 16, 16), Q.CalibConfig(collector="real", n=40, seed=2), _images(2))
+    scales = {}
+    for obs in ("minmax", "percentile"):
+        g = onnx.load(str(quantize_onnx_int8(fp32, tmp_path / f"{obs}.onnx", calib, observer=obs))).graph
+        init = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+        # activation scales: QuantizeLinear nodes (weights are stored quantized, dequantized only)
+        scales[obs] = [float(init[n.input[1]]) for n in g.node if n.op_type == "QuantizeLinear"]
+    assert len(scales["minmax"]) == len(scales["percentile"]) > 0
+    assert all(p <= m * (1 + 1e-6) for p, m in zip(scales["percentile"], scales["minmax"]))
+    assert sum(scales["percentile"]) < 0.99 * sum(scales["minmax"])
+    from leandiff.recipe import parse_recipe
+    for bad in ("observer=mse", "w_observer=percentile"):
+        with pytest.raises(UserError, match="ort-int8 calibrates activations"):
+            parse_recipe(f"quant(runtime=ort-int8,{bad})")
+
+
 @pytest.mark.parametrize("solver", sorted(SOLVERS))
 def test_ort_int8_runs_inside_every_solver(int8_dir, solver):
     from leandiff.runtime import runtime_denoiser

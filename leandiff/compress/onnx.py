@@ -88,9 +88,13 @@ class OrtNetwork:
 
 
 class _Reader:
-    """onnxruntime CalibrationDataReader over a calibration set (x_t, t)."""
+    """onnxruntime CalibrationDataReader over a calibration set (x_t, t), in batches of one size: ORT's
+    histogram calibrators (Percentile) stack every batch's activations into one array, which fails on a
+    shorter last batch (250 samples in batches of 32). The batch is the largest divisor of n up to
+    ``batch_size``; MinMax ranges do not depend on it."""
 
     def __init__(self, xs: torch.Tensor, ts: torch.Tensor, batch_size: int = 32):
+        batch_size = max(d for d in range(1, min(batch_size, xs.shape[0]) + 1) if xs.shape[0] % d == 0)
         self.items = [{"x": xs[i:i + batch_size].numpy().astype(np.float32), "t": ts[i:i + batch_size].numpy().astype(np.float32)}
                       for i in range(0, xs.shape[0], batch_size)]
         self.pos = 0
@@ -116,13 +120,22 @@ def excluded_nodes(model_path: str | Path, keep_first_last: bool, keep_time: boo
             if n.op_type in ("Conv", "Gemm", "MatMul") and any(k in n.name for k in keep)]
 
 
+# leandiff observer -> ONNX Runtime calibration method; percentile cuts the same 0.01 % from each side
+# as the fake-quant ``percentile`` observer (quantiles 1e-4 and 1 − 1e-4): ORT's asymmetric Percentile
+# cuts (100 − p)/200 % a side, so p = 99.98.
+ORT_OBSERVERS = {"minmax": ("MinMax", {}), "percentile": ("Percentile", {"CalibPercentile": 99.98})}
+
+
 def quantize_onnx_int8(fp32: str | Path, out: str | Path, calib: tuple[torch.Tensor, torch.Tensor],
-                       per_channel: bool = True, keep_first_last: bool = True, keep_time: bool = True) -> Path:
+                       per_channel: bool = True, keep_first_last: bool = True, keep_time: bool = True,
+                       observer: str = "minmax") -> Path:
     """Static int8: QDQ, QUInt8 activations, QInt8 weights (per channel), Conv/MatMul/Gemm only;
-    first/last convolutions and the time embedding optionally kept in fp32."""
+    first/last convolutions and the time embedding optionally kept in fp32; activation ranges by
+    ONNX Runtime's MinMax or Percentile calibrator (``observer``)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    method, extra = ORT_OBSERVERS[observer]
     fp32, out = Path(fp32).resolve(), Path(out).resolve()  # absolute: the work below runs in a temp dir
     with tempfile.TemporaryDirectory() as d:  # quant_pre_process and the calibrator leave files behind
         cwd = os.getcwd()
@@ -133,8 +146,9 @@ def quantize_onnx_int8(fp32: str | Path, out: str | Path, calib: tuple[torch.Ten
             tmp = Path(d) / "int8.onnx"
             quantize_static(str(pre), str(tmp), _Reader(*calib), quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
-                            op_types_to_quantize=["Conv", "MatMul", "Gemm"], calibrate_method=CalibrationMethod.MinMax,
-                            nodes_to_exclude=excluded_nodes(pre, keep_first_last, keep_time))
+                            op_types_to_quantize=["Conv", "MatMul", "Gemm"], calibrate_method=getattr(CalibrationMethod, method),
+                            nodes_to_exclude=excluded_nodes(pre, keep_first_last, keep_time),
+                            extra_options=dict(extra))
         finally:
             os.chdir(cwd)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -143,7 +157,7 @@ def quantize_onnx_int8(fp32: str | Path, out: str | Path, calib: tuple[torch.Ten
 
 
 def quantize_ort_int8(ckpt, ccfg, out_dir: str | Path, images=None, per_channel: bool = True,
-                      keep_first_last: bool = True, keep_time: bool = True):
+                      keep_first_last: bool = True, keep_time: bool = True, observer: str = "minmax"):
     """The quant(runtime=ort-int8) step: export, calibrate on collector ``ccfg``, write both ONNX
     files into ``out_dir``; the returned checkpoint (same weights) records its runtime and calibration."""
     from dataclasses import asdict
@@ -156,7 +170,7 @@ def quantize_ort_int8(ckpt, ccfg, out_dir: str | Path, images=None, per_channel:
     fp = ckpt.net.float().eval()
     calib = collect(Denoiser(fp, ckpt.schedule, ckpt.parameterization), image_shape(ckpt.arch), ccfg, images)
     fp32 = export_onnx(ckpt, out_dir / FP32_NAME)
-    quantize_onnx_int8(fp32, out_dir / INT8_NAME, calib, per_channel, keep_first_last, keep_time)
+    quantize_onnx_int8(fp32, out_dir / INT8_NAME, calib, per_channel, keep_first_last, keep_time, observer)
     meta = copy.deepcopy(ckpt.meta)
     meta["runtime"] = "ort-int8"
     meta["quant"] = {"mode": "ONNX Runtime static int8 (real int8 kernels)", "w_bits": 8, "a_bits": 8,

@@ -593,6 +593,10 @@ def _check_args(args: dict) -> None:
                 or args["bias_correction"]:
             raise UserError("quant: runtime=ort-int8 is W8A8 with one activation scale (t_groups=1) and "
                             "ONNX Runtime's own rounding (w_round=nearest, no bias_correction)")
+        if args["observer"] not in ("minmax", "percentile") or args["w_observer"] != "minmax":
+            raise UserError(f"quant: runtime=ort-int8 calibrates activations with observer=minmax|percentile "
+                            f"(ONNX Runtime's calibrators) and weights with minmax; got observer={args['observer']}, "
+                            f"w_observer={args['w_observer']}")
     else:
         QuantConfig(w_bits=args["w"], a_bits=args["a"], per_channel=args["per_channel"], observer=args["observer"],
                     w_observer=args["w_observer"], keep_first_last=args["keep_first_last"],
@@ -628,7 +632,8 @@ def quant_step(ckpt, args, ctx):
     if args["runtime"] == "ort-int8":
         from .onnx import quantize_ort_int8
         return quantize_ort_int8(ckpt, ccfg, ctx.step_dir, images=images, per_channel=args["per_channel"],
-                                 keep_first_last=args["keep_first_last"], keep_time=args["keep_time"])
+                                 keep_first_last=args["keep_first_last"], keep_time=args["keep_time"],
+                                 observer=args["observer"])
     qcfg = QuantConfig(w_bits=args["w"], a_bits=args["a"], per_channel=args["per_channel"], observer=args["observer"],
                        w_observer=args["w_observer"], keep_first_last=args["keep_first_last"],
                        keep_time=args["keep_time"], t_groups=args["t_groups"], w_round=args["w_round"],
