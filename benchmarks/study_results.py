@@ -49,15 +49,21 @@ def main():
     wall = json.loads(wall_file.read_text())
     findings = json.loads((out / "findings.json").read_text())
     title = load_study(study).title
-    table = ["| model | solver | NFE | runtime | N | FID-dom | KID×1e3 | cell s |", "|---|---|---|---|---|---|---|---|"]
+    table = ["| model | solver | NFE | runtime | N | FID-dom | KID×1e3 | ε-MSE | params | MMAC/eval | images/s | cell s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     compact = []
     for r in rows:
         c = {"model": r["study_model"], "solver": r["protocol"]["solver"], "nfe": r["protocol"]["nfe_used"],
              "runtime": r["study_runtime"], "n": r["protocol"]["n"], "fid_dom": r["quality"]["fid_dom"],
-             "kid": r["quality"]["kid"], "seconds": r["study_seconds"]}
+             "kid": r["quality"]["kid"], "mse": r["quality"].get("mse"), "params": r["cost"].get("params"),
+             "macs": r["cost"].get("macs_per_image"), "images_per_s": r["cost"].get("sampling_images_per_s"),
+             "seconds": r["study_seconds"]}
         compact.append(c)
+        opt = [("{:.4f}", c["mse"]), ("{:,}", c["params"]), ("{:.1f}", c["macs"] and c["macs"] / 1e6),
+               ("{:.1f}", c["images_per_s"])]
         table.append(f"| {c['model']} | {c['solver']} | {c['nfe']:g} | {c['runtime']} | {c['n']} | {c['fid_dom']:.3f} | "
-                     f"{c['kid'] * 1e3:.1f} | {c['seconds']:.0f} |")
+                     f"{c['kid'] * 1e3:.1f} | " + " | ".join("—" if v is None else f.format(v) for f, v in opt)
+                     + f" | {c['seconds']:.0f} |")
     lines = [f"# Study: {title}", "", f"`{study}`, results in `{out}/results.jsonl`, report in `{out}/report/`.", "",
              *table, "", "## Findings (the paper's claims against these cells)", ""]
     for f in findings:
