@@ -66,7 +66,8 @@ def test_finetune_and_progressive_distillation_run_under_torchrun(tiny_ckpt, ima
     p = subprocess.run([*torchrun, "-m", "leandiff.cli", "compress", str(base), "--recipe", recipe,
                         "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0"))
-    assert p.returncode == 0, p.stderr[-3000:]
+    # a crash of one rank shows up on the others as a gloo error at the next barrier: keep every rank's own lines
+    assert p.returncode == 0, "\n".join(ln for ln in p.stderr.splitlines() if "[rank1]" in ln)[-3000:] + p.stderr[-3000:]
     ck = load_checkpoint(tmp_path / "out")
     assert [s["step"] for s in ck.lineage] == ["finetune", "pd"]
     assert ck.meta["train"]["world_size"] == 2 and ck.meta["sampler"]["nfe"] == 2
