@@ -54,6 +54,13 @@ def make(base, label: str, recipe: str, out: Path) -> Path:
     return d
 
 
+def open_rows(out: Path) -> tuple[Path, dict]:
+    """OUT (created) -> (OUT/rows.jsonl, the rows already in it by key: a rerun skips them)."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows_path = out / "rows.jsonl"
+    return rows_path, ({r["key"]: r for r in read_rows([rows_path])} if rows_path.is_file() else {})
+
+
 def run_row(rows_path: Path, done: dict, label: str, path: Path, clf, n: int, extra: dict | None = None) -> dict:
     if label in done:
         return done[label]
@@ -127,9 +134,7 @@ def main(argv=None):
     p.add_argument("--report-only", action="store_true", help="write the tables from the rows done so far")
     a = p.parse_args(argv)
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows_path = out / "rows.jsonl"
-    done = {r["key"]: r for r in read_rows([rows_path])} if rows_path.is_file() else {}
+    rows_path, done = open_rows(out)
     clf = load_classifier("mnist")
     base = load_checkpoint(BASE)
     t_start = time.perf_counter()

@@ -22,9 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import write_results  # noqa: E402
-from bench_prune import BASE, BASE_STEPS, make, run_row  # noqa: E402
+from bench_prune import BASE, BASE_STEPS, make, open_rows, run_row  # noqa: E402
 from leandiff.checkpoint import load_checkpoint  # noqa: E402
-from leandiff.evaluate import load_classifier, read_rows  # noqa: E402
+from leandiff.evaluate import load_classifier  # noqa: E402
 
 
 def main(argv=None):
@@ -40,9 +40,7 @@ def main(argv=None):
     a = p.parse_args(argv)
 
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows_path = out / "rows.jsonl"
-    done = {r["key"]: r for r in read_rows([rows_path])} if rows_path.is_file() else {}
+    rows_path, done = open_rows(out)
     clf = load_classifier("mnist")
     base = run_row(rows_path, done, "base", BASE, clf, a.n)["quality"]["fid_dom"]
 

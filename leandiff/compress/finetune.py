@@ -25,7 +25,7 @@ from ..denoiser import Denoiser
 from ..errors import UserError
 from ..recipe import register_step
 from ..schedule import q_sample
-from ..train import WEIGHTINGS, TrainConfig, train, training_images
+from ..train import TrainConfig, train, training_images
 
 
 class KDLoss:
@@ -58,18 +58,13 @@ class KDLoss:
 def finetune_checkpoint(ckpt, out_dir, *, steps: int, dataset: str, data_dir: str | None = None,
                         teacher=None, kd_frac: float = 0.7, lr: float = 2e-4, batch_size: int = 128,
                         lr_schedule: str = "cosine-restarts", restart_period: int = 0, warmup: int = 0,
-                        ema_decay: float = 0.995, bf16: bool = True, weighting: str = "plain", x0_weight: float = 0.0,
-                        seed: int = 0,
-                        progress=None, record: dict | None = None):
+                        ema_decay: float = 0.995, bf16: bool = True, weighting: str = "plain",
+                        x0_weight: float = 0.0, seed: int = 0, progress=None, record: dict | None = None):
     """Train ``ckpt`` for ``steps`` more steps (KD from ``teacher`` when given); resumable in out_dir."""
-    if steps < 1:
-        raise UserError(f"finetune needs steps >= 1, got {steps}")
-    if teacher is not None and (weighting != "plain" or x0_weight):
-        raise UserError(f"finetune: weighting={weighting} applies to the plain loss; KD mixes plain MSEs (use weighting=plain)")
+    _check_loss(steps, weighting, x0_weight, kd=teacher is not None)
     cfg = TrainConfig(dataset=dataset, data_dir=data_dir, steps=steps, batch_size=batch_size, lr=lr,
                       warmup=warmup, lr_schedule=lr_schedule, restart_period=restart_period or max(1, steps // 2),
-                      ema_decay=ema_decay, bf16=bf16, weighting=weighting, x0_weight=x0_weight, seed=seed,
-                      sample_every=0,
+                      ema_decay=ema_decay, bf16=bf16, weighting=weighting, x0_weight=x0_weight, seed=seed, sample_every=0,
                       checkpoint_every=max(1, min(250, steps)), parameterization=ckpt.parameterization)
     images = training_images(cfg, ckpt)
     loss_fn = KDLoss(teacher.denoiser(), kd_frac) if teacher is not None else None
@@ -80,22 +75,24 @@ def finetune_checkpoint(ckpt, out_dir, *, steps: int, dataset: str, data_dir: st
     return out
 
 
+def _check_loss(steps: int, weighting: str, x0_weight: float, kd: bool) -> None:
+    """The fine-tune's length and loss settings; also checked when a recipe is parsed."""
+    if steps < 1:
+        raise UserError(f"finetune needs steps >= 1, got {steps}")
+    TrainConfig(steps=steps, weighting=weighting, x0_weight=x0_weight)  # the training loop's own checks
+    if kd and (weighting != "plain" or x0_weight):
+        raise UserError(f"finetune: weighting={weighting}, x0_weight={x0_weight} change the plain loss; "
+                        "KD mixes plain MSEs (use neither with KD)")
+
+
 def _check_args(args: dict) -> None:
-    """Values a finetune step would only reject after the steps before it: checked at parse time."""
-    if args["steps"] < 1:
-        raise UserError(f"finetune needs steps >= 1, got {args['steps']}")
-    if args["weighting"] not in WEIGHTINGS:
-        raise UserError(f"finetune: weighting must be one of {WEIGHTINGS}, got {args['weighting']!r}")
-    if args["x0_weight"] < 0 or (args["x0_weight"] and args["weighting"] != "plain"):
-        raise UserError(f"finetune: x0_weight must be >= 0 and adds to weighting=plain only, got {args['x0_weight']}")
-    if (args["kd"] or args["teacher"]) and (args["weighting"] != "plain" or args["x0_weight"]):
-        raise UserError(f"finetune: weighting={args['weighting']} applies to the plain loss; "
-                        "KD mixes plain MSEs (use weighting=plain)")
+    _check_loss(args["steps"], args["weighting"], args["x0_weight"], kd=bool(args["kd"] or args["teacher"]))
 
 
 @register_step("finetune", {"steps": 1000, "kd": False, "kd_frac": 0.7, "teacher": "", "lr": 2e-4,
                             "batch_size": 128, "schedule": "cosine-restarts", "restart_period": 0, "warmup": 0,
-                            "ema_decay": 0.995, "bf16": True, "weighting": "plain", "x0_weight": 0.0}, validate=_check_args)
+                            "ema_decay": 0.995, "bf16": True, "weighting": "plain", "x0_weight": 0.0},
+               validate=_check_args)
 def finetune_step(ckpt, args, ctx):
     """Fine-tune with the training loop (plain loss, or KD from the pre-recipe model)."""
     from ..checkpoint import load_checkpoint
@@ -113,6 +110,6 @@ def finetune_step(ckpt, args, ctx):
                                teacher=teacher, kd_frac=args["kd_frac"], lr=args["lr"],
                                batch_size=args["batch_size"], lr_schedule=args["schedule"],
                                restart_period=args["restart_period"], warmup=args["warmup"],
-                               ema_decay=args["ema_decay"], bf16=args["bf16"], weighting=args["weighting"], x0_weight=args["x0_weight"],
-                               seed=ctx.seed,
+                               ema_decay=args["ema_decay"], bf16=args["bf16"], weighting=args["weighting"],
+                               x0_weight=args["x0_weight"], seed=ctx.seed,
                                progress=ctx.progress, record={"finetune": args})

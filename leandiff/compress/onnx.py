@@ -122,7 +122,7 @@ def excluded_nodes(model_path: str | Path, keep_first_last: bool, keep_time: boo
 
 # leandiff observer -> ONNX Runtime calibration method; percentile cuts the same 0.01 % from each side
 # as the fake-quant ``percentile`` observer (quantiles 1e-4 and 1 − 1e-4): ORT's asymmetric Percentile
-# cuts (100 − p)/200 % a side, so p = 99.98.
+# cuts the fraction (100 − p)/200 from each side, so p = 99.98.
 ORT_OBSERVERS = {"minmax": ("MinMax", {}), "percentile": ("Percentile", {"CalibPercentile": 99.98})}
 
 
