@@ -213,13 +213,19 @@ def _register_runtimes() -> None:
 _register_runtimes()
 
 
-@register_step("cache", {"interval": 3, "schedule": "uniform", "bf16": False})
-def cache_step(ckpt, args, ctx):
-    """Feature caching (DeepCache): sets the checkpoint's runtime to cache[-nu][-bf16]:k; weights unchanged."""
+def _step_config(args: dict) -> CacheConfig:
+    """The step's arguments as a checked CacheConfig; the runtimes registered above go up to k = 10."""
     cfg = CacheConfig(int(args["interval"]), str(args["schedule"]))
     _check(cfg)
     if cfg.interval > 10:
         raise UserError(f"cache interval must be ≤ 10, got {cfg.interval}")
+    return cfg
+
+
+@register_step("cache", {"interval": 3, "schedule": "uniform", "bf16": False}, validate=_step_config)
+def cache_step(ckpt, args, ctx):
+    """Feature caching (DeepCache): sets the checkpoint's runtime to cache[-nu][-bf16]:k; weights unchanged."""
+    cfg = _step_config(args)
     CachedUNet(ckpt.net, cfg)  # fails loudly on an unsupported network
     meta = dict(ckpt.meta)
     meta["runtime"] = runtime_name(cfg.interval, cfg.schedule, bool(args["bf16"]))

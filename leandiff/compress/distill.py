@@ -58,9 +58,9 @@ from ..denoiser import Denoiser
 from ..errors import UserError
 from ..models import register_surgery
 from ..recipe import register_step
-from ..schedule import alpha_sigma, log_snr, q_sample, timesteps as make_timesteps
+from ..schedule import SPACINGS, alpha_sigma, log_snr, q_sample, timesteps as make_timesteps
 from ..train import DiffusionLoss, TrainConfig, train, training_images
-from .finetune import KDLoss, finetune_checkpoint
+from .finetune import KDLoss, check_training, finetune_checkpoint
 
 PD_WEIGHTINGS = ("truncated-snr", "snr+1")  # Salimans & Ho 2022, §4 (report eqs. 9 and 10)
 STUDENT_PARAMETERIZATIONS = ("v", "x0")
@@ -124,13 +124,19 @@ def svd_factor(m: nn.Module, rank: int) -> nn.Sequential:
     return pair
 
 
+def _check_rank(step: str, r: float, rank: int) -> None:
+    if r < 1:
+        raise UserError(f"{step}: the rank proportion factor r must be >= 1, got {r}")
+    if rank < 0:
+        raise UserError(f"{step}: rank must be >= 0 (0: full/r), got {rank}")
+
+
 def lowrank_factorize(net: nn.Module, r: float = 2.0, *, rank: int = 0, only_if_smaller: bool = True,
                       skip: tuple[str, ...] = ()) -> dict[str, int]:
     """Replace every Conv2d/Linear of ``net`` (in place) by its SVD factors at rank max(1, ⌊full/r⌋)
     (or ``rank`` when given, capped at full); returns {layer name: rank} of the layers replaced.
     With ``only_if_smaller`` a layer whose factors would hold as many parameters as it does is kept."""
-    if r < 1:
-        raise UserError(f"lowrank: the rank proportion factor r must be >= 1, got {r}")
+    _check_rank("lowrank", r, rank)
     ranks = {}
     for name, m in list(net.named_modules()):
         if not name or not _factorable(m) or any(name.startswith(s) for s in skip):
@@ -187,6 +193,7 @@ class LoRA(nn.Module):
 def add_lora(net: nn.Module, r: float = 2.0, *, rank: int = 0, alpha: float = 0.0) -> dict[str, int]:
     """Wrap every Conv2d/Linear in a :class:`LoRA` adapter of rank max(1, ⌊full/r⌋) (or ``rank``);
     freeze everything but the adapters. ``alpha`` > 0 sets scale = alpha/rank (Hu et al.), else 1."""
+    _check_rank("lora", r, rank)
     ranks = {}
     for name, m in list(net.named_modules()):
         if not name or not _factorable(m):
@@ -403,6 +410,24 @@ def convert_parameterization(ckpt: Checkpoint, out_dir, *, param: str, steps: in
     return _train(cfg, out_dir, student, training_images(cfg, student), DiffusionLoss(weighting), progress)
 
 
+def _check_student(step: str, param: str, spacing: str, convert_steps: int) -> None:
+    if param not in STUDENT_PARAMETERIZATIONS:
+        raise UserError(f"{step}: the student must predict one of {STUDENT_PARAMETERIZATIONS}, got {param!r}")
+    if spacing not in SPACINGS:
+        raise UserError(f"{step}: unknown timestep spacing {spacing!r}; expected one of {', '.join(SPACINGS)}")
+    if convert_steps < 0:
+        raise UserError(f"{step}: convert_steps must be >= 0, got {convert_steps}")
+
+
+def _check_pd(n_from: int, n_to: int, steps_per_round: int, weighting: str) -> None:
+    if n_to < 1 or n_from <= n_to or n_from % n_to or (n_from // n_to) & (n_from // n_to - 1):
+        raise UserError(f"pd: from/to must be a power of two > 1 (from={n_from}, to={n_to})")
+    if steps_per_round < 1:
+        raise UserError(f"pd: steps_per_round must be >= 1, got {steps_per_round}")
+    if weighting not in PD_WEIGHTINGS:
+        raise UserError(f"pd: weighting must be one of {PD_WEIGHTINGS}, got {weighting!r}")
+
+
 def progressive_distill(ckpt: Checkpoint, out_dir, *, n_from: int, n_to: int, steps_per_round: int, dataset: str,
                         data_dir=None, param="v", weighting="truncated-snr", spacing="trailing", clip_x0=True,
                         convert_steps=400, batch_size=128, lr=1e-4, ema_decay=0.999, bf16=False, seed=0,
@@ -410,10 +435,7 @@ def progressive_distill(ckpt: Checkpoint, out_dir, *, n_from: int, n_to: int, st
     """Salimans & Ho 2022, Alg. 2: teacher at ``n_from`` DDIM steps → student at n_from/2 → ... → ``n_to``.
     Each round's student starts from its teacher (round 1: from the parameterization-converted
     teacher) and writes its checkpoint to ``out_dir/round-<N>``; a killed run resumes."""
-    if n_to < 1 or n_from <= n_to or n_from % n_to or (n_from // n_to) & (n_from // n_to - 1):
-        raise UserError(f"pd: from/to must be a power of two > 1 (from={n_from}, to={n_to})")
-    if steps_per_round < 1:
-        raise UserError(f"pd: steps_per_round must be >= 1, got {steps_per_round}")
+    _check_pd(n_from, n_to, steps_per_round, weighting)
     out_dir = Path(out_dir)
     pd_timesteps(ckpt.schedule, n_to, spacing)  # fail before any training if the spacing is unusable
     student = convert_parameterization(ckpt, out_dir / "convert", param=param, steps=convert_steps, dataset=dataset,
@@ -445,6 +467,11 @@ def progressive_distill(ckpt: Checkpoint, out_dir, *, n_from: int, n_to: int, st
     return student
 
 
+def _check_oneshot(pairs: int, steps: int, teacher_nfe: int) -> None:
+    if pairs < 1 or steps < 1 or teacher_nfe < 1:
+        raise UserError("oneshot: pairs, steps and teacher_nfe must be >= 1")
+
+
 def oneshot_distill(ckpt: Checkpoint, out_dir, *, teacher_nfe: int, steps: int, dataset: str, data_dir=None,
                     pairs=2048, param="v", spacing="trailing", clip_x0=True, convert_steps=400, batch_size=128,
                     lr=1e-4, ema_decay=0.999, bf16=False, seed=0, progress=None,
@@ -455,8 +482,7 @@ def oneshot_distill(ckpt: Checkpoint, out_dir, *, teacher_nfe: int, steps: int, 
     from ..models import image_shape
     from ..solvers import get_solver
 
-    if pairs < 1 or steps < 1 or teacher_nfe < 1:
-        raise UserError("oneshot: pairs, steps and teacher_nfe must be >= 1")
+    _check_oneshot(pairs, steps, teacher_nfe)
     out_dir = Path(out_dir)
     student = init or convert_parameterization(ckpt, out_dir / "convert", param=param, steps=convert_steps,
                                                dataset=dataset, data_dir=data_dir, batch_size=batch_size,
@@ -510,16 +536,53 @@ def _teacher(args, ctx) -> Checkpoint:
     return t
 
 
+# Each step's validator runs when the recipe is parsed: a bad value in the last step fails before the first runs.
+
+def _check_kd(args: dict) -> None:
+    if args["s"] < 1:
+        raise UserError(f"kd: s must be >= 1, got {args['s']}")
+    if args["init"] not in ("slice", "scratch"):
+        raise UserError(f"kd: init must be slice or scratch, got {args['init']!r}")
+    check_training("kd", args["steps"], kd_frac=args["kd_frac"], lr=args["lr"], batch_size=args["batch_size"],
+                   lr_schedule=args["schedule"], ema_decay=args["ema_decay"])
+
+
+def _check_lowrank(args: dict) -> None:
+    _check_rank("lowrank", args["r"], args["rank"])
+    if args["steps"] < 0:
+        raise UserError(f"lowrank: steps must be >= 0 (0: no fine-tune), got {args['steps']}")
+    if args["steps"] > 0:
+        check_training("lowrank", args["steps"], kd_frac=args["kd_frac"], lr=args["lr"], batch_size=args["batch_size"])
+
+
+def _check_lora(args: dict) -> None:
+    _check_rank("lora", args["r"], args["rank"])
+    if args["alpha"] < 0:
+        raise UserError(f"lora: alpha must be >= 0 (0: scale 1), got {args['alpha']}")
+    check_training("lora", args["steps"], kd_frac=args["kd_frac"], lr=args["lr"], batch_size=args["batch_size"])
+
+
+def _check_pd_args(args: dict) -> None:
+    _check_pd(args["from"], args["to"], args["steps_per_round"], args["weighting"])
+    _check_student("pd", args["param"], args["spacing"], args["convert_steps"])
+    check_training("pd", args["steps_per_round"], lr=args["lr"], batch_size=args["batch_size"],
+                   ema_decay=args["ema_decay"])
+
+
+def _check_oneshot_args(args: dict) -> None:
+    _check_oneshot(args["pairs"], args["steps"], args["teacher_nfe"])
+    _check_student("oneshot", args["param"], args["spacing"], args["convert_steps"])
+    check_training("oneshot", args["steps"], lr=args["lr"], batch_size=args["batch_size"], ema_decay=args["ema_decay"])
+
+
 @register_step("kd", {"s": 2, "kd_frac": 0.7, "steps": 1000, "init": "slice", "teacher": "", "lr": 5e-4,
-                      "batch_size": 128, "schedule": "cosine-restarts", "ema_decay": 0.995, "bf16": True})
+                      "batch_size": 128, "schedule": "cosine-restarts", "ema_decay": 0.995, "bf16": True},
+               validate=_check_kd)
 def kd_step(ckpt, args, ctx):
     """Knowledge distillation into a student with channels / s (s=1: into this checkpoint as it is)."""
     _need_dataset(ctx, "kd")
+    _check_kd(args)
     s = args["s"]
-    if s < 1:
-        raise UserError(f"kd: s must be >= 1, got {s}")
-    if args["init"] not in ("slice", "scratch"):
-        raise UserError(f"kd: init must be slice or scratch, got {args['init']!r}")
     teacher = _teacher(args, ctx)
     student = ckpt
     if s > 1:
@@ -539,7 +602,7 @@ def kd_step(ckpt, args, ctx):
 
 
 @register_step("lowrank", {"r": 2.0, "rank": 0, "steps": 0, "kd": True, "kd_frac": 0.7, "lr": 2e-4,
-                           "batch_size": 128, "bf16": True})
+                           "batch_size": 128, "bf16": True}, validate=_check_lowrank)
 def lowrank_step(ckpt, args, ctx):
     """SVD-factorise Conv2d/Linear weights to rank full/r (L-Diff §4.4); optionally fine-tune the factors."""
     net = copy.deepcopy(ckpt.net)
@@ -560,7 +623,7 @@ def lowrank_step(ckpt, args, ctx):
 
 
 @register_step("lora", {"r": 2.0, "rank": 0, "alpha": 0.0, "steps": 1000, "kd": True, "kd_frac": 0.7, "lr": 1e-3,
-                        "batch_size": 128, "merge": True, "bf16": True})
+                        "batch_size": 128, "merge": True, "bf16": True}, validate=_check_lora)
 def lora_step(ckpt, args, ctx):
     """LoRA adapters (rank full/r) fine-tuned with the base frozen; merge=true folds them back in."""
     _need_dataset(ctx, "lora")
@@ -585,7 +648,7 @@ def lora_step(ckpt, args, ctx):
 
 @register_step("pd", {"from": 256, "to": 4, "steps_per_round": 1000, "param": "v", "weighting": "truncated-snr",
                       "spacing": "trailing", "clip": True, "convert_steps": 400, "lr": 1e-4, "batch_size": 128,
-                      "ema_decay": 0.999, "bf16": False})
+                      "ema_decay": 0.999, "bf16": False}, validate=_check_pd_args)
 def pd_step(ckpt, args, ctx):
     """Progressive distillation (Salimans & Ho 2022): halve the DDIM steps per round, from→to."""
     _need_dataset(ctx, "pd")
@@ -599,7 +662,7 @@ def pd_step(ckpt, args, ctx):
 
 @register_step("oneshot", {"teacher_nfe": 50, "steps": 1000, "pairs": 2048, "param": "v", "spacing": "trailing",
                            "clip": True, "convert_steps": 400, "lr": 1e-4, "batch_size": 128, "ema_decay": 0.999,
-                           "bf16": False})
+                           "bf16": False}, validate=_check_oneshot_args)
 def oneshot_step(ckpt, args, ctx):
     """One-shot distillation (Luhman & Luhman 2021): a 1-step student regresses the teacher's DDIM samples."""
     _need_dataset(ctx, "oneshot")

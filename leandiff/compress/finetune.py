@@ -75,11 +75,23 @@ def finetune_checkpoint(ckpt, out_dir, *, steps: int, dataset: str, data_dir: st
     return out
 
 
+def check_training(step: str, steps: int, *, kd_frac: float | None = None, **settings) -> None:
+    """A training step's settings (``steps`` and any TrainConfig field: lr, batch_size, ema_decay,
+    lr_schedule, weighting, ...) checked by TrainConfig itself, and ``kd_frac``'s range: recipe steps
+    call this when the recipe is parsed, so a bad value fails before any step runs."""
+    if steps < 1:
+        raise UserError(f"{step} needs steps >= 1, got {steps}")
+    try:
+        TrainConfig(steps=steps, **settings)
+    except UserError as e:
+        raise UserError(f"{step}: {e}") from None
+    if kd_frac is not None and not 0.0 <= kd_frac <= 1.0:
+        raise UserError(f"{step}: kd_frac must be in [0, 1], got {kd_frac}")
+
+
 def _check_loss(steps: int, weighting: str, x0_weight: float, kd: bool) -> None:
     """The fine-tune's length and loss settings; also checked when a recipe is parsed."""
-    if steps < 1:
-        raise UserError(f"finetune needs steps >= 1, got {steps}")
-    TrainConfig(steps=steps, weighting=weighting, x0_weight=x0_weight)  # the training loop's own checks
+    check_training("finetune", steps, weighting=weighting, x0_weight=x0_weight)
     if kd and (weighting != "plain" or x0_weight):
         raise UserError(f"finetune: weighting={weighting}, x0_weight={x0_weight} change the plain loss; "
                         "KD mixes plain MSEs (use neither with KD)")
@@ -87,6 +99,11 @@ def _check_loss(steps: int, weighting: str, x0_weight: float, kd: bool) -> None:
 
 def _check_args(args: dict) -> None:
     _check_loss(args["steps"], args["weighting"], args["x0_weight"], kd=bool(args["kd"] or args["teacher"]))
+    check_training("finetune", args["steps"], kd_frac=args["kd_frac"], lr=args["lr"], batch_size=args["batch_size"],
+                   lr_schedule=args["schedule"], ema_decay=args["ema_decay"],
+                   restart_period=args["restart_period"] or 1)
+    if args["warmup"] < 0 or args["restart_period"] < 0:
+        raise UserError(f"finetune: warmup and restart_period must be >= 0, got {args['warmup']}, {args['restart_period']}")
 
 
 @register_step("finetune", {"steps": 1000, "kd": False, "kd_frac": 0.7, "teacher": "", "lr": 2e-4,
