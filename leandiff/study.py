@@ -20,6 +20,11 @@ A study is a TOML file (read with ``tomllib``)::
     base = "zoo:mnist-tiny"
     recipe = "cache(interval=3)"
 
+    [[models]]
+    name = "cached-int8"
+    base = "model:cached"         # an earlier row's checkpoint, built once and reused
+    recipe = "quant(w=8, a=8)"
+
     [[findings]]                  # a paper's claim, checked against the measured cells
     claim = "DPM-Solver++ beats DDIM at 10 NFE"
     metric = "fid_dom"            # a key of the row's quality or cost dict
@@ -57,7 +62,7 @@ RELATIONS = {
 class Model:
     name: str  # label used in cells and findings
     ckpt: str | None = None  # a checkpoint path or zoo:NAME
-    base: str | None = None  # with recipe: the checkpoint the recipe starts from
+    base: str | None = None  # with recipe: the checkpoint the recipe starts from, or model:NAME (an earlier row)
     recipe: str | None = None  # a compression recipe (leandiff.recipe grammar)
 
 
@@ -93,6 +98,10 @@ def load_study(path: str | Path) -> Study:
         models.append(Model(m["name"], m.get("ckpt"), m.get("base"), m.get("recipe")))
     if len({m.name for m in models}) != len(models):
         raise UserError(f"{p}: model names must be unique")
+    for i, m in enumerate(models):
+        ref = _base_ref(m)
+        if ref is not None and ref not in {e.name for e in models[:i]}:
+            raise UserError(f"{p}: models[{i}] ({m.name}): base = {m.base!r} names no earlier model of this study")
     for i, f in enumerate(d.get("findings", [])):
         missing = [k for k in ("claim", "metric", "a", "b") if k not in f]
         if missing:
@@ -114,24 +123,49 @@ def cell_key(c: dict) -> str:
     return json.dumps({k: c[k] for k in ("model", "solver", "nfe", "runtime", "n", "seed")}, sort_keys=True)
 
 
-def recipe_dir(out: Path, m: Model) -> Path:
-    h = hashlib.sha256(f"{m.base}\n{m.recipe}".encode()).hexdigest()[:16]
+MODEL_REF = "model:"
+
+
+def _base_ref(m: Model) -> str | None:
+    """NAME when the model's base is ``model:NAME`` (another row of the study), else None."""
+    return m.base[len(MODEL_REF):] if m.base and m.base.startswith(MODEL_REF) else None
+
+
+def recipe_dir(out: Path, m: Model, models: dict[str, Model] | None = None) -> Path:
+    """DIR/ckpts/<hash>: of base + recipe; a ``model:NAME`` base hashes as NAME's own directory, so
+    a row built on another row is rebuilt when that row's recipe changes."""
+    base = m.base
+    ref = _base_ref(m)
+    if ref is not None:
+        parent = (models or {}).get(ref)
+        if parent is None:
+            raise UserError(f"study model {m.name}: base {m.base!r} names no model of this study")
+        base = f"{MODEL_REF}{parent.ckpt or recipe_dir(out, parent, models).name}"
+    h = hashlib.sha256(f"{base}\n{m.recipe}".encode()).hexdigest()[:16]
     return out / "ckpts" / h
 
 
-def model_checkpoint(out: Path, m: Model, log=print):
-    """The model's checkpoint: loaded, or built once by its recipe into DIR/ckpts/<hash> and reused."""
+def model_checkpoint(out: Path, m: Model, log=print, models: dict[str, Model] | None = None):
+    """The model's checkpoint: loaded, or built once by its recipe into DIR/ckpts/<hash> and reused
+    (a ``model:NAME`` base is NAME's checkpoint, built first when it is not yet)."""
     from .checkpoint import load_checkpoint
     from .recipe import apply_recipe, parse_recipe
 
     if m.ckpt:
         return load_checkpoint(m.ckpt)
-    d = recipe_dir(out, m)
+    d = recipe_dir(out, m, models)
     if (d / "leandiff.json").is_file():
         return load_checkpoint(d)
     steps = parse_recipe(m.recipe)  # validate before loading anything
-    log(f"study: building {m.name} = {m.base} > {m.recipe} into {d}")
-    apply_recipe(load_checkpoint(m.base), steps, d, log=log)
+    ref = _base_ref(m)
+    if ref is not None:
+        parent = models[ref]
+        base = model_checkpoint(out, parent, log=log, models=models)
+        base_name = parent.ckpt or str(recipe_dir(out, parent, models))
+    else:
+        base, base_name = load_checkpoint(m.base), m.base
+    log(f"study: building {m.name} = {base_name} > {m.recipe} into {d}")
+    apply_recipe(base, steps, d, log=log)
     return load_checkpoint(d)
 
 
@@ -154,7 +188,7 @@ def run_study(study: Study, out_dir: str | Path, *, progress: bool = True, log=p
             log(f"[{i + 1}/{len(todo)}] {c['model']} {c['solver']}-{c['nfe']} {c['runtime']}: done, skipped")
             continue
         if c["model"] not in ckpts:
-            ckpts[c["model"]] = model_checkpoint(out, models[c["model"]], log=log)
+            ckpts[c["model"]] = model_checkpoint(out, models[c["model"]], log=log, models=models)
         ck = ckpts[c["model"]]
         rt = ck.sampling_defaults()[2] if c["runtime"] == "ckpt" else c["runtime"]
         cfg = EvalConfig(solver=c["solver"], nfe=c["nfe"], n=c["n"], seed=c["seed"], batch_size=study.batch_size,

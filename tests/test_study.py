@@ -88,3 +88,53 @@ def test_shipped_studies_parse():
         for m in s.models:
             if m.recipe:  # every step and every value checked, as `leandiff study` would before running
                 parse_recipe(m.recipe)
+
+
+CHAINED = """
+title = "chained rows"
+n = 8
+batch_size = 8
+solvers = ["ddim"]
+nfe = [2]
+runtimes = ["ckpt"]
+
+[[models]]
+name = "pruned"
+base = "zoo:mnist-tiny"
+recipe = "prune(method=magnitude, ratio=0.3)"
+
+[[models]]
+name = "pruned-cached"
+base = "model:pruned"
+recipe = "cache(interval=2)"
+"""
+
+
+def test_a_row_builds_on_an_earlier_rows_checkpoint(tmp_path):
+    """base = "model:NAME" starts the recipe from that row's built checkpoint (built once, reused),
+    and the chained row's directory follows the parent's recipe."""
+    from leandiff.study import model_checkpoint, recipe_dir
+
+    p = tmp_path / "s.toml"
+    p.write_text(CHAINED)
+    study = load_study(p)
+    models = {m.name: m for m in study.models}
+    out = tmp_path / "out"
+    logs = []
+    rows = run_study(study, out, progress=False, log=logs.append)
+    assert sum("building" in m for m in logs) == 2  # the parent once, not again for its child
+    pruned, chained = (next(r for r in rows if r["study_model"] == n) for n in ("pruned", "pruned-cached"))
+    assert chained["study_runtime"] == "cache:2" and pruned["study_runtime"] != "cache:2"
+    assert chained["cost"]["params"] == pruned["cost"]["params"] < 980_161  # the pruned network, cached
+    child = model_checkpoint(out, models["pruned-cached"], log=logs.append, models=models)
+    assert [s["step"] for s in child.lineage][-2:] == ["prune", "cache"]
+    other = {**models, "pruned": models["pruned"].__class__("pruned", None, "zoo:mnist-tiny",
+                                                            "prune(method=magnitude, ratio=0.5)")}
+    assert recipe_dir(out, models["pruned-cached"], other) != recipe_dir(out, models["pruned-cached"], models)
+
+
+def test_a_row_may_only_build_on_an_earlier_row(tmp_path):
+    p = tmp_path / "s.toml"
+    p.write_text(CHAINED.replace('base = "model:pruned"', 'base = "model:later"'))
+    with pytest.raises(UserError, match="names no earlier model"):
+        load_study(p)
