@@ -5,8 +5,8 @@ solver, NFE, runtime) against diffusers' DDPMPipeline at 1000 steps on the same 
 
 Speed: both generate the same batch (``--batch`` images, one call), timed in alternating rounds
 (``--rounds``, median). Quality: the leandiff combination's FID-dom at N=``--n`` (evaluate_checkpoint);
-the 1000-step DDPM reference FID-dom is taken from the zoo card (N=2048, same classifier), not
-re-measured here (that would need 2048×1000 network evaluations).
+the 1000-step DDPM reference FID-dom is read from the base model's card (``card.json`` beside the
+checkpoint: N=2048, same classifier), not re-measured here (that would need 2048×1000 network evaluations).
 """
 from __future__ import annotations
 
@@ -21,14 +21,27 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
 
-from leandiff.checkpoint import load_checkpoint  # noqa: E402
+from leandiff.checkpoint import load_checkpoint, resolve  # noqa: E402
+from leandiff.errors import UserError  # noqa: E402
+from leandiff.io import read_json  # noqa: E402
 from leandiff.denoiser import Denoiser  # noqa: E402
 from leandiff.evaluate import EvalConfig, evaluate_checkpoint  # noqa: E402
 from leandiff.models import image_shape  # noqa: E402
 from leandiff.runtime import runtime_network  # noqa: E402
 from leandiff.sample import SampleConfig, sample_all  # noqa: E402
 
-DDPM1000_FID_DOM = 0.379  # zoo:mnist-tiny CARD.md, ddpm-1000, N=2048
+
+
+def ddpm1000_reference(base: str) -> tuple[float, int]:
+    """(FID-dom, N) of the base's 1000-step DDPM row, from the model card beside the checkpoint."""
+    card = resolve(base) / "card.json"
+    if not card.is_file():
+        raise UserError(f"{base}: no card.json with a 1000-step DDPM row beside the checkpoint (zoo models have one)")
+    d = read_json(card)
+    try:
+        return float(d["quality"]["ddpm-1000"]["fid_dom"]), int(d["n"])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{card}: no quality.ddpm-1000.fid_dom / n") from None
 
 
 def main():
@@ -42,7 +55,9 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--n", type=int, default=2048, help="samples for the FID-dom of the leandiff combination")
+    ap.add_argument("--results-name", default="e2e", help="write benchmarks/results/NAME.{md,json}")
     a = ap.parse_args()
+    ref_fid, ref_n = ddpm1000_reference(a.base)
     from diffusers import DDPMPipeline, DDPMScheduler
 
     base, ck = load_checkpoint(a.base), load_checkpoint(a.ckpt)
@@ -73,19 +88,22 @@ def main():
     row = evaluate_checkpoint(ck, EvalConfig(solver=a.solver, nfe=a.nfe, n=a.n, seed=0, batch_size=256, spacing=spacing,
                                              runtime=a.runtime, latency=None, inception=False))
     fid = row["quality"]["fid_dom"]
-    ratio, speed = fid / DDPM1000_FID_DOM, ips_ours / ips_pipe
+    ratio, speed = fid / ref_fid, ips_ours / ips_pipe
     md = (f"# End to end ({a.ckpt}, {a.solver}-{a.nfe} {spacing}, runtime {a.runtime}) vs diffusers DDPMPipeline-1000 on {a.base}\n\n"
           f"Speed: batch {a.batch}, {a.rounds} alternating rounds, median, OMP_NUM_THREADS=1 on a shared 2-core machine.\n\n"
           f"| | images/s | FID-dom (N) |\n|---|---|---|\n"
-          f"| diffusers DDPMPipeline, 1000 steps | {ips_pipe:.3f} | {DDPM1000_FID_DOM} (2048, zoo card) |\n"
+          f"| diffusers DDPMPipeline, 1000 steps | {ips_pipe:.3f} | {ref_fid:.3f} ({ref_n}, model card) |\n"
           f"| leandiff {a.solver}-{a.nfe} {a.runtime} | {ips_ours:.1f} | {fid:.4f} ({a.n}) |\n\n"
           f"- Speed-up {speed:.0f}× (target ≥ 500×: {'met' if speed >= 500 else 'NOT met'}); FID-dom ÷ DDPM-1000 "
           f"{ratio:.3f} (condition ≤ 1.10: {'met' if ratio <= 1.10 else 'NOT met'}).\n")
     print(md)
-    write_results("e2e", {"images_per_s_pipeline": ips_pipe, "images_per_s_leandiff": ips_ours, "speedup": speed,
-                          "fid_dom": fid, "fid_ratio_vs_ddpm1000_card": ratio, "t_pipe": t_pipe, "t_ours": t_ours,
+    write_results(a.results_name, {"images_per_s_pipeline": ips_pipe, "images_per_s_leandiff": ips_ours, "speedup": speed,
+                          "fid_dom": fid, "ddpm1000_fid_dom_card": ref_fid, "fid_ratio_vs_ddpm1000_card": ratio, "t_pipe": t_pipe, "t_ours": t_ours,
                           "settings": vars(a)}, md)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"bench_e2e: {e}")
