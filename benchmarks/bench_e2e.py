@@ -31,7 +31,6 @@ from leandiff.runtime import runtime_network  # noqa: E402
 from leandiff.sample import SampleConfig, sample_all  # noqa: E402
 
 
-
 def ddpm1000_reference(base: str) -> tuple[float, int]:
     """(FID-dom, N) of the base's 1000-step DDPM row, from the model card beside the checkpoint."""
     card = resolve(base) / "card.json"
@@ -97,9 +96,10 @@ def main():
           f"- Speed-up {speed:.0f}× (target ≥ 500×: {'met' if speed >= 500 else 'NOT met'}); FID-dom ÷ DDPM-1000 "
           f"{ratio:.3f} (condition ≤ 1.10: {'met' if ratio <= 1.10 else 'NOT met'}).\n")
     print(md)
-    write_results(a.results_name, {"images_per_s_pipeline": ips_pipe, "images_per_s_leandiff": ips_ours, "speedup": speed,
-                          "fid_dom": fid, "ddpm1000_fid_dom_card": ref_fid, "fid_ratio_vs_ddpm1000_card": ratio, "t_pipe": t_pipe, "t_ours": t_ours,
-                          "settings": vars(a)}, md)
+    write_results(a.results_name, {"images_per_s_pipeline": ips_pipe, "images_per_s_leandiff": ips_ours,
+                                   "speedup": speed, "fid_dom": fid, "ddpm1000_fid_dom_card": ref_fid,
+                                   "fid_ratio_vs_ddpm1000_card": ratio, "t_pipe": t_pipe, "t_ours": t_ours,
+                                   "settings": vars(a)}, md)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ class TrainConfig:
                   (self.steps > 0, f"steps must be positive, got {self.steps}"),
                   (self.batch_size > 0, f"batch size must be positive, got {self.batch_size}"),
                   (self.lr > 0, f"learning rate must be positive, got {self.lr}"),
+                  (self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}"),
                   (0 <= self.ema_decay < 1, f"EMA decay must be in [0, 1), got {self.ema_decay}"),
                   (self.checkpoint_every > 0, "checkpoint_every must be positive"),
                   (self.restart_period > 0, "restart_period must be positive")]

@@ -89,21 +89,19 @@ def check_training(step: str, steps: int, *, kd_frac: float | None = None, **set
         raise UserError(f"{step}: kd_frac must be in [0, 1], got {kd_frac}")
 
 
-def _check_loss(steps: int, weighting: str, x0_weight: float, kd: bool) -> None:
-    """The fine-tune's length and loss settings; also checked when a recipe is parsed."""
-    check_training("finetune", steps, weighting=weighting, x0_weight=x0_weight)
+def _check_loss(steps: int, weighting: str, x0_weight: float, kd: bool, **settings) -> None:
+    """The fine-tune's length, loss and other training settings; also checked when a recipe is parsed."""
+    check_training("finetune", steps, weighting=weighting, x0_weight=x0_weight, **settings)
     if kd and (weighting != "plain" or x0_weight):
         raise UserError(f"finetune: weighting={weighting}, x0_weight={x0_weight} change the plain loss; "
                         "KD mixes plain MSEs (use neither with KD)")
 
 
 def _check_args(args: dict) -> None:
-    _check_loss(args["steps"], args["weighting"], args["x0_weight"], kd=bool(args["kd"] or args["teacher"]))
-    check_training("finetune", args["steps"], kd_frac=args["kd_frac"], lr=args["lr"], batch_size=args["batch_size"],
-                   lr_schedule=args["schedule"], ema_decay=args["ema_decay"],
-                   restart_period=args["restart_period"] or 1)
-    if args["warmup"] < 0 or args["restart_period"] < 0:
-        raise UserError(f"finetune: warmup and restart_period must be >= 0, got {args['warmup']}, {args['restart_period']}")
+    # restart_period 0 means "half the steps" (finetune_checkpoint), so it is checked as 1
+    _check_loss(args["steps"], args["weighting"], args["x0_weight"], kd=bool(args["kd"] or args["teacher"]),
+                kd_frac=args["kd_frac"], lr=args["lr"], batch_size=args["batch_size"], lr_schedule=args["schedule"],
+                ema_decay=args["ema_decay"], warmup=args["warmup"], restart_period=args["restart_period"] or 1)
 
 
 @register_step("finetune", {"steps": 1000, "kd": False, "kd_frac": 0.7, "teacher": "", "lr": 2e-4,
