@@ -15,6 +15,9 @@ network per pruned architecture (structured pruning at a given p yields the same
 importance — checked — and fine-tuning does not change shapes), plus one unstructured network to
 show that zeros save no time. Fine-tuning: ``finetune(steps=S, batch_size=128)`` (plain MSE,
 AdamW with cosine warm restarts, EMA) — S as a % of the base model's 4,000 × 128 training steps.
+Rows "M+rc" (``--rc-methods``, at the fine-tuned ratios) prune with importance M and then refit every
+layer by least squares to the unpruned network's outputs (``prune(..., reconstruct=N)``) before the
+same fine-tuning.
 """
 from __future__ import annotations
 
@@ -39,9 +42,16 @@ UNSTRUCTURED = ("l1", "random", "global")
 RATIOS = (0.3, 0.5, 0.7)
 
 
-def prune_args(method: str, p: float, a) -> str:
+def prune_args(method: str, p: float, a, reconstruct: int = 0) -> str:
     extra = {"taylor": f",t_stride={a.t_stride}", "diff": f",threshold={a.threshold},t_stride={a.t_stride}"}
-    return f"prune(method={method},ratio={p}{extra.get(method, '')})"
+    rc = f",reconstruct={reconstruct}" if reconstruct else ""
+    return f"prune(method={method},ratio={p}{extra.get(method, '')}{rc})"
+
+
+def methods(a) -> list[str]:
+    """Row methods: the four importances, then those repeated with layer-wise reconstruction ("M+rc")."""
+    rc = [f"{m}+rc" for m in a.rc_methods.split(",") if m] if a.reconstruct else []
+    return list(STRUCTURED) + rc
 
 
 def make(base, label: str, recipe: str, out: Path) -> Path:
@@ -130,6 +140,9 @@ def main(argv=None):
     p.add_argument("--ft-ratios", default="0.3,0.5", help="ratios whose pruned models are fine-tuned")
     p.add_argument("--threshold", type=float, default=0.05)
     p.add_argument("--t-stride", type=int, default=10, help="Taylor/Diff-Pruning gradient timesteps 0, s, 2s, ...")
+    p.add_argument("--reconstruct", type=int, default=1024,
+                   help="calibration samples of the M+rc rows (prune(..., reconstruct=N)); 0: no such rows")
+    p.add_argument("--rc-methods", default="magnitude,diff", help="importances repeated with reconstruction")
     p.add_argument("--skip-unstructured", action="store_true")
     p.add_argument("--report-only", action="store_true", help="write the tables from the rows done so far")
     a = p.parse_args(argv)
@@ -157,7 +170,12 @@ def main(argv=None):
             run_row(rows_path, done, label, models[label], clf, a.n_pre, {"prune_log": info})
         if ratio not in ft_ratios:
             continue
-        for m in STRUCTURED:
+        for m in methods(a)[len(STRUCTURED):]:  # the reconstructed rows: only at the fine-tuned ratios
+            label = f"s-{m}-{ratio}"
+            models[label] = make(base, label, prune_args(m[:-3], ratio, a, a.reconstruct), out)
+            info = json.loads((models[label] / "leandiff.json").read_text()).get("prune", {})
+            run_row(rows_path, done, label, models[label], clf, a.n_pre, {"prune_log": info})
+        for m in methods(a):
             label = f"s-{m}-{ratio}"
             d = make(load_checkpoint(models[label]), label + "-ft", ft, out)
             models[label + "-ft"] = d
@@ -193,9 +211,12 @@ def report(a, out: Path, base, models: dict, done: dict, t_start: float):
         for suffix in ("", "-ft"):
             if f"s-magnitude-{ratio}{suffix}" in models:
                 mse_nets[f"s-magnitude-{ratio}{suffix}"] = models[f"s-magnitude-{ratio}{suffix}"]
-    for m in STRUCTURED:
+    for m in methods(a):
         if f"s-{m}-0.3-ft" in models:
             mse_nets[f"s-{m}-0.3-ft"] = models[f"s-{m}-0.3-ft"]
+    for label in ("s-magnitude+rc-0.3", "s-magnitude+rc-0.5"):
+        if label in models:
+            mse_nets[label] = models[label]
     mse = eps_mse_by_t(mse_nets)
     write_report(a, out, done, lat, time.perf_counter() - t_start, mse)
 
@@ -221,7 +242,7 @@ def write_report(a, out: Path, done: dict, lat: dict, seconds: float, mse: dict)
              "FID-dom post-FT (÷ base) | FT steps (% of base) | FT s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for ratio in RATIOS:
-        for m in STRUCTURED:
+        for m in methods(a):
             label = f"s-{m}-{ratio}"
             r = done.get(label)
             if r is None:
@@ -241,7 +262,7 @@ def write_report(a, out: Path, done: dict, lat: dict, seconds: float, mse: dict)
                 "prune_log": r.get("prune_log", {})}
             e = rec["structured"][label]
             lines.append(
-                f"| {m} | {ratio} | {c['params']:,} | {c['macs_per_image'] / 1e6:.1f} M ({e['macs_removed']:.0%}) | "
+                f"| {m.replace('+rc', ' + reconstruct')} | {ratio} | {c['params']:,} | {c['macs_per_image'] / 1e6:.1f} M ({e['macs_removed']:.0%}) | "
                 f"{c['weights_bytes'] / 1e6:.2f} | {sp[0]:.2f}× / {sp[1]:.2f}× / {sp[2]:.2f}× | "
                 f"{f_pre:.2f} ({f_pre / fid0_pre:.1f}×) | "
                 + (f"{f_post:.3f} ({f_post / fid0:.2f}×)" if f_post else "not fine-tuned") + " | "
@@ -295,11 +316,17 @@ def write_report(a, out: Path, done: dict, lat: dict, seconds: float, mse: dict)
                      + f". Diff-Pruning {'beats' if beats else 'does not beat'} both magnitude and Taylor here "
                      f"(one seed, N={a.n}: differences of a few % are within sampling noise).")
         rec.setdefault("diff_beats_magnitude_and_taylor", {})[str(ratio)] = beats
+        for m in methods(a)[len(STRUCTURED):]:
+            e = rec["structured"].get(f"s-{m}-{ratio}", {})
+            if e.get("fid_dom_post") is not None and post.get(m[:-3]) is not None:
+                lines.append(f"- p={ratio}, {m[:-3]} with layer-wise reconstruction ({a.reconstruct} calibration samples): "
+                             f"before fine-tuning {e['fid_dom_pre']:.2f} against {rec['structured'][f's-{m[:-3]}-{ratio}']['fid_dom_pre']:.2f} "
+                             f"without; after {e['fid_dom_post']:.3f} ({e['ratio_post']:.2f}× base) against {post[m[:-3]]:.3f}.")
     lines += ["", "What was cut to fit the shared 2-core CPU (other benchmarks ran beside this one; latency rounds alternate between networks, so the load is shared fairly): rows that are not fine-tuned "
               f"(structured before fine-tuning, unstructured) use N={a.n_pre} samples against a base row at the same N "
               f"(the protocol's N={a.n} is used for the base and every fine-tuned row); only p ∈ {{{a.ft_ratios}}} is "
               f"fine-tuned ({a.ft_steps} steps × 128 = {a.ft_steps / BASE_STEPS:.0%} of the base training, plain MSE, "
-              f"lr {a.ft_lr}, no KD); Taylor / Diff-Pruning gradients on one batch of 32 at every "
+              f"lr {a.ft_lr}, no KD; the +rc rows refit layers on {a.reconstruct} calibration samples first); Taylor / Diff-Pruning gradients on one batch of 32 at every "
               f"{a.t_stride}th timestep (threshold {a.threshold}); latency is measured once per architecture "
               "(all importances give the same shapes at one p, and fine-tuning keeps them)."]
     if a.report_only:

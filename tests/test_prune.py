@@ -307,3 +307,102 @@ def test_finetune_weighting_changes_the_loss_and_bad_combinations_fail_at_parse_
     with pytest.raises(UserError, match="x0_weight must be >= 0"):
         parse_recipe("finetune(steps=2,x0_weight=-1)")
     parse_recipe("finetune(steps=2,x0_weight=0.01)")
+
+
+def test_kept_rows_finds_the_selected_channels():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(12, 7, 3, 3, generator=g)
+    rows, cols = torch.tensor([10, 2, 5, 7]), torch.tensor([6, 0, 3])
+    assert prune.kept_rows(w, w[rows][:, cols]).tolist() == rows.tolist()
+    with pytest.raises(RuntimeError, match="matches 0 rows"):
+        prune.kept_rows(w, torch.randn(2, 3, 3, 3, generator=g))
+
+
+def test_reconstruction_recovers_a_removed_channel_that_others_span():
+    # a linear two-layer net whose hidden unit 3 is h0 + h1: removing it loses nothing the next layer
+    # cannot get back from units 0 and 1, so the refit second layer reproduces the teacher exactly
+    g = torch.Generator().manual_seed(4)
+    teacher = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 3))
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+        teacher[0].weight[3] = teacher[0].weight[0] + teacher[0].weight[1]
+        teacher[0].bias[3] = teacher[0].bias[0] + teacher[0].bias[1]
+    student = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.Linear(3, 3))
+    with torch.no_grad():
+        student[0].weight.copy_(teacher[0].weight[:3]), student[0].bias.copy_(teacher[0].bias[:3])
+        student[1].weight.copy_(teacher[1].weight[:, :3]), student[1].bias.copy_(teacher[1].bias)
+    batches = [(torch.randn(64, 5, generator=g),) for _ in range(3)]
+    x = torch.randn(16, 5, generator=g)
+    assert (student(x) - teacher(x)).abs().max() > 0.1  # plain channel removal is off
+    errors = prune.reconstruct_layers(teacher, student, batches, ridge=1e-9)
+    assert list(errors) == ["0", "1"]
+    assert errors["0"][1] < 1e-12 and errors["1"][0] > 0.01 and errors["1"][1] < 1e-9
+    torch.testing.assert_close(student(x), teacher(x), atol=1e-4, rtol=1e-4)
+
+
+def test_prune_with_reconstruction_moves_the_pruned_net_towards_the_unpruned(tiny_ckpt):
+    imgs = _images(32)
+    cfg = dict(method="magnitude", ratio=0.5, min_group_channels=0)
+    plain = prune_checkpoint(tiny_ckpt, PruneConfig(**cfg), imgs)
+    refit = prune_checkpoint(tiny_ckpt, PruneConfig(**cfg, reconstruct=32), imgs)
+    x, t = prune.calibration_batches(tiny_ckpt, imgs, PruneConfig(**cfg, reconstruct=32, seed=5))[0]  # other noise, t
+    ref = _out(tiny_ckpt.net, x, t)
+    err = lambda ck: float(((_out(ck.net, x, t) - ref) ** 2).mean())  # noqa: E731
+    assert err(refit) < 0.5 * err(plain)
+    rec = refit.meta["prune"]["reconstruct"]
+    assert rec["samples"] == 32 and rec["rel_error_after"] < rec["rel_error_before"]
+    assert [p.shape for p in refit.net.parameters()] == [p.shape for p in plain.net.parameters()]
+    with pytest.raises(UserError, match="undo structured=false"):
+        PruneConfig("l1", 0.3, structured=False, reconstruct=64)
+    with pytest.raises(UserError, match="reconstruct must be"):
+        parse_recipe("prune(method=magnitude,ratio=0.3,reconstruct=-1)")
+
+
+def test_kept_channel_map_points_into_the_original_network_after_two_prunes(tiny_ckpt):
+    once = prune_checkpoint(tiny_ckpt, PruneConfig("magnitude", 0.3, min_group_channels=0))
+    twice = prune_checkpoint(once, PruneConfig("magnitude", 0.3, min_group_channels=0))
+    kept, first = twice.meta["prune"]["kept"], once.meta["prune"]["kept"]
+    full = dict(tiny_ckpt.net.named_modules())
+    for name, m in twice.net.named_modules():  # a kept channel's bias is the original channel's, bit for bit
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.bias is not None:
+            torch.testing.assert_close(m.bias, full[name].bias[kept[name]], rtol=0, atol=0)
+    assert any(len(kept[n]) < len(first[n]) < full[n].weight.shape[0] for n in kept)  # some layer shrank twice
+
+
+def test_a_frozen_network_is_still_pruned(tiny_ckpt):
+    tiny_ckpt.net.requires_grad_(False)  # as a KD teacher is left; Torch-Pruning traced nothing through it
+    out = prune_checkpoint(tiny_ckpt, PruneConfig("magnitude", 0.5, min_group_channels=0))
+    assert count_params(out.net)["params"] < count_params(tiny_ckpt.net)["params"] / 2
+
+
+def test_feature_kd_finetune(tiny_ckpt, image_folder, tmp_path):
+    from leandiff.compress.finetune import feature_loss
+
+    s = {"a": torch.ones(2, 2, 3, 3)}
+    t = {"a": torch.cat([torch.ones(2, 1, 3, 3), 3 * torch.ones(2, 1, 3, 3), torch.ones(2, 1, 3, 3)], 1)}
+    # kept channels 1 and 2 of the teacher: errors 2² and 0, teacher mean square (9 + 1) / 2
+    assert float(feature_loss(s, t, {"a": [1, 2]})) == pytest.approx(2.0 / 5.0)
+    ck = apply_recipe(tiny_ckpt, "prune(method=magnitude,ratio=0.5) > finetune(steps=2,batch_size=4,kd=true,"
+                      "kd_frac=0,feat_weight=1,bf16=false)", tmp_path / "o", dataset=f"folder:{image_folder}",
+                      progress=False, log=lambda s: None)
+    assert ck.lineage[-1]["args"]["feat_weight"] == 1
+    # the feature term: zero for the teacher against itself, positive for a pruned student
+    from leandiff.compress.finetune import KDLoss
+
+    pruned = prune_checkpoint(tiny_ckpt, PruneConfig("magnitude", 0.5, min_group_channels=0))
+    x0 = _images(4)
+
+    def loss(student, feat_weight, kept):
+        return float(KDLoss(tiny_ckpt.denoiser(), 0.0, feat_weight, kept)(student.denoiser(), x0, torch.Generator().manual_seed(0)))
+
+    same = prune.kept_channels(tiny_ckpt.net, tiny_ckpt.net)
+    assert loss(tiny_ckpt, 1.0, same) == pytest.approx(loss(tiny_ckpt, 0.0, None), abs=1e-7)
+    assert loss(pruned, 1.0, pruned.meta["prune"]["kept"]) > loss(pruned, 0.0, None) + 0.1
+    with pytest.raises(UserError, match="needs kd=true"):
+        parse_recipe("finetune(steps=2,feat_weight=1)")
+    with pytest.raises(UserError, match="feat_weight must be >= 0"):
+        parse_recipe("finetune(steps=2,kd=true,feat_weight=-1)")
+    with pytest.raises(UserError, match="records none"):  # an unpruned student has no channel map
+        apply_recipe(tiny_ckpt, "finetune(steps=2,batch_size=4,kd=true,feat_weight=1)", tmp_path / "o2",
+                     dataset=f"folder:{image_folder}", progress=False, log=lambda s: None)

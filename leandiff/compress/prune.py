@@ -28,6 +28,13 @@ backgrounds (benchmarks/results/prune.md). The floor gives every GroupNorm whose
 ``min_group_channels`` its own, lower ratio (Torch-Pruning's ``pruning_ratio_dict``) so that its groups
 keep that many channels (or all they have); ``meta["prune"]["protected_norms"]`` lists them.
 
+**Layer-wise reconstruction** (``reconstruct=N``, structured only). Removing channels loses their contribution to
+every layer that read them. With ``reconstruct=N`` each Conv2d/Linear of the pruned network is then refitted, in
+execution order, by ridge least squares so that on its own inputs it reproduces the unpruned network's outputs at
+the channels it kept, over N calibration inputs (x_t, t) drawn as in training (:func:`reconstruct_layers`; the
+reconstruction step of channel pruning, He, Zhang & Sun 2017 and ThiNet, Luo et al. 2017). No gradient steps; on
+``mnist-tiny`` it takes a magnitude-pruned network (p = 0.3) from FID-dom ≈ 600 to ≈ 3.5 before any fine-tuning.
+
 The output conv (``conv_out``) is never pruned; the time-embedding MLP (``time_embedding``) is
 kept unless ``include_time=true`` (L-Diff §4.1 preserves the time-embedding layers). diffusers'
 ``Downsample2D/Upsample2D.channels`` and ``Attention.heads/inner_dim/...`` are updated after the
@@ -76,6 +83,8 @@ class PruneConfig:
     t_stride: int = 1  # gradient importances visit t = 0, t_stride, 2·t_stride, ... (1: every step, as the paper)
     include_time: bool = False  # also prune the time-embedding MLP's hidden/output features
     min_group_channels: int = 2  # structured: no GroupNorm is left with fewer channels per group (0: no floor)
+    reconstruct: int = 0  # structured: refit each layer to the unpruned outputs on this many calibration samples
+    ridge: float = 1e-3  # reconstruction: ridge strength towards the pruned weights, relative to mean diag(AᵀA)
     seed: int = 0  # mini-batch, noise and random scores
 
     def __post_init__(self):
@@ -91,6 +100,12 @@ class PruneConfig:
             raise UserError(f"prune: threshold must be in (0, 1), got {self.threshold}")
         if not isinstance(self.min_group_channels, int) or self.min_group_channels < 0:
             raise UserError(f"prune: min_group_channels must be an integer >= 0, got {self.min_group_channels!r}")
+        if not isinstance(self.reconstruct, int) or self.reconstruct < 0:
+            raise UserError(f"prune: reconstruct must be a number of calibration samples >= 0, got {self.reconstruct!r}")
+        if self.reconstruct and not self.structured:
+            raise UserError("prune: reconstruct refits whole layers, which would undo structured=false's zeros")
+        if not self.ridge > 0:
+            raise UserError(f"prune: ridge must be > 0, got {self.ridge}")
         if self.batch_size < 1 or self.t_stride < 1:
             raise UserError(f"prune: batch_size and t_stride must be >= 1, got {self.batch_size}, {self.t_stride}")
 
@@ -242,7 +257,9 @@ def structured_prune(ckpt: Checkpoint, cfg: PruneConfig, images: torch.Tensor | 
     import torch_pruning as tp
     from diffusers.models.attention_processor import Attention
 
-    net = copy.deepcopy(ckpt.net).float()
+    # Torch-Pruning traces the graph through autograd: a frozen network (a KD teacher, say) traces empty and
+    # would come back unpruned without a word
+    net = copy.deepcopy(ckpt.net).float().requires_grad_(True)
     work = Checkpoint(net=net, arch=ckpt.arch, schedule=ckpt.schedule, parameterization=ckpt.parameterization,
                       meta={})
     log: dict = {}
@@ -266,6 +283,13 @@ def structured_prune(ckpt: Checkpoint, cfg: PruneConfig, images: torch.Tensor | 
         pruner.step()
     net.zero_grad(set_to_none=True)
     fix_diffusers_attrs(net)
+    log["kept"] = kept_channels(ckpt.net, net, ckpt.meta.get("prune", {}).get("kept"))
+    if cfg.reconstruct:
+        teacher = copy.deepcopy(ckpt.net).float().eval()
+        errors = reconstruct_layers(teacher, net.eval(), calibration_batches(ckpt, images, cfg), cfg.ridge)
+        log["reconstruct"] = {"samples": cfg.reconstruct, "ridge": cfg.ridge, "layers": len(errors),
+                              "rel_error_before": sum(e[0] for e in errors.values()) / len(errors),
+                              "rel_error_after": sum(e[1] for e in errors.values()) / len(errors)}
     after_widths = _widths(net)
     record = {
         "kind": "prune", "method": cfg.method, "ratio": cfg.ratio,
@@ -278,6 +302,153 @@ def structured_prune(ckpt: Checkpoint, cfg: PruneConfig, images: torch.Tensor | 
     out = Checkpoint(net=net.eval(), arch=arch, schedule=ckpt.schedule, parameterization=ckpt.parameterization,
                      meta=copy.deepcopy(ckpt.meta))
     return out, log
+
+
+# --- layer-wise least-squares reconstruction after channel removal --------------------------------------------------
+
+class _Captured(Exception):
+    """Raised by a forward hook once it has what it needs: the rest of the forward pass is skipped."""
+
+
+def _capture(net: nn.Module, module: nn.Module, inputs: tuple, want: str) -> torch.Tensor:
+    """Run ``net(*inputs)`` only as far as ``module`` and return its first input (``want="in"``) or its output."""
+    got = []
+
+    def hook(mod, args, out):
+        got.append(args[0] if want == "in" else out)
+        raise _Captured
+
+    handle = module.register_forward_hook(hook)
+    try:
+        net(*inputs)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    if not got:
+        raise RuntimeError("reconstruction: a layer was not reached by the forward pass")
+    return got[0]
+
+
+def _design(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Rows of the least-squares problem for ``module``'s weights: one row per output position
+    (a conv's im2col patches, a linear layer's input vectors), with a 1 appended for the bias."""
+    if isinstance(module, nn.Conv2d):
+        cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)  # N × C·k·k × L
+        a = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    else:
+        a = x.reshape(-1, x.shape[-1])
+    return torch.cat([a, a.new_ones(a.shape[0], 1)], 1).double()
+
+
+def _targets(y: torch.Tensor) -> torch.Tensor:
+    """A layer's output as rows matching :func:`_design` (a conv's output positions in unfold's order)."""
+    if y.dim() == 4:
+        y = y.permute(0, 2, 3, 1)
+    return y.reshape(-1, y.shape[-1]).double()
+
+
+def kept_rows(w_full: torch.Tensor, w_pruned: torch.Tensor) -> torch.Tensor:
+    """Which output channels of the unpruned weight the pruned one kept, found from the values themselves:
+    pruning only selects rows and columns, so every value of a kept row (its first kernel element per
+    input channel) occurs, bit for bit, in the row it came from. Raises if a row matches none or several."""
+    a = w_full.reshape(w_full.shape[0], w_full.shape[1], -1)[..., 0]  # O × I
+    b = w_pruned.reshape(w_pruned.shape[0], w_pruned.shape[1], -1)[..., 0]  # o × i
+    rows = []
+    for j, row in enumerate(b):
+        hits = (row[:, None, None] == a[None]).any(-1).all(0).nonzero().flatten()
+        if len(hits) != 1:
+            raise RuntimeError(f"reconstruction: pruned row {j} matches {len(hits)} rows of the unpruned weight")
+        rows.append(int(hits[0]))
+    return torch.tensor(rows)
+
+
+def kept_channels(full: nn.Module, pruned: nn.Module, before: dict | None = None) -> dict[str, list[int]]:
+    """Conv2d/Linear name -> the output channels of ``full`` that ``pruned`` kept (:func:`kept_rows`), composed
+    with ``before`` (an earlier prune's map from the original network to ``full``) so that the map always points
+    into the network before the first prune. Feature distillation (``finetune(feat_weight=...)``) reads it."""
+    mods = dict(full.named_modules())
+    out = {}
+    for name, m in pruned.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and name in mods:
+            rows = kept_rows(mods[name].weight.float(), m.weight.float())
+            if before and name in before:
+                rows = torch.tensor(before[name])[rows]
+            out[name] = rows.tolist()
+    return out
+
+
+def calibration_batches(ckpt: Checkpoint, images: torch.Tensor | None, cfg: PruneConfig,
+                        batch: int = 128) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``cfg.reconstruct`` network inputs (x_t, t) as in training: random training images, t uniform over
+    0..T−1, fresh Gaussian noise (seeded)."""
+    if images is None:
+        raise UserError("prune: reconstruct needs training images: pass --dataset")
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    idx = torch.randperm(len(images), generator=g)[: cfg.reconstruct]
+    out = []
+    for i in range(0, len(idx), batch):
+        x0 = images[idx[i:i + batch]].float()
+        t = torch.randint(0, ckpt.schedule.T, (len(x0),), generator=g)
+        out.append((q_sample(ckpt.schedule, x0, t, torch.randn(x0.shape, generator=g)), t))
+    return out
+
+
+def reconstruct_layers(teacher: nn.Module, student: nn.Module, batches: Sequence[tuple], ridge: float = 1e-3) -> dict:
+    """Refit every Conv2d/Linear of the pruned ``student`` so that, on its own (already refitted) inputs, it
+    reproduces the unpruned ``teacher``'s outputs at the kept channels — layer by layer in execution order, each
+    by ridge-regularised least squares over the calibration ``batches`` of network inputs (x_t, t).
+
+    This is the reconstruction step of channel pruning (He, Zhang & Sun, ICCV 2017; ThiNet, Luo et al. 2017):
+    removing input channels of a layer loses their contribution, and the remaining weights are re-solved in
+    closed form to make it up, ``argmin_W ‖A W − Y‖² + λ‖W − W₀‖²`` with A the layer's input patches (plus a
+    column of ones for the bias), Y the teacher's output at the kept channels, W₀ the current weights and
+    λ = ``ridge`` · mean(diag AᵀA). Going in execution order lets each layer also absorb the errors of the
+    layers before it. Returns {layer: relative output error before → after} on the calibration set."""
+    t_mods = dict(teacher.named_modules())
+    layers = [(n, m) for n, m in student.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n in t_mods]
+    order: list[str] = []
+    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: order.append(n) if n not in order else None)
+             for n, m in layers]
+    try:
+        with torch.no_grad():
+            student(*batches[0])
+    finally:
+        for h in hooks:
+            h.remove()
+    mods = dict(layers)
+    report = {}
+    with torch.no_grad():
+        for name in order:
+            s, t = mods[name], t_mods[name]
+            rows = kept_rows(t.weight, s.weight)
+            w0 = s.weight.reshape(s.weight.shape[0], -1).double()
+            b0 = s.bias.double() if s.bias is not None else torch.zeros(s.weight.shape[0], dtype=torch.float64)
+            theta0 = torch.cat([w0, b0[:, None]], 1).T  # (d + 1) × o
+            gram = torch.zeros(theta0.shape[0], theta0.shape[0], dtype=torch.float64)
+            cross = torch.zeros_like(theta0)
+            yy, err0 = 0.0, 0.0
+            for inputs in batches:
+                a = _design(s, _capture(student, s, inputs, "in"))
+                y = _targets(_capture(teacher, t, inputs, "out"))[:, rows]
+                gram += a.T @ a
+                cross += a.T @ y
+                yy += float((y ** 2).sum())
+                err0 += float(((a @ theta0 - y) ** 2).sum())
+            lam = ridge * float(gram.diagonal().mean())
+            if s.bias is None:  # no bias to fit: pin its column at zero
+                gram[-1, :] = 0
+                gram[:, -1] = 0
+                gram[-1, -1] = 1
+                cross[-1] = 0
+            eye = torch.eye(gram.shape[0], dtype=torch.float64)
+            theta = torch.linalg.solve(gram + lam * eye, cross + lam * theta0)
+            err1 = float(((theta * (gram @ theta)).sum() - 2 * (theta * cross).sum() + yy))
+            s.weight.copy_(theta[:-1].T.reshape(s.weight.shape).to(s.weight.dtype))
+            if s.bias is not None:
+                s.bias.copy_(theta[-1].to(s.bias.dtype))
+            report[name] = (err0 / max(yy, 1e-30), max(err1, 0.0) / max(yy, 1e-30))
+    return report
 
 
 def _replay_prune(net: nn.Module, rec: dict) -> nn.Module:
@@ -392,15 +563,17 @@ def prune_checkpoint(ckpt: Checkpoint, cfg: PruneConfig, images: torch.Tensor | 
 
 
 @register_step("prune", {"method": REQUIRED, "ratio": REQUIRED, "structured": True, "norm": 2, "threshold": 0.05,
-                         "batch_size": 32, "t_stride": 1, "include_time": False, "min_group_channels": 2},
+                         "batch_size": 32, "t_stride": 1, "include_time": False, "min_group_channels": 2,
+                         "reconstruct": 0, "ridge": 1e-3},
                types={"method": str, "ratio": (int, float)}, validate=lambda args: _step_config(args, 0))
 def prune_step(ckpt, args, ctx):
     """Prune channels (structured: magnitude|taylor|diff|random) or weights (structured=false: l1|random|global)."""
     cfg = _step_config(args, ctx.seed)
     images = None
-    if cfg.structured and cfg.method in ("taylor", "diff"):
+    if cfg.structured and (cfg.method in ("taylor", "diff") or cfg.reconstruct):
         if not ctx.dataset:
-            raise UserError(f"prune: method={cfg.method} needs the training dataset; the checkpoint records none: pass --dataset")
+            what = "reconstruct" if cfg.reconstruct else f"method={cfg.method}"
+            raise UserError(f"prune: {what} needs the training dataset; the checkpoint records none: pass --dataset")
         from ..data import load_dataset
 
         images = load_dataset(ctx.dataset, "train", ctx.data_dir, shape=image_shape(ckpt.arch)).images
@@ -412,4 +585,5 @@ def _step_config(args: dict, seed: int) -> PruneConfig:
     return PruneConfig(method=args["method"], ratio=float(args["ratio"]), structured=args["structured"],
                        norm=args["norm"], threshold=float(args["threshold"]), batch_size=args["batch_size"],
                        t_stride=args["t_stride"], include_time=args["include_time"],
-                       min_group_channels=args["min_group_channels"], seed=seed)
+                       min_group_channels=args["min_group_channels"], reconstruct=args["reconstruct"],
+                       ridge=float(args["ridge"]), seed=seed)
