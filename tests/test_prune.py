@@ -394,7 +394,7 @@ def test_feature_kd_finetune(tiny_ckpt, image_folder, tmp_path):
     x0 = _images(4)
 
     def loss(student, feat_weight, kept):
-        return float(KDLoss(tiny_ckpt.denoiser(), 0.0, feat_weight, kept)(student.denoiser(), x0, torch.Generator().manual_seed(0)))
+        return float(KDLoss(tiny_ckpt.denoiser(), 0.0, feat_weight, kept)(student.denoiser(), x0, torch.Generator().manual_seed(0)).detach())
 
     same = prune.kept_channels(tiny_ckpt.net, tiny_ckpt.net)
     assert loss(tiny_ckpt, 1.0, same) == pytest.approx(loss(tiny_ckpt, 0.0, None), abs=1e-7)
