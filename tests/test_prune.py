@@ -406,3 +406,12 @@ def test_feature_kd_finetune(tiny_ckpt, image_folder, tmp_path):
     with pytest.raises(UserError, match="records none"):  # an unpruned student has no channel map
         apply_recipe(tiny_ckpt, "finetune(steps=2,batch_size=4,kd=true,feat_weight=1)", tmp_path / "o2",
                      dataset=f"folder:{image_folder}", progress=False, log=lambda s: None)
+
+
+def test_reconstruction_after_unstructured_zeros_skips_tied_layers(tiny_ckpt):
+    # zeros from unstructured pruning make rows tie: such layers drop out of the map instead of failing
+    sparse = prune_checkpoint(tiny_ckpt, PruneConfig("global", 0.7, structured=False))
+    out = prune_checkpoint(sparse, PruneConfig("magnitude", 0.5, min_group_channels=0, reconstruct=16), _images(16))
+    layers = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in out.net.modules())
+    assert 1 <= out.meta["prune"]["reconstruct"]["layers"] == len(out.meta["prune"]["kept"]) < layers
+    assert _out(out.net).shape == X.shape and torch.isfinite(_out(out.net)).all()

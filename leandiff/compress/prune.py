@@ -371,7 +371,10 @@ def kept_channels(full: nn.Module, pruned: nn.Module, before: dict | None = None
     out = {}
     for name, m in pruned.named_modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)) and name in mods:
-            rows = kept_rows(mods[name].weight.float(), m.weight.float())
+            try:
+                rows = kept_rows(mods[name].weight.float(), m.weight.float())
+            except RuntimeError:  # tied rows (e.g. zeros from unstructured pruning): leave the layer out
+                continue
             if before and name in before:
                 rows = torch.tensor(before[name])[rows]
             out[name] = rows.tolist()
@@ -394,7 +397,8 @@ def calibration_batches(ckpt: Checkpoint, images: torch.Tensor | None, cfg: Prun
     return out
 
 
-def reconstruct_layers(teacher: nn.Module, student: nn.Module, batches: Sequence[tuple], ridge: float = 1e-3) -> dict:
+def reconstruct_layers(teacher: nn.Module, student: nn.Module, batches: Sequence[tuple], ridge: float = 1e-3,
+                       kept: dict[str, list[int]] | None = None) -> dict:
     """Refit every Conv2d/Linear of the pruned ``student`` so that, on its own (already refitted) inputs, it
     reproduces the unpruned ``teacher``'s outputs at the kept channels — layer by layer in execution order, each
     by ridge-regularised least squares over the calibration ``batches`` of network inputs (x_t, t).
@@ -404,7 +408,10 @@ def reconstruct_layers(teacher: nn.Module, student: nn.Module, batches: Sequence
     closed form to make it up, ``argmin_W ‖A W − Y‖² + λ‖W − W₀‖²`` with A the layer's input patches (plus a
     column of ones for the bias), Y the teacher's output at the kept channels, W₀ the current weights and
     λ = ``ridge`` · mean(diag AᵀA). Going in execution order lets each layer also absorb the errors of the
-    layers before it. Returns {layer: relative output error before → after} on the calibration set."""
+    layers before it. ``kept`` (layer -> ``teacher`` channels, :func:`kept_channels`) is found from the weights
+    when not given; a layer it leaves out (tied rows) is not refitted. Returns {layer: relative output error
+    before → after} on the calibration set."""
+    kept = kept_channels(teacher, student) if kept is None else kept
     t_mods = dict(teacher.named_modules())
     layers = [(n, m) for n, m in student.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n in t_mods]
     order: list[str] = []
@@ -419,9 +426,9 @@ def reconstruct_layers(teacher: nn.Module, student: nn.Module, batches: Sequence
     mods = dict(layers)
     report = {}
     with torch.no_grad():
-        for name in order:
+        for name in (n for n in order if n in kept):
             s, t = mods[name], t_mods[name]
-            rows = kept_rows(t.weight, s.weight)
+            rows = torch.tensor(kept[name])
             w0 = s.weight.reshape(s.weight.shape[0], -1).double()
             b0 = s.bias.double() if s.bias is not None else torch.zeros(s.weight.shape[0], dtype=torch.float64)
             theta0 = torch.cat([w0, b0[:, None]], 1).T  # (d + 1) × o
