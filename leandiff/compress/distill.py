@@ -59,7 +59,7 @@ from ..errors import UserError
 from ..models import register_surgery
 from ..recipe import register_step
 from ..schedule import SPACINGS, alpha_sigma, log_snr, q_sample, timesteps as make_timesteps
-from ..train import DiffusionLoss, TrainConfig, train, training_images
+from ..train import DiffusionLoss, TrainConfig, _rank_world, train, training_images
 from .finetune import KDLoss, check_training, finetune_checkpoint
 
 PD_WEIGHTINGS = ("truncated-snr", "snr+1")  # Salimans & Ho 2022, §4 (report eqs. 9 and 10)
@@ -385,6 +385,8 @@ def _train(cfg: TrainConfig, out_dir, init: Checkpoint, images, loss_fn, progres
 
     train(cfg, out_dir, init=init, images=images, loss_fn=loss_fn, resume=True, progress=progress is not False)
     out = load_checkpoint(out_dir)
+    if _rank_world()[1] > 1:  # every rank has read it before rank 0 rewrites it (progressive_distill does)
+        torch.distributed.barrier()
     if out.lineage and out.lineage[-1].get("step") == "train":
         out.lineage.pop()
     return out
@@ -459,7 +461,8 @@ def progressive_distill(ckpt: Checkpoint, out_dir, *, n_from: int, n_to: int, st
         st.meta["distill"] = copy.deepcopy(record)
         from ..checkpoint import save_checkpoint
 
-        save_checkpoint(st, out_dir / f"round-{n:04d}")  # the round's student, self-describing
+        if _rank_world()[0] == 0:  # one writer under torchrun
+            save_checkpoint(st, out_dir / f"round-{n:04d}")  # the round's student, self-describing
         teacher = student = st
         n //= 2
     student.meta["distill"]["train_seconds"] = round(record["convert"]["wall_seconds"]
