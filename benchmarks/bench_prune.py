@@ -48,10 +48,14 @@ def prune_args(method: str, p: float, a, reconstruct: int = 0) -> str:
     return f"prune(method={method},ratio={p}{extra.get(method, '')}{rc})"
 
 
+def rc_methods(a) -> list[str]:
+    """The importances repeated with layer-wise reconstruction, as row methods "M+rc"."""
+    return [f"{m}+rc" for m in a.rc_methods.split(",") if m] if a.reconstruct else []
+
+
 def methods(a) -> list[str]:
-    """Row methods: the four importances, then those repeated with layer-wise reconstruction ("M+rc")."""
-    rc = [f"{m}+rc" for m in a.rc_methods.split(",") if m] if a.reconstruct else []
-    return list(STRUCTURED) + rc
+    """Row methods: the four importances, then the reconstructed ones."""
+    return list(STRUCTURED) + rc_methods(a)
 
 
 def make(base, label: str, recipe: str, out: Path) -> Path:
@@ -170,7 +174,7 @@ def main(argv=None):
             run_row(rows_path, done, label, models[label], clf, a.n_pre, {"prune_log": info})
         if ratio not in ft_ratios:
             continue
-        for m in methods(a)[len(STRUCTURED):]:  # the reconstructed rows: only at the fine-tuned ratios
+        for m in rc_methods(a):  # the reconstructed rows: only at the fine-tuned ratios
             label = f"s-{m}-{ratio}"
             models[label] = make(base, label, prune_args(m[:-3], ratio, a, a.reconstruct), out)
             info = json.loads((models[label] / "leandiff.json").read_text()).get("prune", {})
@@ -316,7 +320,7 @@ def write_report(a, out: Path, done: dict, lat: dict, seconds: float, mse: dict)
                      + f". Diff-Pruning {'beats' if beats else 'does not beat'} both magnitude and Taylor here "
                      f"(one seed, N={a.n}: differences of a few % are within sampling noise).")
         rec.setdefault("diff_beats_magnitude_and_taylor", {})[str(ratio)] = beats
-        for m in methods(a)[len(STRUCTURED):]:
+        for m in rc_methods(a):
             e = rec["structured"].get(f"s-{m}-{ratio}", {})
             if e.get("fid_dom_post") is not None and post.get(m[:-3]) is not None:
                 lines.append(f"- p={ratio}, {m[:-3]} with layer-wise reconstruction ({a.reconstruct} calibration samples): "

@@ -69,8 +69,8 @@ class KDLoss:
         self.feat_weight = float(feat_weight)
         self.kept = kept or {}
         if self.feat_weight and not self.kept:
-            raise UserError("finetune: feat_weight needs a structurally pruned student (its checkpoint records which "
-                            "teacher channels each layer kept)")
+            raise UserError("finetune: feat_weight needs a structurally pruned student; this one's checkpoint records "
+                            "none of the teacher channels its layers kept")
 
     def __call__(self, student: Denoiser, x0: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         t = torch.randint(0, student.schedule.T, (x0.shape[0],), generator=g)
@@ -139,11 +139,9 @@ def check_training(step: str, steps: int, *, kd_frac: float | None = None, **set
 
 
 def _feature_map(student, teacher) -> dict[str, list[int]]:
-    """The pruned student's layer -> teacher channel map, checked against the teacher's layers."""
-    kept = student.meta.get("prune", {}).get("kept")
-    if not kept:
-        raise UserError("finetune: feat_weight needs a structurally pruned student (its checkpoint records which "
-                        "teacher channels each layer kept); this one records none")
+    """The pruned student's layer -> teacher channel map (empty when it records none: KDLoss says so), checked
+    against the teacher's layers."""
+    kept = student.meta.get("prune", {}).get("kept") or {}
     mods = dict(teacher.net.named_modules())
     for name, rows in kept.items():
         m = mods.get(name)
@@ -168,8 +166,8 @@ def _check_loss(steps: int, weighting: str, x0_weight: float, kd: bool, feat_wei
 def _check_args(args: dict) -> None:
     # restart_period 0 means "half the steps" (finetune_checkpoint), so it is checked as 1
     _check_loss(args["steps"], args["weighting"], args["x0_weight"], kd=bool(args["kd"] or args["teacher"]),
-                feat_weight=args["feat_weight"], kd_frac=args["kd_frac"], lr=args["lr"], batch_size=args["batch_size"], lr_schedule=args["schedule"],
-                ema_decay=args["ema_decay"], warmup=args["warmup"], restart_period=args["restart_period"] or 1)
+                feat_weight=args["feat_weight"], kd_frac=args["kd_frac"], lr=args["lr"], batch_size=args["batch_size"],
+                lr_schedule=args["schedule"], ema_decay=args["ema_decay"], warmup=args["warmup"], restart_period=args["restart_period"] or 1)
 
 
 @register_step("finetune", {"steps": 1000, "kd": False, "kd_frac": 0.7, "teacher": "", "lr": 2e-4,

@@ -283,10 +283,12 @@ def structured_prune(ckpt: Checkpoint, cfg: PruneConfig, images: torch.Tensor | 
         pruner.step()
     net.zero_grad(set_to_none=True)
     fix_diffusers_attrs(net)
-    log["kept"] = kept_channels(ckpt.net, net, ckpt.meta.get("prune", {}).get("kept"))
+    kept = kept_channels(ckpt.net, net)  # into ckpt.net; composed below into the network before any prune
+    before = ckpt.meta.get("prune", {}).get("kept") or {}
+    log["kept"] = {n: [before[n][i] for i in rows] if n in before else rows for n, rows in kept.items()}
     if cfg.reconstruct:
         teacher = copy.deepcopy(ckpt.net).float().eval()
-        errors = reconstruct_layers(teacher, net.eval(), calibration_batches(ckpt, images, cfg), cfg.ridge)
+        errors = reconstruct_layers(teacher, net.eval(), calibration_batches(ckpt, images, cfg), cfg.ridge, kept)
         log["reconstruct"] = {"samples": cfg.reconstruct, "ridge": cfg.ridge, "layers": len(errors),
                               "rel_error_before": sum(e[0] for e in errors.values()) / len(errors),
                               "rel_error_after": sum(e[1] for e in errors.values()) / len(errors)}
@@ -363,10 +365,11 @@ def kept_rows(w_full: torch.Tensor, w_pruned: torch.Tensor) -> torch.Tensor:
     return torch.tensor(rows)
 
 
-def kept_channels(full: nn.Module, pruned: nn.Module, before: dict | None = None) -> dict[str, list[int]]:
-    """Conv2d/Linear name -> the output channels of ``full`` that ``pruned`` kept (:func:`kept_rows`), composed
-    with ``before`` (an earlier prune's map from the original network to ``full``) so that the map always points
-    into the network before the first prune. Feature distillation (``finetune(feat_weight=...)``) reads it."""
+def kept_channels(full: nn.Module, pruned: nn.Module) -> dict[str, list[int]]:
+    """Conv2d/Linear name -> the output channels of ``full`` that ``pruned`` kept (:func:`kept_rows`).
+    :func:`structured_prune` records it, composed with any earlier prune's map so that it points into the
+    network before the first prune, as ``meta["prune"]["kept"]``; feature distillation
+    (``finetune(feat_weight=...)``) reads it."""
     mods = dict(full.named_modules())
     out = {}
     for name, m in pruned.named_modules():
@@ -375,8 +378,6 @@ def kept_channels(full: nn.Module, pruned: nn.Module, before: dict | None = None
                 rows = kept_rows(mods[name].weight.float(), m.weight.float())
             except RuntimeError:  # tied rows (e.g. zeros from unstructured pruning): leave the layer out
                 continue
-            if before and name in before:
-                rows = torch.tensor(before[name])[rows]
             out[name] = rows.tolist()
     return out
 
