@@ -1,13 +1,14 @@
 """Contract tests for every registered solver (and a few diffusers peers through the adapter).
 
-The workhorse is Gaussian data x₀ ~ N(0, s²·I): x_t = α x₀ + σ ε is N(0, α²s² + σ²), its exact
-denoiser is ε*(x, t) = σ x / (α² s² + σ²), and its probability-flow ODE is solved in closed form,
-x_t = x_T · sqrt((α_t² s² + σ_t²)/(α_T² s² + σ_T²)). The diffusers comparisons use a random tiny
+The workhorse is Gaussian data x₀ ~ N(μ, diag s²): x_t = α x₀ + σ ε is N(α μ, α²s² + σ²), its exact
+denoiser is ε*(x, t) = σ (x − α μ) / (α² s² + σ²), and its probability-flow ODE is solved in closed form,
+x_t = α_t μ + sqrt(α_t² s² + σ_t²) · z with z = (x_T − α_T μ)/sqrt(α_T² s² + σ_T²) fixed along the flow. The diffusers comparisons use a random tiny
 ``UNet2DModel``. Everything is small: the whole file runs in well under a minute on 2 cores.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from leandiff.denoiser import Denoiser
 from leandiff.errors import UserError
 from leandiff.sample import SampleConfig, SampleStats, sample_all
-from leandiff.schedule import Schedule, alpha_sigma, log_snr, timesteps as make_timesteps
+from leandiff.schedule import SPACINGS, Schedule, alpha_sigma, log_snr, timesteps as make_timesteps
 from leandiff.solvers import DETERMINISTIC, SOLVERS, get_solver, nfe_per_step
 
 SCHED = Schedule("linear")
@@ -34,23 +35,24 @@ def one_thread():
 
 
 class GaussianNet(torch.nn.Module):
-    """The exact network for x₀ ~ N(0, s²·I) in any parameterization."""
+    """The exact network for x₀ ~ N(μ, diag s²) in any parameterization (μ, s: scalars or per-pixel tensors)."""
 
-    def __init__(self, schedule: Schedule, s: float, parameterization: str = "eps"):
+    def __init__(self, schedule: Schedule, s, parameterization: str = "eps", mu=0.0):
         super().__init__()
-        self.schedule, self.s, self.parameterization = schedule, s, parameterization
+        self.schedule, self.s, self.parameterization, self.mu = schedule, s, parameterization, mu
 
     def forward(self, x, t):
         a, sg = alpha_sigma(self.schedule, t.double())
         shape = (-1,) + (1,) * (x.ndim - 1)
         a, sg = a.to(x.dtype).reshape(shape), sg.to(x.dtype).reshape(shape)
         var = a ** 2 * self.s ** 2 + sg ** 2
-        eps, x0 = sg * x / var, a * self.s ** 2 * x / var
+        centred = x - a * self.mu
+        eps, x0 = sg * centred / var, self.mu + a * self.s ** 2 * centred / var
         return {"eps": eps, "x0": x0, "v": a * eps - sg * x0}[self.parameterization]
 
 
-def gaussian_denoiser(s: float, parameterization: str = "eps") -> Denoiser:
-    return Denoiser(GaussianNet(SCHED, s, parameterization), SCHED, parameterization)
+def gaussian_denoiser(s, parameterization: str = "eps", mu=0.0) -> Denoiser:
+    return Denoiser(GaussianNet(SCHED, s, parameterization, mu), SCHED, parameterization)
 
 
 def lambda_uniform(n: int, t_hi: float = 999, t_lo: float = 0) -> torch.Tensor:
@@ -123,6 +125,94 @@ def test_euler_is_ddim():
     D, ts = gaussian_denoiser(0.5), make_timesteps(SCHED, 10, "leading")
     torch.testing.assert_close(get_solver("euler")(D, x_T(), ts), get_solver("ddim")(D, x_T(), ts),
                                rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------- every solver on every spacing, against the exact law --
+
+# Data N(μ, diag s²) on 1×4×4 with a non-zero per-pixel mean, so that a solver must get the mean right too.
+LAW_MU = 0.5 * torch.randn((1, 4, 4), generator=torch.Generator().manual_seed(20), dtype=torch.float64)
+LAW_S = 0.2 + 0.6 * torch.rand((1, 4, 4), generator=torch.Generator().manual_seed(21), dtype=torch.float64)
+LAW_N = 2000  # samples per row: the sampling noise of the relative std is about 1/sqrt(2N) = 1.6 %
+LAW_NFE = (10, 20, 50, 100)
+
+
+@functools.lru_cache(maxsize=None)
+def _law_runs(name: str, spacing: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(z, samples at each NFE of LAW_NFE) from one x_T; z is x_T's exact probability-flow coordinate,
+    so the exact ODE endpoint is μ + s·z and its state at t is α_t μ + sqrt(α_t² s² + σ_t²)·z."""
+    D, x = gaussian_denoiser(LAW_S, mu=LAW_MU), x_T((LAW_N, 1, 4, 4), seed=22)
+    a, sg = alpha_sigma(SCHED, torch.tensor(999.0))
+    z = (x - a * LAW_MU) / (a ** 2 * LAW_S ** 2 + sg ** 2).sqrt()
+    outs = [get_solver(name)(D, x, make_timesteps(SCHED, nfe // nfe_per_step(name), spacing),
+                             generator=torch.Generator().manual_seed(23)) for nfe in LAW_NFE]
+    return z, outs
+
+
+def _law_errors(outs: list[torch.Tensor]) -> tuple[list[float], list[float]]:
+    """RMS over pixels of the relative std error and of the mean error in units of s, per NFE."""
+    std = [((o.std(0) / LAW_S - 1) ** 2).mean().sqrt().item() for o in outs]
+    mean = [(((o.mean(0) - LAW_MU) / LAW_S) ** 2).mean().sqrt().item() for o in outs]
+    return std, mean
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("name", list(SOLVERS))
+def test_gaussian_law_converges_on_every_spacing(name, spacing):
+    """Mean and std of the samples approach the exact law as the NFE grows (10 → 100), on every spacing:
+    no row grows beyond the sampling noise, and the last is close. dpmpp-3m-sde on leading failed this
+    before the multistep order limit (std error 2.3 → 5.7 → 2.9 → 1.0, the state's std at t = 0 several
+    times the true one)."""
+    std, mean = _law_errors(_law_runs(name, spacing)[1])
+    msg = f"{name} on {spacing}: std errors {['%.3f' % e for e in std]}, mean errors {['%.3f' % e for e in mean]}"
+    print(msg)
+    for errs, noise in ((std, 2 / (2 * LAW_N) ** 0.5), (mean, 2 / LAW_N ** 0.5)):
+        assert all(b <= a + noise for a, b in zip(errs, errs[1:])), f"grows with NFE: {msg}"
+        assert errs[-1] <= max(0.6 * errs[0], 2 * noise), f"does not converge: {msg}"
+    assert std[-1] < 0.10 and mean[-1] < 0.10, f"far from the law at NFE {LAW_NFE[-1]}: {msg}"
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_probability_flow_map_converges_on_every_spacing(name, spacing):
+    """Deterministic solvers approach the exact probability-flow map x_T ↦ μ + s·z: max error falls with
+    the NFE, down to the floor that the common last step x ↦ x̂₀(x, t = 0) leaves on grids ending at t = 0
+    (x̂₀ at σ_0 = 0.01 is the posterior mean, not the ODE endpoint: ~σ_0²/(2 s²) relative, < 2e-3 here)."""
+    z, outs = _law_runs(name, spacing)
+    errs = [(o - (LAW_MU + LAW_S * z)).abs().max().item() for o in outs]
+    msg = f"{name} on {spacing}: max |x − x_exact| {['%.2e' % e for e in errs]}"
+    print(msg)
+    assert all(b < a or b < 2e-3 for a, b in zip(errs, errs[1:])), msg
+    assert errs[-1] < 0.25 * errs[0], msg
+
+
+# minimum observed order on the "logsnr" spacing (NFE 10 → 100), per family
+LOGSNR_ORDERS = {"ddim": 0.9, "euler": 0.9, "ams-ddim": 0.9, "heun": 1.8, "dpmpp-2m": 1.7, "dpmpp-3m": 2.7}
+
+
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_order_on_the_logsnr_spacing(name):
+    """On the spacing uniform in log-SNR (integer timesteps) each deterministic solver reaches its family's
+    order against the exact flow to t = 0 followed by the common last step x ↦ x̂₀(x, 0)."""
+    assert set(LOGSNR_ORDERS) == set(DETERMINISTIC)
+    z, outs = _law_runs(name, "logsnr")
+    a, sg = alpha_sigma(SCHED, torch.tensor(0.0))
+    at_0 = a * LAW_MU + (a ** 2 * LAW_S ** 2 + sg ** 2).sqrt() * z
+    ref = gaussian_denoiser(LAW_S, mu=LAW_MU).predict(at_0, 0.0)[1]
+    errs = [(o - ref).abs().max().item() for o in outs]
+    order = -np.polyfit(np.log(LAW_NFE), np.log(errs), 1)[0]
+    print(f"{name}: max errors {['%.2e' % e for e in errs]} observed order {order:.2f}")
+    assert order >= LOGSNR_ORDERS[name], f"{name}: observed order {order:.2f} < {LOGSNR_ORDERS[name]} ({errs})"
+
+
+def test_multistep_order_limits_long_steps_only():
+    """The order rule: full order on steady grids, first order on a step > MAX_STEP_RATIO × the last."""
+    from leandiff.solvers.dpmpp import MAX_STEP_RATIO, multistep_order
+
+    assert multistep_order([], 1.0) == 1
+    assert multistep_order([0.5, 0.5], 0.5) == 3
+    assert multistep_order([0.5, 0.6], 0.7) == 3  # trailing's gently growing steps
+    assert multistep_order([0.5, 0.6], 0.6 * MAX_STEP_RATIO + 0.1) == 1  # leading's last step into t = 0
+    assert multistep_order([0.1, 0.6], 0.7) == 2  # the earlier jump limits only the third point
 
 
 # ---------------------------------------------------------------- tiny UNet vs diffusers --------
