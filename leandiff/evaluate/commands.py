@@ -110,8 +110,9 @@ def _grid_path(out: Path, ckpt: str, cfg) -> Path:
 @click.option("--solver", default=None, help="with --nfe: also measure end-to-end images/s for this solver")
 @click.option("--nfe", type=int, default=None, callback=_positive)
 @click.option("-n", "n", type=int, default=64, show_default=True, callback=_positive, help="images for end-to-end images/s")
-@click.option("--out", default="bench.md", show_default=True, type=click.Path(dir_okay=False),
-              help="Markdown table; the JSON record is written beside it (.json)")
+@click.option("--out", default=None, type=click.Path(dir_okay=False),
+              help="write the Markdown table here and the JSON record beside it (.json); "
+                   "without --out the table is printed and nothing is written")
 def bench(ckpts, runtimes, batch_sizes, rounds, solver, nfe, n, out):
     """Cost table: parameters, MACs, bytes, latency per evaluation (batch 1/16/64), peak memory."""
     from ..cost import LatencyConfig
@@ -124,13 +125,15 @@ def bench(ckpts, runtimes, batch_sizes, rounds, solver, nfe, n, out):
         raise UserError(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}") from None
     if (solver is None) != (nfe is None):
         raise UserError("give --solver and --nfe together (or neither)")
-    ensure_writable_dir(Path(out).parent)
+    if out is not None:
+        ensure_writable_dir(Path(out).parent)
     cfg = BenchConfig(runtimes=tuple(runtimes), latency=LatencyConfig(batch_sizes=sizes, rounds=rounds),
                       solver=solver, nfe=nfe, n=n)
     record = run_bench(list(ckpts), cfg, progress=True)
     md = bench_markdown(record)
-    write_text(out, md)
-    write_json(Path(out).with_suffix(".json"), record)
+    if out is not None:
+        write_text(out, md)
+        write_json(Path(out).with_suffix(".json"), record)
     click.echo(md)
 
 

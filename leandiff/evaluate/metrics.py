@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import UserError
+
 
 # --- streaming statistics -------------------------------------------------------------------
 
@@ -225,6 +227,16 @@ def precision_recall(real, fake, k: int = 3) -> tuple[float, float]:
     precision = _inside(f, r, knn_radii(r, k)).double().mean().item()
     recall = _inside(r, f, knn_radii(f, k)).double().mean().item()
     return float(precision), float(recall)
+
+
+def distinct_draw(images, n: int, seed: int = 0):
+    """n distinct rows of ``images`` (a seeded permutation's first n), for a real-vs-real floor. Never
+    with replacement: duplicates shrink the covariance's effective rank and inflate FID at that N, so
+    a pool smaller than n is refused (compare at the largest N the pool allows instead)."""
+    if not 1 <= n <= images.shape[0]:
+        raise UserError(f"a real-vs-real floor at N={n} needs {n} distinct images; the pool has {images.shape[0]}")
+    g = torch.Generator().manual_seed(seed)
+    return images[torch.randperm(images.shape[0], generator=g)[:n]]
 
 
 def subsample(x: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
