@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .denoiser import PARAMETERIZATIONS, Denoiser
+from .denoiser import Denoiser, canonical_parameterization
 from .errors import UserError
 from .io import atomic_path, read_json, write_json
 from .models import UNET, build_network
@@ -182,9 +182,10 @@ def _load_leandiff(weights: Path, meta: dict, origin: Path) -> Checkpoint:
         raise UserError(f"{origin}: not a leandiff checkpoint (format={meta.get('format')!r})")
     if meta.get("version") != VERSION:
         raise UserError(f"{origin}: unsupported checkpoint version {meta.get('version')!r} (this leandiff reads {VERSION})")
-    param = meta.get("parameterization", "eps")
-    if param not in PARAMETERIZATIONS:
-        raise UserError(f"{origin}: unknown parameterization {param!r}")
+    try:
+        param = canonical_parameterization(meta.get("parameterization", "eps"))
+    except UserError as e:
+        raise UserError(f"{origin}: {e}") from None
     arch = meta.get("architecture")
     net = build_network(arch)
     _load_state(net, _read_safetensors(weights), origin)

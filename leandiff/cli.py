@@ -54,6 +54,14 @@ def _positive(ctx, param, value):
     return value
 
 
+def _floats(text: str, what: str) -> tuple[float, ...]:
+    """'0.99,0.9999' -> (0.99, 0.9999); '' -> ()."""
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"{what} needs comma-separated numbers, got {text!r}") from None
+
+
 @main.command()
 @click.option("--dataset", default="mnist", show_default=True, help="mnist, fashion-mnist, cifar10 or folder:PATH")
 @click.option("--data-dir", default=None, help="directory with the dataset's files (IDX, CIFAR batches)")
@@ -68,8 +76,18 @@ def _positive(ctx, param, value):
 @click.option("--ema-decay", type=float, default=0.999, show_default=True)
 @click.option("--grad-clip", type=float, default=1.0, show_default=True)
 @click.option("--schedule", type=click.Choice(["linear", "cosine"]), default="linear", show_default=True)
-@click.option("--parameterization", type=click.Choice(["eps", "v", "x0"]), default="eps", show_default=True)
-@click.option("--weighting", type=click.Choice(["plain", "truncated-snr", "snr+1"]), default="plain", show_default=True)
+@click.option("--parameterization", default="eps", show_default=True,
+              help="eps, v, x0, or edm (Karras et al. 2022 preconditioning; edm(sigma_data=S), default 0.5)")
+@click.option("--weighting", type=click.Choice(["plain", "truncated-snr", "snr+1", "min-snr"]), default="plain",
+              show_default=True, help="loss weighting (min-snr: Hang et al. 2023, with --min-snr-gamma)")
+@click.option("--min-snr-gamma", type=float, default=5.0, show_default=True)
+@click.option("--noise-levels", type=click.Choice(["auto", "uniform", "lognormal"]), default="auto", show_default=True,
+              help="training t: uniform integers, or EDM's lognormal sigma (auto: lognormal for edm)")
+@click.option("--p-mean", type=float, default=-1.2, show_default=True, help="lognormal: mean of ln sigma")
+@click.option("--p-std", type=float, default=1.2, show_default=True, help="lognormal: std of ln sigma")
+@click.option("--ema-decays", default="", help="more EMA decays kept side by side, e.g. 0.99,0.9999 (pick: leandiff ema)")
+@click.option("--snapshot-every", type=int, default=0, show_default=True,
+              help="keep a copy of the checkpoint every N steps in OUT/snapshots/ (0: never)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--bf16", is_flag=True, help="bf16 autocast (faster on CPUs with AMX/AVX512-bf16)")
 @click.option("--sample-every", type=int, default=1000, show_default=True)
@@ -77,14 +95,16 @@ def _positive(ctx, param, value):
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="output checkpoint directory")
 @click.option("--resume", is_flag=True, help="continue a killed run from its last saved state")
 def train(dataset, data_dir, model, init_ckpt, steps, batch_size, lr, warmup, lr_schedule, restart_period,
-          ema_decay, grad_clip, schedule, parameterization, weighting, seed, bf16, sample_every,
-          checkpoint_every, out, resume):
+          ema_decay, grad_clip, schedule, parameterization, weighting, min_snr_gamma, noise_levels, p_mean, p_std,
+          ema_decays, snapshot_every, seed, bf16, sample_every, checkpoint_every, out, resume):
     """Train a diffusion model; writes a checkpoint (EMA weights) to --out."""
     from .io import ensure_writable_dir
     from .train import TrainConfig, train as run, init_checkpoint, training_images
 
     cfg = TrainConfig(dataset=dataset, data_dir=data_dir, model=model, schedule=schedule,
-                      parameterization=parameterization, weighting=weighting, steps=steps,
+                      parameterization=parameterization, weighting=weighting, min_snr_gamma=min_snr_gamma,
+                      noise_levels=noise_levels, p_mean=p_mean, p_std=p_std, ema_decays=_floats(ema_decays, "--ema-decays"),
+                      snapshot_every=snapshot_every, steps=steps,
                       batch_size=batch_size, lr=lr, warmup=warmup, lr_schedule=lr_schedule,
                       restart_period=restart_period, ema_decay=ema_decay, grad_clip=grad_clip, bf16=bf16,
                       seed=seed, sample_every=sample_every, checkpoint_every=checkpoint_every)
@@ -283,3 +303,25 @@ def study_cmd(study_toml, out_dir):
 
 if __name__ == "__main__":
     main()
+
+
+@main.command("ema")
+@click.argument("run_dir")
+@click.option("--solver", default="dpmpp-3m-sde", show_default=True, help="the proxy's solver")
+@click.option("--nfe", type=int, default=10, show_default=True, callback=_positive)
+@click.option("--spacing", default="trailing", show_default=True)
+@click.option("-n", "n", type=int, default=512, show_default=True, callback=_positive, help="samples per EMA")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="write the best EMA's checkpoint here (default: only print the scores)")
+def ema_cmd(run_dir, solver, nfe, spacing, n, out):
+    """Score a run's EMA profiles (train --ema-decays) by a cheap FID-dom proxy and pick the best."""
+    from .ema import ProxyConfig, select_ema, write_selected
+    from .io import ensure_writable_dir
+
+    cfg = ProxyConfig(solver=solver, nfe=nfe, spacing=spacing, n=n)
+    if out:
+        ensure_writable_dir(out)
+    best, scores = select_ema(run_dir, cfg, log=click.echo)
+    click.echo(f"best EMA: {best} (FID-dom {scores[best]:.4f})")
+    if out:
+        click.echo(f"checkpoint: {write_selected(run_dir, best, scores, cfg, out)}")

@@ -13,7 +13,64 @@ from torch import nn
 from .errors import UserError
 from .schedule import Schedule, alpha_sigma
 
-PARAMETERIZATIONS = ("eps", "v", "x0")
+PARAMETERIZATIONS = ("eps", "v", "x0", "edm")
+EDM_SIGMA_DATA = 0.5  # Karras et al. 2022, Table 1 (data in [-1, 1])
+
+
+def parse_parameterization(p: str) -> tuple[str, float | None]:
+    """``eps`` | ``v`` | ``x0`` | ``edm`` | ``edm(sigma_data=S)`` -> (kind, σ_data or None)."""
+    if not isinstance(p, str):
+        raise UserError(f"parameterization must be a string, got {p!r}")
+    kind, _, rest = p.partition("(")
+    kind = kind.strip()
+    if kind not in PARAMETERIZATIONS:
+        raise UserError(f"unknown parameterization {p!r}; expected one of {', '.join(PARAMETERIZATIONS)} "
+                        f"(edm takes sigma_data: edm(sigma_data=0.5))")
+    if kind != "edm":
+        if rest:
+            raise UserError(f"parameterization {kind} takes no settings, got {p!r}")
+        return kind, None
+    sigma_data = EDM_SIGMA_DATA
+    if rest:
+        body = rest.rstrip()
+        key, eq, val = body[:-1].partition("=") if body.endswith(")") else ("", "", "")
+        try:
+            if key.strip() != "sigma_data" or not eq:
+                raise ValueError
+            sigma_data = float(val)
+        except ValueError:
+            raise UserError(f"malformed parameterization {p!r}; expected edm(sigma_data=<number>)") from None
+        if not sigma_data > 0 or sigma_data != sigma_data or sigma_data == float("inf"):
+            raise UserError(f"edm needs sigma_data > 0, got {val.strip()}")
+    return kind, sigma_data
+
+
+def canonical_parameterization(p: str) -> str:
+    """The form stored in checkpoints: EDM always with its constant, e.g. ``edm(sigma_data=0.5)``."""
+    kind, sd = parse_parameterization(p)
+    return kind if sd is None else f"edm(sigma_data={sd:g})"
+
+
+def edm_coefficients(sigma: torch.Tensor, sigma_data: float):
+    """EDM's preconditioning (Karras et al. 2022, Table 1, "Ours"), at EDM noise level σ:
+    c_skip = σ_d²/(σ² + σ_d²), c_out = σ·σ_d/sqrt(σ² + σ_d²), c_in = 1/sqrt(σ² + σ_d²).
+    (c_noise: see :class:`Denoiser`.) The loss weight λ(σ) = (σ² + σ_d²)/(σ·σ_d)² = 1/c_out²."""
+    sd2 = sigma_data ** 2
+    denom = sigma ** 2 + sd2
+    return sd2 / denom, sigma * sigma_data / denom.sqrt(), 1 / denom.sqrt()
+
+
+def target_scale(parameterization: str, snr: torch.Tensor) -> torch.Tensor:
+    """k(SNR) with ‖out − target‖² = k·‖x̂₀ − x₀‖² for a network predicting ``parameterization``:
+    ε: SNR (x̂₀ − x₀ = −σ/α·(ε̂ − ε)); v: SNR + 1; x₀: 1; EDM's F: 1/c_out² = (1 + SNR·σ_d²)/σ_d² (σ² = 1/SNR)."""
+    kind, sd = parse_parameterization(parameterization)
+    if kind == "eps":
+        return snr
+    if kind == "v":
+        return snr + 1
+    if kind == "x0":
+        return torch.ones_like(snr)
+    return (1 + snr * sd ** 2) / sd ** 2
 
 
 def call_network(net, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -29,16 +86,22 @@ class Denoiser(nn.Module):
     ε-prediction: x̂₀ = (x_t − σ ε̂)/α;  v = α ε − σ x₀, so x̂₀ = α x_t − σ v̂ and ε̂ = σ x_t + α v̂;
     x₀-prediction: ε̂ = (x_t − α x̂₀)/σ.
 
+    EDM (Karras et al. 2022, §5) is presented in the same VP coordinates: with σ̄ = σ/α and
+    x̄ = x_t/α (EDM's x = x₀ + σ̄·n), the network sees F(c_in(σ̄)·x̄; c_noise) and
+    x̂₀ = D(x̄; σ̄) = c_skip(σ̄)·x̄ + c_out(σ̄)·F; ε̂ follows as for x₀-prediction. c_noise is the VP
+    timestep t itself — EDM Table 1's choice for the VP column, (M − 1)·σ⁻¹(σ) — rather than ¼·ln σ̄:
+    the UNet's time embedding stays the one it was built for, and every time-aware step (caching gaps,
+    calibration by t) reads the t it already reads. Fractional t is allowed everywhere.
+
     ``nfe`` counts network evaluations (one per batch call), so solvers report what they spent.
     """
 
     def __init__(self, net, schedule: Schedule, parameterization: str = "eps"):
         super().__init__()
-        if parameterization not in PARAMETERIZATIONS:
-            raise UserError(f"unknown parameterization {parameterization!r}; expected one of {PARAMETERIZATIONS}")
+        self.kind, self.sigma_data = parse_parameterization(parameterization)
         self.net = net
         self.schedule = schedule
-        self.parameterization = parameterization
+        self.parameterization = canonical_parameterization(parameterization)
         self.nfe = 0
 
     def _coeffs(self, x: torch.Tensor, t: torch.Tensor):
@@ -50,10 +113,25 @@ class Denoiser(nn.Module):
         t = torch.as_tensor(t, dtype=torch.float32)
         return t.expand(x.shape[0]) if t.ndim == 0 else t
 
+    def _edm(self, x: torch.Tensor, t: torch.Tensor):
+        """(α, σ, c_skip, c_out, c_in) at t, shaped to broadcast against x (EDM only)."""
+        a, s = self._coeffs(x, t)
+        c_skip, c_out, c_in = edm_coefficients(s / a, self.sigma_data)
+        return a, s, c_skip, c_out, c_in
+
+    def net_input(self, x: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the network itself is called with at (x_t, t): (x_t, t), or (c_in·x_t/α, t) for EDM.
+        Calibration collectors and anything else that calls the bare network go through this."""
+        t = self._t(x, t).to(x.device)
+        if self.kind == "edm":
+            a, _, _, _, c_in = self._edm(x, t)
+            x = x * (c_in / a)
+        return x, t
+
     def forward(self, x: torch.Tensor, t) -> torch.Tensor:
         """The raw network output in its own parameterization."""
         self.nfe += 1
-        return call_network(self.net, x, self._t(x, t).to(x.device))
+        return call_network(self.net, *self.net_input(x, t))
 
     def predict(self, x: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
         """(ε̂, x̂₀) from one network evaluation."""
@@ -62,10 +140,15 @@ class Denoiser(nn.Module):
 
     def convert(self, out: torch.Tensor, x: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
         """(ε̂, x̂₀) from a raw network output ``out`` at (x_t, t)."""
-        a, s = self._coeffs(x, self._t(x, t))
-        if self.parameterization == "eps":
+        t = self._t(x, t)
+        if self.kind == "edm":
+            a, s, c_skip, c_out, _ = self._edm(x, t)
+            x0 = c_skip * (x / a) + c_out * out
+            return (x - a * x0) / s, x0
+        a, s = self._coeffs(x, t)
+        if self.kind == "eps":
             return out, (x - s * out) / a
-        if self.parameterization == "v":
+        if self.kind == "v":
             return s * x + a * out, a * x - s * out
         return (x - a * out) / s, out
 
@@ -82,9 +165,14 @@ class Denoiser(nn.Module):
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
         """The training target in this denoiser's own parameterization for x_t = q_sample(x0, t, noise)."""
-        if self.parameterization == "eps":
+        if self.kind == "eps":
             return noise
-        if self.parameterization == "x0":
+        if self.kind == "x0":
             return x0
-        a, s = self._coeffs(x0, self._t(x0, t))
+        t = self._t(x0, t)
+        if self.kind == "edm":
+            # F's target (EDM eq. 8): (x₀ − c_skip·x̄)/c_out with x̄ = x_t/α = x₀ + (σ/α)·ε
+            a, s, c_skip, c_out, _ = self._edm(x0, t)
+            return (x0 - c_skip * (x0 + (s / a) * noise)) / c_out
+        a, s = self._coeffs(x0, t)
         return a * noise - s * x0

@@ -149,3 +149,21 @@ def timesteps(schedule: Schedule, steps: int, spacing: str = "leading") -> torch
         ts[i] = min(ts[i], ts[i + 1] - 1)
     ts = torch.tensor(ts, dtype=torch.long)
     return ts.flip(0)
+
+
+def t_of_log_snr(schedule: Schedule, lam) -> torch.Tensor:
+    """The fractional t whose log-SNR is ``lam``: the inverse of :func:`log_snr` (which interpolates λ
+    linearly between integer steps), float64. Values outside [λ(T-1), λ(0)] are clamped to [0, T-1]."""
+    lam = torch.as_tensor(lam, dtype=torch.float64)
+    table = log_snr(schedule, torch.arange(schedule.T)).flip(0)  # increasing in λ, index j is t = T-1-j
+    x = lam.clamp(table[0].item(), table[-1].item())
+    j = torch.searchsorted(table, x.contiguous()).clamp(1, schedule.T - 1)
+    lo, hi = table[j - 1], table[j]
+    frac = (x - lo) / (hi - lo)  # 0 at t = T-j, 1 at t = T-1-j
+    return (schedule.T - j).to(torch.float64) - frac
+
+
+def t_of_edm_sigma(schedule: Schedule, sigma_edm) -> torch.Tensor:
+    """The fractional VP t at which σ_t/α_t equals EDM's noise level σ (Karras et al. 2022, Table 1:
+    the VP process is x/α = x₀ + σ·ε with σ = σ_t/α_t, so λ = log(α²/σ_t²) = −2·ln σ)."""
+    return t_of_log_snr(schedule, -2 * torch.log(torch.as_tensor(sigma_edm, dtype=torch.float64)))

@@ -27,9 +27,9 @@ from .checkpoint import META_NAME, Checkpoint, load_checkpoint, save_checkpoint
 from .denoiser import Denoiser
 from .errors import UserError
 from .io import atomic_path, save_grid
-from .schedule import log_snr, q_sample
+from .schedule import log_snr, q_sample, t_of_edm_sigma
 
-WEIGHTINGS = ("plain", "truncated-snr", "snr+1")
+NOISE_LEVELS = ("auto", "uniform", "lognormal")
 LR_SCHEDULES = ("cosine", "constant", "cosine-restarts")
 STATE_NAME = "train_state.safetensors"
 
@@ -41,7 +41,11 @@ class TrainConfig:
     model: str = "mnist-tiny"  # a name from leandiff.models.MODEL_CONFIGS (ignored when fine-tuning)
     schedule: str = "linear"  # forward process: linear-β (DDPM) or cosine
     parameterization: str = "eps"  # what the network predicts: eps, v or x0
-    weighting: str = "plain"  # plain (MSE on the prediction), truncated-snr max(SNR,1) or snr+1 on x₀-MSE
+    weighting: str = "plain"  # a name of WEIGHTINGS: plain, truncated-snr, snr+1, min-snr
+    min_snr_gamma: float = 5.0  # min-snr only: γ of min(SNR, γ) (Hang et al. 2023 use 5)
+    noise_levels: str = "auto"  # how t is drawn: uniform integer t, or lognormal EDM σ; auto: lognormal for edm
+    p_mean: float = -1.2  # lognormal only: ln σ ~ N(P_mean, P_std²) (Karras et al. 2022, Table 1)
+    p_std: float = 1.2
     x0_weight: float = 0.0  # plain only: adds x0_weight·‖x̂₀ − x₀‖² (for an ε-model (1/SNR)·‖ε̂ − ε‖²)
     steps: int = 10_000  # optimizer steps
     batch_size: int = 128  # global batch (split across DDP ranks)
@@ -52,15 +56,26 @@ class TrainConfig:
     lr_schedule: str = "cosine"  # cosine, constant, or cosine-restarts (SGDR, Loshchilov & Hutter 2017)
     restart_period: int = 1000  # cosine-restarts only: steps per cycle
     ema_decay: float = 0.999  # EMA of the weights; the EMA is what the checkpoint holds
+    ema_decays: tuple = ()  # more EMA decays kept side by side, each written to out/ema/<decay>/ (pick: leandiff ema)
     grad_clip: float = 1.0  # max global gradient norm (0 disables)
     bf16: bool = False  # bf16 autocast for forward/backward (opt-in speed; fp32 master weights)
     seed: int = 0  # everything random derives from it
     log_every: int = 50  # progress-bar refresh
     sample_every: int = 1000  # write a DDIM-50 grid of the EMA model every N steps (0: never)
     checkpoint_every: int = 500  # write checkpoint + resumable state every N steps
+    snapshot_every: int = 0  # also keep a copy of the checkpoint(s) every N steps in out/snapshots/ (0: never)
 
     def __post_init__(self):
-        checks = [(self.weighting in WEIGHTINGS, f"weighting must be one of {WEIGHTINGS}"),
+        from .denoiser import parse_parameterization
+
+        parse_parameterization(self.parameterization)
+        object.__setattr__(self, "ema_decays", tuple(float(d) for d in self.ema_decays))
+        checks = [(self.weighting in WEIGHTINGS, f"weighting must be one of {', '.join(WEIGHTINGS)}"),
+                  (self.min_snr_gamma > 0, f"min_snr_gamma must be positive, got {self.min_snr_gamma}"),
+                  (self.noise_levels in NOISE_LEVELS, f"noise_levels must be one of {', '.join(NOISE_LEVELS)}"),
+                  (self.p_std > 0, f"p_std must be positive, got {self.p_std}"),
+                  (all(0 <= d < 1 for d in self.ema_decays), f"every EMA decay must be in [0, 1), got {self.ema_decays}"),
+                  (self.snapshot_every >= 0, f"snapshot_every must be >= 0, got {self.snapshot_every}"),
                   (self.x0_weight >= 0, f"x0_weight must be >= 0, got {self.x0_weight}"),
                   (self.x0_weight == 0 or self.weighting == "plain", "x0_weight adds to the plain loss only"),
                   (self.lr_schedule in LR_SCHEDULES, f"lr schedule must be one of {LR_SCHEDULES}"),
@@ -77,7 +92,7 @@ class TrainConfig:
 
 
 # Fields that may change between a run and its resumption without changing the result.
-_RESUMABLE_CHANGES = {"steps", "log_every", "sample_every", "checkpoint_every", "data_dir"}
+_RESUMABLE_CHANGES = {"steps", "log_every", "sample_every", "checkpoint_every", "data_dir", "snapshot_every"}
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -94,36 +109,78 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * min(frac, 1.0)))
 
 
+# Loss weightings as one table: each maps (SNR, parameterization) to the weight w(SNR) that multiplies
+# the per-sample ‖x̂₀ − x₀‖². The loss is computed on the network's own target (its MSE is k·‖x̂₀ − x₀‖²
+# with k = target_scale(SNR)), so a weighting costs nothing where w = k and stays well conditioned.
+WEIGHTINGS: dict[str, Callable] = {
+    # MSE on the network's own target (ε, v, x₀, or EDM's F, whose MSE is EDM's λ(σ)-weighted loss)
+    "plain": lambda snr, k, gamma: k,
+    # Salimans & Ho 2022, §4 (eq. 9): max(SNR, 1)
+    "truncated-snr": lambda snr, k, gamma: snr.clamp(min=1.0),
+    # Salimans & Ho 2022, §4 (eq. 10): SNR + 1, equal to v-MSE
+    "snr+1": lambda snr, k, gamma: snr + 1,
+    # Hang et al. 2023, eq. 7: min(SNR, γ) on x₀-MSE, i.e. min(SNR, γ)/SNR on ε-MSE, min(SNR, γ)/(SNR + 1) on v-MSE
+    "min-snr": lambda snr, k, gamma: snr.clamp(max=gamma),
+}
+
+
+def loss_weight(weighting: str, snr: torch.Tensor, parameterization: str, gamma: float = 5.0) -> torch.Tensor:
+    """Weight on the MSE of the network's own target for ``weighting`` at ``snr`` (see WEIGHTINGS)."""
+    from .denoiser import target_scale
+
+    if weighting not in WEIGHTINGS:
+        raise UserError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
+    k = target_scale(parameterization, snr)
+    return WEIGHTINGS[weighting](snr, k, gamma) / k
+
+
+def draw_timesteps(schedule, n: int, g: torch.Generator, noise_levels: str = "uniform",
+                   p_mean: float = -1.2, p_std: float = 1.2) -> torch.Tensor:
+    """Training timesteps: uniform integers 0..T-1 (DDPM), or EDM's log-normal σ (Karras et al. 2022,
+    §5: ln σ ~ N(P_mean, P_std²)) mapped to the fractional VP t with σ_t/α_t = σ, clamped to the schedule."""
+    if noise_levels == "lognormal":
+        sigma = (torch.randn(n, generator=g, dtype=torch.float64) * p_std + p_mean).exp()
+        return t_of_edm_sigma(schedule, sigma).float()
+    return torch.randint(0, schedule.T, (n,), generator=g)
+
+
 class DiffusionLoss:
-    """The denoising loss with the progressive-distillation report's weightings (Salimans & Ho
-    2022, §4): ``plain`` is the MSE on the network's own target (ε, v or x₀); ``truncated-snr``
-    is max(SNR, 1)·‖x₀ − x̂₀‖²; ``snr+1`` is (SNR + 1)·‖x₀ − x̂₀‖² (equal to v-MSE).
+    """The denoising loss: t drawn by ``noise_levels``, x_t = α x₀ + σ ε, and the MSE of the network's
+    output against its own target weighted by ``weighting`` (the WEIGHTINGS table).
 
     ``x0_weight`` = λ > 0 (plain only) adds λ·‖x₀ − x̂₀‖²: for an ε-model that is λ/SNR·‖ε − ε̂‖², a
     bounded boost of the high-noise steps, whose ε error the plain loss barely sees (at t = 999 of the
     linear schedule 1/SNR ≈ 2.5e4) although the sampler divides it by √ᾱ_t. snr+1 is the λ = 1 case
     plus the plain term; on a pruned mnist-tiny it fixed t > 800 and broke t < 500 (docs/pruning.md)."""
 
-    def __init__(self, weighting: str = "plain", x0_weight: float = 0.0):
+    def __init__(self, weighting: str = "plain", x0_weight: float = 0.0, *, gamma: float = 5.0,
+                 noise_levels: str = "uniform", p_mean: float = -1.2, p_std: float = 1.2):
         if weighting not in WEIGHTINGS:
-            raise UserError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-        self.weighting = weighting
-        self.x0_weight = float(x0_weight)
+            raise UserError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
+        self.weighting, self.x0_weight, self.gamma = weighting, float(x0_weight), float(gamma)
+        self.noise_levels, self.p_mean, self.p_std = noise_levels, p_mean, p_std
+
+    @classmethod
+    def from_config(cls, cfg: "TrainConfig", parameterization: str) -> "DiffusionLoss":
+        levels = cfg.noise_levels
+        if levels == "auto":
+            levels = "lognormal" if parameterization.startswith("edm") else "uniform"
+        return cls(cfg.weighting, cfg.x0_weight, gamma=cfg.min_snr_gamma, noise_levels=levels,
+                   p_mean=cfg.p_mean, p_std=cfg.p_std)
 
     def __call__(self, denoiser: Denoiser, x0: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        t = torch.randint(0, denoiser.schedule.T, (x0.shape[0],), generator=g)
+        t = draw_timesteps(denoiser.schedule, x0.shape[0], g, self.noise_levels, self.p_mean, self.p_std)
         noise = torch.randn(x0.shape, generator=g)
         xt = q_sample(denoiser.schedule, x0, t, noise)
         out = denoiser(xt, t).float()
-        if self.weighting == "plain":
-            loss = F.mse_loss(out, denoiser.target(x0, noise, t))
-            if self.x0_weight:
-                loss = loss + self.x0_weight * (denoiser.convert(out, xt, t)[1] - x0).pow(2).mean()
-            return loss
-        _, x0_hat = denoiser.convert(out, xt, t)
-        snr = log_snr(denoiser.schedule, t).exp().float()
-        w = snr.clamp(min=1.0) if self.weighting == "truncated-snr" else snr + 1
-        return (w * (x0_hat - x0).pow(2).flatten(1).mean(1)).mean()
+        per = (out - denoiser.target(x0, noise, t)).pow(2).flatten(1).mean(1)
+        if self.weighting != "plain":
+            snr = log_snr(denoiser.schedule, t).exp().float()
+            per = per * loss_weight(self.weighting, snr, denoiser.parameterization, self.gamma)
+        loss = per.mean()
+        if self.x0_weight:
+            loss = loss + self.x0_weight * (denoiser.convert(out, xt, t)[1] - x0).pow(2).mean()
+        return loss
 
 
 def _rank_world() -> tuple[int, int]:
@@ -153,11 +210,18 @@ def _ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
         e.copy_(b)
 
 
-def _save_state(path: Path, step: int, seconds: float, cfg: TrainConfig, net, ema, opt) -> None:
+def _ema_name(decay: float) -> str:
+    """The folder (under out/ema/) and state prefix of an extra EMA: its decay as written, e.g. 0.9999."""
+    return repr(float(decay))
+
+
+def _save_state(path: Path, step: int, seconds: float, cfg: TrainConfig, net, ema, opt, extra=None) -> None:
     from safetensors.torch import save_file
 
     tensors = {f"net.{k}": v.detach().clone() for k, v in net.state_dict().items()}
     tensors.update({f"ema.{k}": v.detach().clone() for k, v in ema.state_dict().items()})
+    for d, e in (extra or {}).items():
+        tensors.update({f"ema@{_ema_name(d)}.{k}": v.detach().clone() for k, v in e.state_dict().items()})
     for i, st in opt.state_dict()["state"].items():
         for k, v in st.items():
             tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().clone()
@@ -166,7 +230,7 @@ def _save_state(path: Path, step: int, seconds: float, cfg: TrainConfig, net, em
         save_file(tensors, str(tmp), metadata=meta)
 
 
-def _load_state(path: Path, cfg: TrainConfig, net, ema, opt) -> tuple[int, float]:
+def _load_state(path: Path, cfg: TrainConfig, net, ema, opt, extra=None) -> tuple[int, float]:
     from safetensors import safe_open
 
     try:
@@ -177,12 +241,15 @@ def _load_state(path: Path, cfg: TrainConfig, net, ema, opt) -> tuple[int, float
         step, seconds = int(meta["step"]), float(meta.get("seconds", 0.0))
     except Exception as e:
         raise UserError(f"{path}: unreadable training state ({(str(e).splitlines() or [type(e).__name__])[0][:120]})") from None
-    now = dataclasses.asdict(cfg)
+    now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as saved: tuples become lists
     changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k])
     if changed:
         raise UserError(f"cannot resume: settings differ from the saved run in {', '.join(changed)}")
     net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
     ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    for d, e in (extra or {}).items():
+        pre = f"ema@{_ema_name(d)}."
+        e.load_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)})
     sd = opt.state_dict()
     state: dict = {}
     for k, v in tensors.items():
@@ -211,11 +278,13 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, init: Checkpoint, images: to
         torch.distributed.init_process_group("gloo")
     if cfg.batch_size % world:
         raise UserError(f"batch size {cfg.batch_size} is not divisible by the {world} processes")
-    loss_fn = loss_fn or DiffusionLoss(cfg.weighting, cfg.x0_weight)
+    loss_fn = loss_fn or DiffusionLoss.from_config(cfg, init.parameterization)
 
     net = init.net
     net.train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
+    # Several EMA decays side by side (the profile is chosen after training: `leandiff ema`)
+    extra = {d: copy.deepcopy(net).eval().requires_grad_(False) for d in cfg.ema_decays if d != cfg.ema_decay}
     model = net
     if world > 1:
         model = nn.parallel.DistributedDataParallel(net)
@@ -225,20 +294,30 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, init: Checkpoint, images: to
     state_path = out_dir / STATE_NAME
     start, seconds_before = 0, 0.0
     if resume and state_path.is_file():
-        start, seconds_before = _load_state(state_path, cfg, net, ema, opt)
+        start, seconds_before = _load_state(state_path, cfg, net, ema, opt, extra)
     elif resume and rank == 0:
         print(f"no saved state in {out_dir}; starting from step 0")
 
-    def write_checkpoint(step: int, seconds: float):
-        ck = Checkpoint(net=ema, arch=init.arch, schedule=init.schedule, parameterization=init.parameterization,
+    def as_checkpoint(weights: nn.Module, decay: float, step: int, seconds: float) -> Checkpoint:
+        ck = Checkpoint(net=weights, arch=init.arch, schedule=init.schedule, parameterization=init.parameterization,
                         meta=copy.deepcopy(init.meta))
         ck.meta["train"] = {**dataclasses.asdict(cfg), "completed_steps": step, "world_size": world,
                             "wall_seconds": round(seconds, 1), "num_images": n}
+        ck.meta["ema"] = {"profile": "exponential", "decay": decay,
+                          "warmup": "min(decay, (1 + step)/(10 + step))"}
         if step == cfg.steps:
             ck.lineage.append({"step": "train", "parent": init.hash() if init.path else None,
                                "settings": lineage_step or dataclasses.asdict(cfg)})
-        _save_state(state_path, step, seconds, cfg, net, ema, opt)
-        save_checkpoint(ck, out_dir)
+        return ck
+
+    def write_checkpoint(step: int, seconds: float, where: Path = out_dir, state: bool = True):
+        if state:
+            _save_state(state_path, step, seconds, cfg, net, ema, opt, extra)
+        for d, e in extra.items():
+            save_checkpoint(as_checkpoint(e, d, step, seconds), where / "ema" / _ema_name(d))
+        ck = as_checkpoint(ema, cfg.ema_decay, step, seconds)
+        save_checkpoint(ck, where)
+        ck.path = out_dir
         return ck
 
     n = images.shape[0]
@@ -271,6 +350,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, init: Checkpoint, images: to
         opt.step()
         # EMA with the usual warm-up so that early checkpoints are usable.
         _ema_update(ema, net, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        for d, e in extra.items():
+            _ema_update(e, net, min(d, (1 + step) / (10 + step)))
 
         done = step + 1
         seen += x0.shape[0] * world
@@ -285,6 +366,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, init: Checkpoint, images: to
             if bar is not None and bar.disable:  # not a terminal: one plain log line per checkpoint
                 print(f"step {done}/{cfg.steps} loss {smooth:.4f} "
                       f"elapsed {seconds_before + time.perf_counter() - t_start:.0f}s", flush=True)
+        if rank == 0 and cfg.snapshot_every and done % cfg.snapshot_every == 0:
+            write_checkpoint(done, seconds_before + time.perf_counter() - t_start,
+                             out_dir / "snapshots" / f"step_{done:07d}", state=False)
         if rank == 0 and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps):
             _write_grid(ema, init, out_dir / "samples" / f"step_{done:07d}.png")
     if bar is not None:
@@ -330,18 +414,16 @@ def init_checkpoint(cfg: TrainConfig, init_path: str | None = None) -> Checkpoin
     """The starting point of a run: a given checkpoint (fine-tuning) or a fresh ``cfg.model``
     initialised from ``cfg.seed``."""
     from .checkpoint import load_checkpoint
-    from .denoiser import PARAMETERIZATIONS
+    from .denoiser import canonical_parameterization
     from .models import architecture, build_network
     from .schedule import Schedule
 
     if init_path:
         return load_checkpoint(init_path)
-    if cfg.parameterization not in PARAMETERIZATIONS:
-        raise UserError(f"parameterization must be one of {PARAMETERIZATIONS}")
     arch = architecture(cfg.model)
     torch.manual_seed(cfg.seed)
     return Checkpoint(net=build_network(arch), arch=arch, schedule=Schedule(cfg.schedule),
-                      parameterization=cfg.parameterization, meta={"dataset": cfg.dataset})
+                      parameterization=canonical_parameterization(cfg.parameterization), meta={"dataset": cfg.dataset})
 
 
 def training_images(cfg: TrainConfig, init: Checkpoint) -> torch.Tensor:

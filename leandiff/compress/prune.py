@@ -385,16 +385,16 @@ def kept_channels(full: nn.Module, pruned: nn.Module) -> dict[str, list[int]]:
 def calibration_batches(ckpt: Checkpoint, images: torch.Tensor | None, cfg: PruneConfig,
                         batch: int = 128) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``cfg.reconstruct`` network inputs (x_t, t) as in training: random training images, t uniform over
-    0..T−1, fresh Gaussian noise (seeded)."""
+    0..T−1, fresh Gaussian noise (seeded); x_t as the network sees it (:meth:`Denoiser.net_input`)."""
     if images is None:
         raise UserError("prune: reconstruct needs training images: pass --dataset")
     g = torch.Generator().manual_seed(cfg.seed + 1)
     idx = torch.randperm(len(images), generator=g)[: cfg.reconstruct]
-    out = []
+    out, denoiser = [], ckpt.denoiser()
     for i in range(0, len(idx), batch):
         x0 = images[idx[i:i + batch]].float()
         t = torch.randint(0, ckpt.schedule.T, (len(x0),), generator=g)
-        out.append((q_sample(ckpt.schedule, x0, t, torch.randn(x0.shape, generator=g)), t))
+        out.append(denoiser.net_input(q_sample(ckpt.schedule, x0, t, torch.randn(x0.shape, generator=g)), t))
     return out
 
 

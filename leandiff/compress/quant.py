@@ -333,7 +333,7 @@ def collect_ndtc(denoiser, shape, cfg: CalibConfig, images=None):
             a_s, s_s = alpha_sigma(denoiser.schedule, s)
             x = a_s.to(x.dtype).reshape(-1, 1, 1, 1) * x0 + s_s.to(x.dtype).reshape(-1, 1, 1, 1) * eps  # DDIM step (η = 0) to s
         xs.append(x)
-    return torch.cat(xs), t_end
+    return denoiser.net_input(torch.cat(xs), t_end)
 
 
 def collect_real(denoiser, shape, cfg: CalibConfig, images=None):
@@ -344,7 +344,7 @@ def collect_real(denoiser, shape, cfg: CalibConfig, images=None):
     idx = torch.randint(0, images.shape[0], (cfg.n,), generator=g)
     t = torch.randint(0, denoiser.schedule.T, (cfg.n,), generator=g).float()
     noise = torch.randn((cfg.n, *shape), generator=g)
-    return q_sample(denoiser.schedule, images[idx], t, noise), t
+    return denoiser.net_input(q_sample(denoiser.schedule, images[idx], t, noise), t)
 
 
 COLLECTORS: dict[str, Callable] = {"uniform": collect_uniform, "qdiff": collect_qdiff, "ndtc": collect_ndtc,
@@ -352,7 +352,8 @@ COLLECTORS: dict[str, Callable] = {"uniform": collect_uniform, "qdiff": collect_
 
 
 def collect(denoiser: Denoiser, shape, cfg: CalibConfig, images=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The calibration set (x_t [N, C, H, W], t [N]) of collector ``cfg.collector``."""
+    """The calibration set of collector ``cfg.collector``: the network's own inputs [N, C, H, W] and t [N]
+    (x_t itself, or what :meth:`Denoiser.net_input` makes of it for a preconditioned parameterization)."""
     if cfg.collector not in COLLECTORS:
         raise UserError(f"quant: unknown calibration collector {cfg.collector!r}; known: {', '.join(COLLECTORS)}")
     if cfg.n < 1:

@@ -51,7 +51,7 @@ def build_scheduler(cls, denoiser: Denoiser, *, clip_x0: bool = False, config: d
         kw.update(beta_start=sched.beta_start, beta_end=sched.beta_end)
     if "trained_betas" in params:
         kw["trained_betas"] = betas(sched).tolist()  # exact β, whatever the named schedule
-    prediction = PREDICTION_TYPES[denoiser.parameterization]
+    prediction = PREDICTION_TYPES.get(denoiser.kind, "epsilon")  # others (EDM): fed ε̂, see raw_output
     if "prediction_type" in params:
         kw["prediction_type"] = prediction
     elif prediction != "epsilon":
@@ -75,6 +75,12 @@ def build_scheduler(cls, denoiser: Denoiser, *, clip_x0: bool = False, config: d
         raise UserError(f"cannot build diffusers:{cls.__name__} with {kw}: {e}") from None
 
 
+def raw_output(denoiser: Denoiser, x: torch.Tensor, t) -> torch.Tensor:
+    """The network's output in a prediction type diffusers knows: its own, or ε̂ for one it does not
+    know (EDM's preconditioned F), converted by the Denoiser."""
+    return denoiser(x, t) if denoiser.kind in PREDICTION_TYPES else denoiser.eps(x, t)
+
+
 @functools.lru_cache(maxsize=None)
 def diffusers_solver(name: str) -> Callable:
     """The solver for diffusers scheduler class ``name`` (cached: the same name gives the same function)."""
@@ -96,7 +102,7 @@ def diffusers_solver(name: str) -> Callable:
         x = x * scheduler.init_noise_sigma
         for i, t in enumerate(scheduler.timesteps):
             # The scheduler's own input scaling, one raw network evaluation, one scheduler step.
-            out = denoiser(scheduler.scale_model_input(x, t), t)
+            out = raw_output(denoiser, scheduler.scale_model_input(x, t), t)
             res = scheduler.step(out, t, x, **kwargs)
             x = res.prev_sample
             if callback is not None:
