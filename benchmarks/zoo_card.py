@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 from _common import RESULTS, command, machine
@@ -22,17 +23,59 @@ from leandiff.io import write_json, write_text
 
 
 def floor_for(dataset: str, n: int) -> dict | None:
-    """The real-vs-real floor at the same N from the metrics benchmark (unseen real images vs the
-    held-out reference), or None when that benchmark has not been run."""
+    """The real-vs-real floor for rows at N = n from the metrics benchmark: distinct unseen real images
+    against the held-out reference, at n or, where the pool is smaller, at the largest N it allows
+    (the floor's own "n" then differs from n); None when that benchmark has not been run."""
     p = RESULTS / "metrics.json"
     if not p.is_file():
         return None
     floors = json.loads(p.read_text()).get("results", {}).get(dataset, {}).get("floors", [])
-    same = [f for f in floors if f.get("n") == n and f.get("set", "").startswith("unseen")]
+    same = [f for f in floors if n in f.get("for_n", [f.get("n")]) and f.get("set", "").startswith("unseen")
+            and not f.get("with_replacement")]
     return same[0] if same else None
 
 
+def floor_line(floor: dict, rows_n: int, fid: float | None, what: str = "DDPM-1000") -> str:
+    """The card's sentence on the floor: its N, that its images are distinct, and whether it is at the rows' N."""
+    head = (f"Real-vs-real floor: FID-dom {floor['fid_dom']:.3f} at N={floor['n']} distinct unseen real images "
+            f"(no replacement) against the held-out reference")
+    if floor["n"] == rows_n:
+        tail = ", the rows' N" + (f" ({what} is {fid / floor['fid_dom']:.2f}× the floor)." if fid else ".")
+    else:
+        tail = (f": the largest N this dataset allows, while the rows above are at N={rows_n}, so this is not an "
+                f"equal-N comparison" + (f" ({what} {fid:.3f} is {fid / floor['fid_dom']:.2f}× it)." if fid else "."))
+    return head + tail
+
+
+def refresh_floor(name: str) -> None:
+    """Rewrite a shipped card's floor fields and sentence from benchmarks/results/metrics.json, nothing else."""
+    d = ZOO_DIR / name
+    card = json.loads((d / "card.json").read_text())
+    base = json.loads((ZOO_DIR / card["base"].removeprefix("zoo:") / "card.json").read_text()) if card.get("base") else card
+    floor = floor_for(base["dataset"], card["n"])
+    if floor is None:
+        raise SystemExit(f"no distinct floor for {base['dataset']} at N={card['n']} in metrics.json")
+    own = card["quality"].get("ddpm-1000", {}).get("fid_dom")
+    card["real_vs_real_floor"] = floor
+    if own is not None:
+        card["ddpm1000_over_floor"] = own / floor["fid_dom"]
+    card["floor_at_rows_n"] = floor["n"] == card["n"]
+    write_json(d / "card.json", card)
+    lines = [ln for ln in (d / "CARD.md").read_text().splitlines() if not ln.startswith("Real-vs-real floor")]
+    at = next(i for i, ln in enumerate(lines) if ln.startswith("!["))
+    what, fid = ("DDPM-1000", own) if own is not None else next(
+        (k, v["fid_dom"]) for k, v in card["quality"].items())
+    lines[at:at] = [floor_line(floor, card["n"], fid, what), ""]
+    text = "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"
+    write_text(d / "CARD.md", text)
+    print(f"{name}: " + floor_line(floor, card["n"], fid, what))
+
+
 def main():
+    if sys.argv[1:2] == ["--refresh-floor"]:  # zoo_card.py --refresh-floor NAME...: floors only, no sampling
+        for name in sys.argv[2:]:
+            refresh_floor(name)
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("ckpt")
     ap.add_argument("--name", required=True)
@@ -87,8 +130,7 @@ def main():
         lines.append(f"| {k} | {rows[k]['protocol']['runtime']} | {args.n} | {v['fid_dom']:.3f} | "
                      f"{v['kid'] * 1e3:.3f} ± {v['kid_std'] * 1e3:.3f} | {v['precision']:.3f} | {v['recall']:.3f} |")
     if floor:
-        lines += ["", f"Real-vs-real floor at N={args.n}: FID-dom {floor['fid_dom']:.3f} "
-                      f"(DDPM-1000 is {card['ddpm1000_over_floor']:.2f}× the floor)."]
+        lines += ["", floor_line(floor, args.n, q["ddpm-1000"]["fid_dom"])]
     lines += ["", "![DDIM-50 samples](grid.png)", "", f"Card written by `{command()}`."]
     write_text(dst / "CARD.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
