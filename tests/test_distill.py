@@ -229,3 +229,31 @@ def test_oneshot_student_is_one_step(tiny_ckpt, image_folder, tmp_path):
     assert out.meta["sampler"]["nfe"] == 1 and out.parameterization == "v"
     x = sample_all(out.denoiser(), (1, 16, 16), SampleConfig("ddim", 1, spacing="trailing", n=4))
     assert torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("recipe", ["kd(s=1,steps=3,batch_size=8,bf16=false)",
+                                    "lowrank(r=2) > kd(steps=3,batch_size=8,bf16=false)",
+                                    "finetune(kd=true,steps=3,batch_size=8,bf16=false)",
+                                    "lora(r=2,steps=3,batch_size=8,bf16=false)"])
+def test_kd_steps_train_the_student_and_leave_the_teacher_untouched(tiny_ckpt, image_folder, tmp_path, recipe):
+    """Issue 19's reproductions: KD as a recipe's first step (the teacher is the student's own network)
+    trains the student, not a frozen alias of it, and kd after a surgery distils into the checkpoint as
+    it is (s defaults to 1). One teacher resolver serves every KD-using step."""
+    src = tmp_path / "teacher"
+    save_checkpoint(tiny_ckpt, src)
+    before = {k: v.clone() for k, v in tiny_ckpt.net.state_dict().items()}
+    start = load_checkpoint(src)
+    ck = apply_recipe(start, recipe, tmp_path / "out", dataset=f"folder:{image_folder}", progress=False,
+                      log=lambda s: None)
+    assert ck.lineage[-1]["step"] == recipe.split(" > ")[-1].split("(")[0]
+    if recipe.startswith("lowrank"):
+        assert any(r.get("kind") == "lowrank" for r in ck.arch.get("surgery", []))
+    else:
+        changed = [k for k, v in ck.net.state_dict().items() if k in before and not torch.equal(v, before[k])]
+        assert changed, "the student did not train"
+    assert all(torch.equal(v, before[k]) for k, v in load_checkpoint(src).net.state_dict().items())
+
+
+def test_kd_defaults_to_the_checkpoint_as_it_is():
+    (st,) = parse_recipe("kd(steps=5)")
+    assert st.args["s"] == 1

@@ -1,7 +1,7 @@
 """Distillation and low-rank compression: ``kd``, ``lowrank``, ``lora``, ``pd``, ``oneshot``.
 
-- ``kd(s=2, kd_frac=0.7, steps=N)`` — knowledge distillation into a student whose channels are
-  the teacher's divided by ``s`` (L-Diff, ../shared/papers/lite-diffusion-cifar10.md §4.3, Table 3);
+- ``kd(s=1, kd_frac=0.7, steps=N)`` — knowledge distillation into a student whose channels are
+  the teacher's divided by ``s`` (default 1: the checkpoint as it is, so ``kd`` after a surgery works) (L-Diff, ../shared/papers/lite-diffusion-cifar10.md §4.3, Table 3);
   with ``s=1`` the student is the checkpoint as it is, so ``prune(...) > kd(steps=N)`` is the
   paper's KD(BM, Prune(BM, p)). Loss: :class:`leandiff.compress.finetune.KDLoss`,
   kd_frac·MSE(student, teacher) + (1 − kd_frac)·MSE(student, ε).
@@ -60,7 +60,7 @@ from ..models import register_surgery
 from ..recipe import register_step
 from ..schedule import SPACINGS, alpha_sigma, log_snr, q_sample, timesteps as make_timesteps
 from ..train import DiffusionLoss, TrainConfig, _rank_world, train, training_images
-from .finetune import KDLoss, check_training, finetune_checkpoint
+from .finetune import KDLoss, check_training, finetune_checkpoint, resolve_teacher
 
 PD_WEIGHTINGS = ("truncated-snr", "snr+1")  # Salimans & Ho 2022, §4 (report eqs. 9 and 10)
 STUDENT_PARAMETERIZATIONS = ("v", "x0")
@@ -531,14 +531,6 @@ def _need_dataset(ctx, step: str) -> None:
         raise UserError(f"{step} needs the training dataset: the checkpoint does not record one; pass --dataset")
 
 
-def _teacher(args, ctx) -> Checkpoint:
-    from ..checkpoint import load_checkpoint
-
-    t = load_checkpoint(args["teacher"]) if args.get("teacher") else ctx.origin
-    t.net.eval().requires_grad_(False)
-    return t
-
-
 # Each step's validator runs when the recipe is parsed: a bad value in the last step fails before the first runs.
 
 def _check_kd(args: dict) -> None:
@@ -578,7 +570,7 @@ def _check_oneshot_args(args: dict) -> None:
     check_training("oneshot", args["steps"], lr=args["lr"], batch_size=args["batch_size"], ema_decay=args["ema_decay"])
 
 
-@register_step("kd", {"s": 2, "kd_frac": 0.7, "steps": 1000, "init": "slice", "teacher": "", "lr": 5e-4,
+@register_step("kd", {"s": 1, "kd_frac": 0.7, "steps": 1000, "init": "slice", "teacher": "", "lr": 5e-4,
                       "batch_size": 128, "schedule": "cosine-restarts", "ema_decay": 0.995, "bf16": True},
                validate=_check_kd)
 def kd_step(ckpt, args, ctx):
@@ -586,7 +578,6 @@ def kd_step(ckpt, args, ctx):
     _need_dataset(ctx, "kd")
     _check_kd(args)
     s = args["s"]
-    teacher = _teacher(args, ctx)
     student = ckpt
     if s > 1:
         from ..models import build_network
@@ -599,7 +590,7 @@ def kd_step(ckpt, args, ctx):
         student = Checkpoint(net=net, arch=arch, schedule=ckpt.schedule, parameterization=ckpt.parameterization,
                              meta=copy.deepcopy(ckpt.meta))
     return finetune_checkpoint(student, ctx.step_dir, steps=args["steps"], dataset=ctx.dataset, data_dir=ctx.data_dir,
-                               teacher=teacher, kd_frac=args["kd_frac"], lr=args["lr"], batch_size=args["batch_size"],
+                               teacher=resolve_teacher(student, args["teacher"], ctx), kd_frac=args["kd_frac"], lr=args["lr"], batch_size=args["batch_size"],
                                lr_schedule=args["schedule"], ema_decay=args["ema_decay"], bf16=args["bf16"],
                                seed=ctx.seed, progress=ctx.progress, record={"kd": args})
 
@@ -619,7 +610,7 @@ def lowrank_step(ckpt, args, ctx):
     if args["steps"] > 0:
         _need_dataset(ctx, "lowrank")
         out = finetune_checkpoint(out, ctx.step_dir, steps=args["steps"], dataset=ctx.dataset, data_dir=ctx.data_dir,
-                                  teacher=_teacher(args, ctx) if args["kd"] else None, kd_frac=args["kd_frac"],
+                                  teacher=resolve_teacher(out, "", ctx) if args["kd"] else None, kd_frac=args["kd_frac"],
                                   lr=args["lr"], batch_size=args["batch_size"], bf16=args["bf16"], seed=ctx.seed,
                                   progress=ctx.progress, record={"lowrank": args})
     return out
@@ -639,7 +630,7 @@ def lora_step(ckpt, args, ctx):
                     meta=copy.deepcopy(ckpt.meta))
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     out = finetune_checkpoint(st, ctx.step_dir, steps=args["steps"], dataset=ctx.dataset, data_dir=ctx.data_dir,
-                              teacher=_teacher(args, ctx) if args["kd"] else None, kd_frac=args["kd_frac"],
+                              teacher=resolve_teacher(st, "", ctx) if args["kd"] else None, kd_frac=args["kd_frac"],
                               lr=args["lr"], batch_size=args["batch_size"], bf16=args["bf16"], seed=ctx.seed,
                               progress=ctx.progress, record={"lora": args})
     out.meta["lora"] = {"trainable_params": trainable, "merged": args["merge"]}

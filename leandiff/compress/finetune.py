@@ -138,6 +138,24 @@ def check_training(step: str, steps: int, *, kd_frac: float | None = None, **set
         raise UserError(f"{step}: kd_frac must be in [0, 1], got {kd_frac}")
 
 
+def resolve_teacher(student, path: str, ctx):
+    """The frozen teacher of every KD-using step (finetune, kd, lowrank, lora): the checkpoint at ``path``
+    when given, else the checkpoint before the recipe's first step. When that is the student's own network
+    (KD as the recipe's first step) the teacher is a frozen copy: freezing it in place would freeze the
+    student too (no parameter would require grad)."""
+    from ..checkpoint import load_checkpoint
+
+    teacher = load_checkpoint(path) if path else ctx.origin
+    if teacher is None:
+        raise UserError("KD needs a teacher: give teacher=PATH (no checkpoint before the recipe is known)")
+    mine = {id(p) for p in student.net.parameters()}
+    if teacher.net is student.net or any(id(p) in mine for p in teacher.net.parameters()):
+        teacher = copy.copy(teacher)
+        teacher.net = copy.deepcopy(student.net)
+    teacher.net.eval().requires_grad_(False)
+    return teacher
+
+
 def _feature_map(student, teacher) -> dict[str, list[int]]:
     """The pruned student's layer -> teacher channel map (empty when it records none: KDLoss says so), checked
     against the teacher's layers."""
@@ -177,17 +195,9 @@ def _check_args(args: dict) -> None:
                validate=_check_args)
 def finetune_step(ckpt, args, ctx):
     """Fine-tune with the training loop (plain loss, or KD from the pre-recipe model)."""
-    from ..checkpoint import load_checkpoint
-
     if not ctx.dataset:
         raise UserError("finetune needs the training dataset: the checkpoint does not record one; pass --dataset")
-    teacher = None
-    if args["kd"] or args["teacher"]:
-        teacher = load_checkpoint(args["teacher"]) if args["teacher"] else ctx.origin
-        if teacher.net is ckpt.net:  # KD as the recipe's first step: freeze a copy, not the student itself
-            teacher = copy.copy(teacher)
-            teacher.net = copy.deepcopy(ckpt.net)
-        teacher.net.eval().requires_grad_(False)
+    teacher = resolve_teacher(ckpt, args["teacher"], ctx) if args["kd"] or args["teacher"] else None
     return finetune_checkpoint(ckpt, ctx.step_dir, steps=args["steps"], dataset=ctx.dataset, data_dir=ctx.data_dir,
                                teacher=teacher, kd_frac=args["kd_frac"], lr=args["lr"],
                                batch_size=args["batch_size"], lr_schedule=args["schedule"],
