@@ -28,7 +28,8 @@ from .denoiser import Denoiser, canonical_parameterization
 from .errors import UserError
 from .io import atomic_path, read_json, write_json
 from .models import UNET, build_network
-from .schedule import Schedule
+from .schedule import DEFAULT_SPACING, Schedule
+from .spec import Step
 
 FORMAT = "leandiff-checkpoint"
 VERSION = 1
@@ -66,6 +67,8 @@ class Checkpoint:
         (a distilled model its intended NFE, a quantized one its runtime), else DDIM-50 on eager."""
         rec = self._sampler()
         rt = self.meta.get("runtime")
+        if isinstance(rt, dict):  # {name, args} (older checkpoints hold a name string)
+            rt = str(Step(str(rt.get("name")), dict(rt.get("args") or {}), 0)) if rt.get("args") else rt.get("name")
         # `is None`, not `or`: an explicit NFE 0 or solver "" is the user's, to be refused downstream
         return (solver if solver is not None else rec.get("solver") or "ddim",
                 int(nfe if nfe is not None else rec.get("nfe") or 50),
@@ -73,8 +76,8 @@ class Checkpoint:
 
     def default_spacing(self, spacing: str | None = None) -> str:
         """Timestep spacing when the user names none: the recorded one (a progressively distilled
-        student is trained on trailing steps and is only right on them), else leading."""
-        return spacing if spacing is not None else str(self._sampler().get("spacing") or "leading")
+        student is trained on trailing steps and is only right on them), else schedule.DEFAULT_SPACING."""
+        return spacing if spacing is not None else str(self._sampler().get("spacing") or DEFAULT_SPACING)
 
     def _sampler(self) -> dict:
         """The sampler a compression step recorded (meta["sampler"]: solver, nfe, spacing), or {}."""

@@ -122,7 +122,7 @@ def train(dataset, data_dir, model, init_ckpt, steps, batch_size, lr, warmup, lr
 @click.option("--runtime", default=None,
               help="eager, bf16, ... (leandiff.runtime.RUNTIMES; default: the checkpoint's, else eager)")
 @click.option("--spacing", default=None,
-              help="leading, trailing, quadratic, logsnr (default: the checkpoint's, else leading)")
+              help="leading, trailing, quadratic, logsnr (default: the checkpoint's, else logsnr)")
 @click.option("--eta", type=float, default=None, help="DDIM η (0 deterministic, 1 DDPM-like); the noise level of dpmpp-*-sde (1: the SDE, 0: the ODE)")
 @click.option("-n", "n", type=int, default=64, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -262,13 +262,13 @@ def compress(ckpt, recipe, out, dataset, data_dir, seed):
 @main.command("recipes")
 def recipes_cmd():
     """List the recipe steps and their arguments."""
-    from .recipe import REQUIRED, STEPS, _load_steps
+    from .recipe import STEPS
+    from .spec import REQUIRED, fmt_value
 
-    _load_steps()
     for name in sorted(STEPS):
         spec = STEPS[name]
-        args = ", ".join(f"{k}" if d is REQUIRED else f"{k}={d!r}" for k, d in spec.params.items())
-        click.echo(f"{name}({args})  {spec.help}")
+        args = ", ".join(f"{k}" if d is REQUIRED else f"{k}={fmt_value(d)}" for k, d in spec.params.items())
+        click.echo(f"{name}({args})  {spec.description}")
 
 
 # --- commands from the other stages register here -------------------------------------------

@@ -30,7 +30,7 @@ class Row:
     recipe: str = ""  # a compression recipe applied to the row's model ("" = the model itself)
     label: str = ""  # short name of the compressed model, e.g. "int8"
     model: str = ""  # another shipped checkpoint made from the base (a distilled student), e.g. zoo:mnist-tiny-pd4
-    spacing: str = ""  # timestep spacing ("" = the checkpoint's recorded one, else leading)
+    spacing: str = ""  # timestep spacing ("" = the checkpoint's recorded one, else schedule.DEFAULT_SPACING)
 
 
 # Compression recipes of the demo (made once per output directory, cached in OUT/ckpts/):

@@ -11,7 +11,7 @@ from torch import nn
 
 from .denoiser import Denoiser, call_network
 from .errors import UserError
-from .schedule import timesteps as make_timesteps
+from .schedule import DEFAULT_SPACING, timesteps as make_timesteps
 from .solvers import check_options, get_solver, nfe_per_step
 
 
@@ -19,7 +19,7 @@ from .solvers import check_options, get_solver, nfe_per_step
 class SampleConfig:
     solver: str = "ddim"  # a name in leandiff.solvers.SOLVERS
     nfe: int = 50  # network evaluations per sample; the solver's steps are derived from it
-    spacing: str = "leading"  # timestep spacing, see schedule.timesteps
+    spacing: str = DEFAULT_SPACING  # timestep spacing, see schedule.timesteps
     n: int = 64  # number of samples
     seed: int = 0  # batch b uses a generator seeded with (seed, b): same seed, same images
     batch_size: int = 256  # images per solver call (changing it changes which noise each image gets)

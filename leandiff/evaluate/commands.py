@@ -57,7 +57,7 @@ def classifier_train(dataset, data_dir, epochs, seed, out, reference):
 @click.option("--runtime", default=None,
               help="eager, bf16, ... (leandiff.runtime.RUNTIMES; default: the checkpoint's, else eager)")
 @click.option("--spacing", default=None,
-              help="leading, trailing, quadratic, logsnr (default: the checkpoint's, else leading)")
+              help="leading, trailing, quadratic, logsnr (default: the checkpoint's, else logsnr)")
 @click.option("--eta", type=float, default=None, help="DDIM η (0 deterministic, 1 DDPM-like); the noise level of dpmpp-*-sde (1: the SDE, 0: the ODE)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=256, show_default=True, callback=_positive)

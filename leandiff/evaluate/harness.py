@@ -17,6 +17,7 @@ import torch
 
 from ..cost import LatencyConfig, PeakMemory, checkpoint_bytes, count_params, machine_info, macs_per_image, measure_latency
 from ..errors import UserError
+from ..schedule import DEFAULT_SPACING
 from .classifier import Classifier, embed, load_classifier
 from .metrics import (FeatureAccumulator, KIDConfig, confidence, denoising_mse, frechet_distance, inception_score, kid,
                       kid_subset_size, label_spread, precision_recall, subsample)
@@ -31,7 +32,7 @@ class EvalConfig:
     nfe: int = 50  # network evaluations per sample
     n: int = 2048  # generated samples
     seed: int = 0  # sampling seed (see SampleConfig); also seeds KID subsets, PR subsampling, MSE noise
-    spacing: str = "leading"  # timestep spacing, see schedule.timesteps
+    spacing: str = DEFAULT_SPACING  # timestep spacing, see schedule.timesteps
     runtime: str = "eager"  # a name in leandiff.runtime.RUNTIMES
     batch_size: int = 256  # images per solver call
     clip_x0: bool = True  # clamp x̂₀ to [-1, 1] inside the solver
