@@ -13,12 +13,17 @@ from torch import nn
 from .errors import UserError
 from .schedule import Schedule, alpha_sigma
 
-PARAMETERIZATIONS = ("eps", "v", "x0", "edm")
+PARAMETERIZATIONS = ("eps", "v", "x0", "edm", "cm")
 EDM_SIGMA_DATA = 0.5  # Karras et al. 2022, Table 1 (data in [-1, 1])
+# the settings each preconditioned parameterization takes, with their defaults
+SETTINGS = {"edm": {"sigma_data": EDM_SIGMA_DATA},
+            # consistency models (Song et al. 2023, App. C): EDM's c_in with a boundary at sigma_min
+            "cm": {"sigma_data": EDM_SIGMA_DATA, "sigma_min": 0.002}}
 
 
-def parse_parameterization(p: str) -> tuple[str, float | None]:
-    """``eps`` | ``v`` | ``x0`` | ``edm`` | ``edm(sigma_data=S)`` -> (kind, σ_data or None)."""
+def parse_parameterization(p: str) -> tuple[str, dict]:
+    """``eps`` | ``v`` | ``x0`` | ``edm`` | ``edm(sigma_data=S)`` | ``cm(sigma_data=S,sigma_min=M)``
+    -> (kind, settings with defaults filled)."""
     if not isinstance(p, str):
         raise UserError(f"parameterization must be a string, got {p!r}")
     kind, _, rest = p.partition("(")
@@ -26,29 +31,33 @@ def parse_parameterization(p: str) -> tuple[str, float | None]:
     if kind not in PARAMETERIZATIONS:
         raise UserError(f"unknown parameterization {p!r}; expected one of {', '.join(PARAMETERIZATIONS)} "
                         f"(edm takes sigma_data: edm(sigma_data=0.5))")
-    if kind != "edm":
-        if rest:
-            raise UserError(f"parameterization {kind} takes no settings, got {p!r}")
-        return kind, None
-    sigma_data = EDM_SIGMA_DATA
-    if rest:
-        body = rest.rstrip()
-        key, eq, val = body[:-1].partition("=") if body.endswith(")") else ("", "", "")
-        try:
-            if key.strip() != "sigma_data" or not eq:
-                raise ValueError
-            sigma_data = float(val)
-        except ValueError:
-            raise UserError(f"malformed parameterization {p!r}; expected edm(sigma_data=<number>)") from None
-        if not sigma_data > 0 or sigma_data != sigma_data or sigma_data == float("inf"):
-            raise UserError(f"edm needs sigma_data > 0, got {val.strip()}")
-    return kind, sigma_data
+    defaults = SETTINGS.get(kind, {})
+    if rest and not defaults:
+        raise UserError(f"parameterization {kind} takes no settings, got {p!r}")
+    settings = dict(defaults)
+    body = rest.strip()
+    if body:
+        if not body.endswith(")"):
+            raise UserError(f"malformed parameterization {p!r}; expected {kind}(key=value,...)")
+        for item in filter(None, (i.strip() for i in body[:-1].split(","))):
+            key, eq, val = (x.strip() for x in item.partition("="))
+            if key not in defaults or not eq:
+                raise UserError(f"malformed parameterization {p!r}; {kind} takes {', '.join(defaults)}")
+            try:
+                settings[key] = float(val)
+            except ValueError:
+                raise UserError(f"malformed parameterization {p!r}: {key}={val} is not a number") from None
+            if not (0 < settings[key] < float("inf")):
+                raise UserError(f"{kind} needs {key} > 0, got {val}")
+    return kind, settings
 
 
 def canonical_parameterization(p: str) -> str:
-    """The form stored in checkpoints: EDM always with its constant, e.g. ``edm(sigma_data=0.5)``."""
-    kind, sd = parse_parameterization(p)
-    return kind if sd is None else f"edm(sigma_data={sd:g})"
+    """The form stored in checkpoints, with every constant: ``edm(sigma_data=0.5)``."""
+    kind, settings = parse_parameterization(p)
+    if not settings:
+        return kind
+    return f"{kind}(" + ",".join(f"{k}={v!r}" for k, v in settings.items()) + ")"  # repr: exact constants
 
 
 def edm_coefficients(sigma: torch.Tensor, sigma_data: float):
@@ -60,17 +69,35 @@ def edm_coefficients(sigma: torch.Tensor, sigma_data: float):
     return sd2 / denom, sigma * sigma_data / denom.sqrt(), 1 / denom.sqrt()
 
 
+def cm_coefficients(sigma: torch.Tensor, sigma_data: float, sigma_min: float):
+    """The consistency function's boundary-condition parameterization (Song et al. 2023, App. C):
+    c_skip = σ_d²/((σ − σ_min)² + σ_d²), c_out = σ_d·(σ − σ_min)/sqrt(σ² + σ_d²), and EDM's c_in;
+    at σ = σ_min, c_skip = 1 and c_out = 0, so f(x, σ_min) = x exactly."""
+    sd2 = sigma_data ** 2
+    c_skip = sd2 / ((sigma - sigma_min) ** 2 + sd2)
+    c_out = sigma_data * (sigma - sigma_min) / (sigma ** 2 + sd2).sqrt()
+    return c_skip, c_out, 1 / (sigma ** 2 + sd2).sqrt()
+
+
+def preconditioning(kind: str, settings: dict, sigma: torch.Tensor):
+    """(c_skip, c_out, c_in) of a preconditioned parameterization at EDM noise level σ."""
+    if kind == "edm":
+        return edm_coefficients(sigma, settings["sigma_data"])
+    return cm_coefficients(sigma, settings["sigma_data"], settings["sigma_min"])
+
+
 def target_scale(parameterization: str, snr: torch.Tensor) -> torch.Tensor:
     """k(SNR) with ‖out − target‖² = k·‖x̂₀ − x₀‖² for a network predicting ``parameterization``:
     ε: SNR (x̂₀ − x₀ = −σ/α·(ε̂ − ε)); v: SNR + 1; x₀: 1; EDM's F: 1/c_out² = (1 + SNR·σ_d²)/σ_d² (σ² = 1/SNR)."""
-    kind, sd = parse_parameterization(parameterization)
+    kind, settings = parse_parameterization(parameterization)
     if kind == "eps":
         return snr
     if kind == "v":
         return snr + 1
     if kind == "x0":
         return torch.ones_like(snr)
-    return (1 + snr * sd ** 2) / sd ** 2
+    _, c_out, _ = preconditioning(kind, settings, snr.rsqrt())
+    return 1 / c_out.pow(2).clamp(min=1e-12)
 
 
 def call_network(net, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -98,7 +125,7 @@ class Denoiser(nn.Module):
 
     def __init__(self, net, schedule: Schedule, parameterization: str = "eps"):
         super().__init__()
-        self.kind, self.sigma_data = parse_parameterization(parameterization)
+        self.kind, self.settings = parse_parameterization(parameterization)
         self.net = net
         self.schedule = schedule
         self.parameterization = canonical_parameterization(parameterization)
@@ -113,18 +140,18 @@ class Denoiser(nn.Module):
         t = torch.as_tensor(t, dtype=torch.float32)
         return t.expand(x.shape[0]) if t.ndim == 0 else t
 
-    def _edm(self, x: torch.Tensor, t: torch.Tensor):
-        """(α, σ, c_skip, c_out, c_in) at t, shaped to broadcast against x (EDM only)."""
+    def _precond(self, x: torch.Tensor, t: torch.Tensor):
+        """(α, σ, c_skip, c_out, c_in) at t, shaped to broadcast against x (preconditioned kinds only)."""
         a, s = self._coeffs(x, t)
-        c_skip, c_out, c_in = edm_coefficients(s / a, self.sigma_data)
+        c_skip, c_out, c_in = preconditioning(self.kind, self.settings, s / a)
         return a, s, c_skip, c_out, c_in
 
     def net_input(self, x: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
         """What the network itself is called with at (x_t, t): (x_t, t), or (c_in·x_t/α, t) for EDM.
         Calibration collectors and anything else that calls the bare network go through this."""
         t = self._t(x, t).to(x.device)
-        if self.kind == "edm":
-            a, _, _, _, c_in = self._edm(x, t)
+        if self.kind in SETTINGS:
+            a, _, _, _, c_in = self._precond(x, t)
             x = x * (c_in / a)
         return x, t
 
@@ -141,8 +168,8 @@ class Denoiser(nn.Module):
     def convert(self, out: torch.Tensor, x: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
         """(ε̂, x̂₀) from a raw network output ``out`` at (x_t, t)."""
         t = self._t(x, t)
-        if self.kind == "edm":
-            a, s, c_skip, c_out, _ = self._edm(x, t)
+        if self.kind in SETTINGS:
+            a, s, c_skip, c_out, _ = self._precond(x, t)
             x0 = c_skip * (x / a) + c_out * out
             return (x - a * x0) / s, x0
         a, s = self._coeffs(x, t)
@@ -170,9 +197,9 @@ class Denoiser(nn.Module):
         if self.kind == "x0":
             return x0
         t = self._t(x0, t)
-        if self.kind == "edm":
+        if self.kind in SETTINGS:
             # F's target (EDM eq. 8): (x₀ − c_skip·x̄)/c_out with x̄ = x_t/α = x₀ + (σ/α)·ε
-            a, s, c_skip, c_out, _ = self._edm(x0, t)
+            a, s, c_skip, c_out, _ = self._precond(x0, t)
             return (x0 - c_skip * (x0 + (s / a) * noise)) / c_out
         a, s = self._coeffs(x0, t)
         return a * noise - s * x0

@@ -119,7 +119,7 @@ WEIGHTINGS: dict[str, Callable] = {
     "truncated-snr": lambda snr, k, gamma: snr.clamp(min=1.0),
     # Salimans & Ho 2022, §4 (eq. 10): SNR + 1, equal to v-MSE
     "snr+1": lambda snr, k, gamma: snr + 1,
-    # Hang et al. 2023, eq. 7: min(SNR, γ) on x₀-MSE, i.e. min(SNR, γ)/SNR on ε-MSE, min(SNR, γ)/(SNR + 1) on v-MSE
+    # Hang et al. 2023 (Min-SNR-γ): min(SNR, γ) on x₀-MSE, i.e. min(SNR, γ)/SNR on ε-MSE, min(SNR, γ)/(SNR + 1) on v-MSE
     "min-snr": lambda snr, k, gamma: snr.clamp(max=gamma),
 }
 
@@ -215,7 +215,8 @@ def _ema_name(decay: float) -> str:
     return repr(float(decay))
 
 
-def _save_state(path: Path, step: int, seconds: float, cfg: TrainConfig, net, ema, opt, extra=None) -> None:
+def _save_state(path: Path, step: int, seconds: tuple[float, float], cfg: TrainConfig, net, ema, opt,
+                extra=None, loss_fn=None) -> None:
     from safetensors.torch import save_file
 
     tensors = {f"net.{k}": v.detach().clone() for k, v in net.state_dict().items()}
@@ -225,12 +226,15 @@ def _save_state(path: Path, step: int, seconds: float, cfg: TrainConfig, net, em
     for i, st in opt.state_dict()["state"].items():
         for k, v in st.items():
             tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().clone()
-    meta = {"step": str(step), "seconds": repr(seconds), "config": json.dumps(dataclasses.asdict(cfg), sort_keys=True)}
+    if hasattr(loss_fn, "state_dict"):  # a loss with state of its own (consistency distillation's target network)
+        tensors.update({f"loss.{k}": v.detach().clone() for k, v in loss_fn.state_dict().items()})
+    meta = {"step": str(step), "seconds": repr(seconds[0]), "cpu_seconds": repr(seconds[1]), "config": json.dumps(dataclasses.asdict(cfg), sort_keys=True)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
 
 
-def _load_state(path: Path, cfg: TrainConfig, net, ema, opt, extra=None) -> tuple[int, float]:
+def _load_state(path: Path, cfg: TrainConfig, net, ema, opt, extra=None,
+                loss_fn=None) -> tuple[int, tuple[float, float]]:
     from safetensors import safe_open
 
     try:
@@ -238,7 +242,8 @@ def _load_state(path: Path, cfg: TrainConfig, net, ema, opt, extra=None) -> tupl
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         saved = json.loads(meta["config"])
-        step, seconds = int(meta["step"]), float(meta.get("seconds", 0.0))
+        step = int(meta["step"])
+        seconds = (float(meta.get("seconds", 0.0)), float(meta.get("cpu_seconds", 0.0)))
     except Exception as e:
         raise UserError(f"{path}: unreadable training state ({(str(e).splitlines() or [type(e).__name__])[0][:120]})") from None
     now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as saved: tuples become lists
@@ -250,6 +255,8 @@ def _load_state(path: Path, cfg: TrainConfig, net, ema, opt, extra=None) -> tupl
     for d, e in (extra or {}).items():
         pre = f"ema@{_ema_name(d)}."
         e.load_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)})
+    if hasattr(loss_fn, "load_state_dict"):
+        loss_fn.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("loss.")})
     sd = opt.state_dict()
     state: dict = {}
     for k, v in tensors.items():
@@ -292,17 +299,18 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, init: Checkpoint, images: to
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     state_path = out_dir / STATE_NAME
-    start, seconds_before = 0, 0.0
+    start, seconds_before = 0, (0.0, 0.0)  # (wall, CPU time of this process: core-seconds)
     if resume and state_path.is_file():
-        start, seconds_before = _load_state(state_path, cfg, net, ema, opt, extra)
+        start, seconds_before = _load_state(state_path, cfg, net, ema, opt, extra, loss_fn)
     elif resume and rank == 0:
         print(f"no saved state in {out_dir}; starting from step 0")
 
-    def as_checkpoint(weights: nn.Module, decay: float, step: int, seconds: float) -> Checkpoint:
+    def as_checkpoint(weights: nn.Module, decay: float, step: int, seconds: tuple[float, float]) -> Checkpoint:
         ck = Checkpoint(net=weights, arch=init.arch, schedule=init.schedule, parameterization=init.parameterization,
                         meta=copy.deepcopy(init.meta))
         ck.meta["train"] = {**dataclasses.asdict(cfg), "completed_steps": step, "world_size": world,
-                            "wall_seconds": round(seconds, 1), "num_images": n}
+                            "wall_seconds": round(seconds[0], 1), "cpu_seconds": round(seconds[1], 1),
+                            "num_images": n}
         ck.meta["ema"] = {"profile": "exponential", "decay": decay,
                           "warmup": "min(decay, (1 + step)/(10 + step))"}
         if step == cfg.steps:
@@ -310,9 +318,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, init: Checkpoint, images: to
                                "settings": lineage_step or dataclasses.asdict(cfg)})
         return ck
 
-    def write_checkpoint(step: int, seconds: float, where: Path = out_dir, state: bool = True):
+    def write_checkpoint(step: int, seconds: tuple[float, float], where: Path = out_dir, state: bool = True):
         if state:
-            _save_state(state_path, step, seconds, cfg, net, ema, opt, extra)
+            _save_state(state_path, step, seconds, cfg, net, ema, opt, extra, loss_fn)
         for d, e in extra.items():
             save_checkpoint(as_checkpoint(e, d, step, seconds), where / "ema" / _ema_name(d))
         ck = as_checkpoint(ema, cfg.ema_decay, step, seconds)
@@ -326,6 +334,11 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, init: Checkpoint, images: to
         from .io import progress as progress_bar
         bar = progress_bar(total=cfg.steps, initial=start, desc="train", unit="step")
     smooth, seen, t_start, t_mark = None, 0, time.perf_counter(), time.perf_counter()
+    cpu_start = time.process_time()
+
+    def elapsed() -> tuple[float, float]:
+        return (seconds_before[0] + time.perf_counter() - t_start, seconds_before[1] + time.process_time() - cpu_start)
+
     ck = None
     for step in range(start, cfg.steps):
         # All randomness of this step comes from (seed, step, rank): resumable and rank-distinct.
@@ -362,12 +375,12 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, init: Checkpoint, images: to
             bar.update(done - bar.n)
             seen, t_mark = 0, now
         if rank == 0 and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            ck = write_checkpoint(done, seconds_before + time.perf_counter() - t_start)
+            ck = write_checkpoint(done, elapsed())
             if bar is not None and bar.disable:  # not a terminal: one plain log line per checkpoint
                 print(f"step {done}/{cfg.steps} loss {smooth:.4f} "
-                      f"elapsed {seconds_before + time.perf_counter() - t_start:.0f}s", flush=True)
+                      f"elapsed {elapsed()[0]:.0f}s", flush=True)
         if rank == 0 and cfg.snapshot_every and done % cfg.snapshot_every == 0:
-            write_checkpoint(done, seconds_before + time.perf_counter() - t_start,
+            write_checkpoint(done, elapsed(),
                              out_dir / "snapshots" / f"step_{done:07d}", state=False)
         if rank == 0 and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps):
             _write_grid(ema, init, out_dir / "samples" / f"step_{done:07d}.png")

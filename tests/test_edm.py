@@ -51,8 +51,9 @@ def test_edm_coefficients_are_the_papers():
 
 
 def test_parameterization_strings():
-    assert parse_parameterization("edm") == ("edm", 0.5)
-    assert parse_parameterization("edm(sigma_data=0.25)") == ("edm", 0.25)
+    assert parse_parameterization("edm") == ("edm", {"sigma_data": 0.5})
+    assert parse_parameterization("edm(sigma_data=0.25)") == ("edm", {"sigma_data": 0.25})
+    assert parse_parameterization("cm(sigma_min=0.01)") == ("cm", {"sigma_data": 0.5, "sigma_min": 0.01})
     assert canonical_parameterization("edm") == "edm(sigma_data=0.5)"
     assert canonical_parameterization("eps") == "eps"
     for bad in ("edm(sigma=1)", "edm(sigma_data=-1)", "edm(sigma_data=x)", "eps(sigma_data=1)", "foo", "edm(sigma_data=nan)"):
@@ -245,7 +246,7 @@ def test_an_edm_model_trains_saves_and_reloads_exactly(tiny_ckpt, tmp_path):
                images=_images(), progress=False)
     back = load_checkpoint(tmp_path / "e")
     assert back.parameterization == "edm(sigma_data=0.6)"
-    assert back.denoiser().sigma_data == 0.6
+    assert back.denoiser().settings == {"sigma_data": 0.6}
     x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([5.0, 400.5, 990.0])
     with torch.no_grad():

@@ -13,6 +13,7 @@ from typing import Callable
 
 from ..errors import UserError
 from .ams import sample_ams_ddim, sample_ams_ddpm
+from .consistency import sample_consistency
 from .ddim import sample_ddim
 from .ddpm import sample_ddpm
 from .dpmpp import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m, sample_dpmpp_3m_sde
@@ -38,7 +39,15 @@ SOLVERS: dict[str, Callable] = {
     "euler-maruyama": sample_euler_maruyama,
     "dpmpp-2m-sde": sample_dpmpp_2m_sde,
     "dpmpp-3m-sde": sample_dpmpp_3m_sde,
+    # consistency models (Song et al. 2023, Alg. 1): one or a few steps of a cm student
+    "consistency": sample_consistency,
 }
+
+# Solvers meant for one kind of model: the consistency sampler needs a consistency function (a ``cm``
+# student), so the contract tests against generic exact denoisers skip it and its own test runs it
+# on an exact consistency function (tests/test_consistency.py).
+MODEL_SPECIFIC = {"consistency": "cm"}
+GENERIC = tuple(n for n in SOLVERS if n not in MODEL_SPECIFIC)
 
 # Solvers whose output depends only on x_T (no fresh noise): their error must fall with the steps.
 DETERMINISTIC = ("ddim", "ams-ddim", "euler", "heun", "dpmpp-2m", "dpmpp-3m")

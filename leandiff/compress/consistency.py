@@ -1,0 +1,195 @@
+"""Consistency distillation (Song, Dhariwal, Chen & Sutskever 2023, "Consistency Models", Alg. 2).
+
+A consistency function f_θ(x_t, t) maps every point of a probability-flow ODE trajectory to its
+origin. CD trains it on adjacent points of a discretisation σ_min = σ_1 < … < σ_N = σ_max of the
+teacher's ODE: with x_{n+1} = x₀ + σ_{n+1}·z (EDM coordinates; in VP ones x_t = α_t·x̄) and x̂_n one
+step of the teacher's ODE solver from x_{n+1} to σ_n,
+
+    L = d(f_θ(x_{n+1}, σ_{n+1}), f_θ⁻(x̂_n, σ_n)),  θ⁻ ← stopgrad(μ·θ⁻ + (1 − μ)·θ),
+
+n uniform in 1..N−1. The boundary condition f(x, σ_min) = x holds exactly by the parameterization
+``cm(sigma_data, sigma_min)`` (App. C; :func:`leandiff.denoiser.cm_coefficients`), so the student is a
+Denoiser like any other: its x̂₀ is f, every solver and runtime runs it, and the ``consistency`` solver
+samples it in one or a few steps (Alg. 1). The discretisation is Karras et al.'s (ρ = 7, CD's choice):
+σ_i = (σ_min^{1/ρ} + (i−1)/(N−1)·(σ_max^{1/ρ} − σ_min^{1/ρ}))^ρ, with σ_min, σ_max the schedule's own
+ends (linear β: 0.010 and 157) unless given. The distance is the pseudo-Huber loss of Song & Dhariwal
+2023 ("Improved Techniques for Training Consistency Models", §3.3): d(x, y) = sqrt(‖x − y‖² + c²) − c,
+c = 0.00054·sqrt(dim), since no LPIPS weights are available offline. The default μ = 0 is iCT's
+finding (§3.2: θ⁻ = stopgrad(θ) is better than an EMA target); μ > 0 keeps the EMA target of the CM
+paper, saved with the training state so that a killed run resumes exactly.
+
+The student starts from the teacher's weights. From an EDM teacher with the same σ_data that start
+is already close (c_skip and c_out of the two parameterizations differ only near σ_min).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ..checkpoint import Checkpoint
+from ..denoiser import Denoiser, parse_parameterization
+from ..errors import UserError
+from ..schedule import alpha_sigma, q_sample, t_of_edm_sigma
+from ..train import TrainConfig, train, training_images
+
+TEACHER_SOLVERS = ("heun", "euler")
+
+
+@dataclass(frozen=True)
+class CDConfig:
+    steps: int = 2000  # optimizer steps
+    n: int = 18  # discretisation points N (CD on CIFAR-10 uses 18)
+    rho: float = 7.0  # Karras et al.'s ρ
+    solver: str = "heun"  # the teacher's ODE step between adjacent points: heun (2 evaluations) or euler (= DDIM)
+    mu: float = 0.0  # target EMA decay; 0: θ⁻ = stopgrad(θ) (iCT)
+    huber_c: float = 0.0  # pseudo-Huber c; 0: 0.00054·sqrt(dim)
+    sigma_min: float = 0.0  # 0: the schedule's smallest σ (t = 0)
+    sigma_max: float = 0.0  # 0: the schedule's largest σ (t = T−1)
+    sigma_data: float = 0.5  # the student's c_skip/c_out constant
+    nfe: int = 1  # the student's intended number of steps (recorded for its sampler)
+    lr: float = 1e-4
+    batch_size: int = 128
+    ema_decay: float = 0.999  # the EMA the checkpoint holds (evaluation weights), as in the CM paper
+    bf16: bool = False  # the student's forward/backward; the teacher and the target run in fp32
+
+    def __post_init__(self):
+        checks = [(self.steps >= 1, f"cd: steps must be >= 1, got {self.steps}"),
+                  (self.n >= 2, f"cd: n (discretisation points) must be >= 2, got {self.n}"),
+                  (self.rho > 0, f"cd: rho must be > 0, got {self.rho}"),
+                  (self.solver in TEACHER_SOLVERS, f"cd: solver must be one of {', '.join(TEACHER_SOLVERS)}, got {self.solver!r}"),
+                  (0 <= self.mu < 1, f"cd: mu must be in [0, 1), got {self.mu}"),
+                  (self.huber_c >= 0, f"cd: huber_c must be >= 0, got {self.huber_c}"),
+                  (self.sigma_min >= 0 and self.sigma_max >= 0, "cd: sigma_min and sigma_max must be >= 0"),
+                  (self.sigma_max == 0 or self.sigma_max > self.sigma_min, "cd: sigma_max must exceed sigma_min"),
+                  (self.sigma_data > 0, f"cd: sigma_data must be > 0, got {self.sigma_data}"),
+                  (self.nfe >= 1, f"cd: nfe must be >= 1, got {self.nfe}"),
+                  (self.lr > 0 and self.batch_size >= 1, "cd: lr and batch_size must be positive"),
+                  (0 <= self.ema_decay < 1, f"cd: ema_decay must be in [0, 1), got {self.ema_decay}")]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(msg)
+
+
+def sigma_range(schedule, cfg: CDConfig) -> tuple[float, float]:
+    """(σ_min, σ_max) of the discretisation: the config's, else the schedule's ends (EDM σ = σ_t/α_t)."""
+    a, s = alpha_sigma(schedule, torch.tensor([0.0, schedule.T - 1.0]))
+    lo, hi = (s / a).tolist()
+    return (cfg.sigma_min or lo), (cfg.sigma_max or hi)
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> torch.Tensor:
+    """σ_1 < … < σ_N (Karras et al. 2022, eq. 5, in increasing order), float64."""
+    i = torch.arange(n, dtype=torch.float64) / (n - 1)
+    return (sigma_min ** (1 / rho) + i * (sigma_max ** (1 / rho) - sigma_min ** (1 / rho))) ** rho
+
+
+def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.to(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def teacher_step(teacher: Denoiser, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, solver: str = "heun") -> torch.Tensor:
+    """One step of the probability-flow ODE from t to s < t per sample, in EDM's variables
+    dx̄/dσ̄ = ε̂ (x̄ = x/α, σ̄ = σ/α): Euler (= DDIM) or Heun (EDM Alg. 1 without churn); back to x = α x̄."""
+    a_t, s_t = alpha_sigma(teacher.schedule, t.double())
+    a_s, s_s = alpha_sigma(teacher.schedule, s.double())
+    h = _bcast(s_s / a_s - s_t / a_t, x)  # step in σ̄ (negative)
+    a_t, a_s = _bcast(a_t, x), _bcast(a_s, x)
+    x_bar = x / a_t
+    d = teacher.eps(x, t)
+    # Euler step.
+    x_next = x_bar + h * d
+    if solver == "heun":
+        # 2nd-order correction: average the slopes at both ends.
+        x_next = x_bar + h * (d + teacher.eps(a_s * x_next, s)) / 2
+    return a_s * x_next
+
+
+def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
+    """sqrt(‖a − b‖² + c²) − c per sample (iCT §3.3)."""
+    return ((a - b).pow(2).flatten(1).sum(1) + c * c).sqrt() - c
+
+
+class CDLoss:
+    """The consistency-distillation loss (Alg. 2) as a training-loop loss with state: the target
+    network θ⁻ (an EMA of the student with decay μ, updated before each step from the student's
+    current weights) is saved and restored with the training state."""
+
+    def __init__(self, teacher: Denoiser, student_net: nn.Module, ts: torch.Tensor, cfg: CDConfig, dim: int):
+        self.teacher, self.ts, self.cfg = teacher, ts, cfg
+        self.c = cfg.huber_c or 0.00054 * math.sqrt(dim)
+        self.target = copy.deepcopy(student_net).eval().requires_grad_(False)
+        self.started = False
+
+    def state_dict(self) -> dict:
+        return {f"target.{k}": v for k, v in self.target.state_dict().items()} | {
+            "started": torch.tensor(int(self.started))}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.target.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("target.")})
+            self.started = bool(state.get("started", torch.tensor(1)).item())
+
+    @torch.no_grad()
+    def _update_target(self, student_net: nn.Module) -> None:
+        """θ⁻ ← μ·θ⁻ + (1 − μ)·θ, with θ the weights after the previous optimizer step."""
+        net = getattr(student_net, "module", student_net)  # DDP
+        for p_t, p in zip(self.target.parameters(), net.parameters()):
+            p_t.lerp_(p.detach(), 1 - self.cfg.mu)
+        for b_t, b in zip(self.target.buffers(), net.buffers()):
+            b_t.copy_(b)
+
+    def __call__(self, student: Denoiser, x0: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        if self.started:
+            self._update_target(student.net)
+        self.started = True
+        n = torch.randint(0, len(self.ts) - 1, (x0.shape[0],), generator=g)
+        t_lo, t_hi = self.ts[n], self.ts[n + 1]
+        z = torch.randn(x0.shape, generator=g)
+        x_hi = q_sample(student.schedule, x0, t_hi, z)
+        with torch.no_grad(), torch.autocast(x0.device.type, enabled=False):
+            x_lo = teacher_step(self.teacher, x_hi.float(), t_hi, t_lo, self.cfg.solver)
+            target = Denoiser(self.target, student.schedule, student.parameterization).x0(x_lo, t_lo).float()
+        pred = student.convert(student(x_hi, t_hi).float(), x_hi, t_hi)[1]
+        return pseudo_huber(pred, target, self.c).mean()
+
+
+def student_parameterization(sigma_data: float, sigma_min: float) -> str:
+    return f"cm(sigma_data={sigma_data!r},sigma_min={sigma_min!r})"
+
+
+def consistency_distill(ckpt: Checkpoint, out_dir, cfg: CDConfig, *, dataset: str, data_dir=None, seed: int = 0,
+                        progress=None) -> Checkpoint:
+    """Distil ``ckpt``'s probability-flow ODE into a consistency model (see the module doc)."""
+    from ..checkpoint import load_checkpoint
+    from ..models import image_shape
+
+    lo, hi = sigma_range(ckpt.schedule, cfg)
+    sigmas = karras_sigmas(lo, hi, cfg.n, cfg.rho)
+    ts = t_of_edm_sigma(ckpt.schedule, sigmas).float()
+    if (ts[1:] <= ts[:-1]).any():
+        raise UserError(f"cd: the discretisation collapses on this schedule (n={cfg.n} between σ={lo:.3g} and {hi:.3g})")
+    teacher_net = copy.deepcopy(ckpt.net).float().eval().requires_grad_(False)
+    teacher = Denoiser(teacher_net, ckpt.schedule, ckpt.parameterization)
+    param = student_parameterization(cfg.sigma_data, lo)
+    student = Checkpoint(net=copy.deepcopy(ckpt.net).float().train().requires_grad_(True), arch=copy.deepcopy(ckpt.arch),
+                         schedule=ckpt.schedule, parameterization=param, meta=copy.deepcopy(ckpt.meta))
+    tcfg = TrainConfig(dataset=dataset, data_dir=data_dir, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                       warmup=min(100, cfg.steps // 10), ema_decay=cfg.ema_decay, bf16=cfg.bf16, seed=seed,
+                       sample_every=0, checkpoint_every=max(1, min(250, cfg.steps)), parameterization=param)
+    dim = math.prod(image_shape(ckpt.arch))
+    loss = CDLoss(teacher, student.net, ts, cfg, dim)
+    train(tcfg, out_dir, init=student, images=training_images(tcfg, student), loss_fn=loss, resume=True,
+          progress=progress is not False)
+    out = load_checkpoint(out_dir)
+    if out.lineage and out.lineage[-1].get("step") == "train":
+        out.lineage.pop()
+    out.meta["sampler"] = {"solver": "consistency", "nfe": cfg.nfe, "spacing": "trailing"}
+    out.meta["distill"] = {"method": "cd", **asdict(cfg), "sigma_min": lo, "sigma_max": hi,
+                           "teacher_parameterization": ckpt.parameterization,
+                           "train_cpu_seconds": (out.meta.get("train") or {}).get("cpu_seconds")}
+    parse_parameterization(out.parameterization)
+    return out

@@ -1,0 +1,187 @@
+"""Consistency distillation (Song et al. 2023, Alg. 2) and consistency sampling (Alg. 1)."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from leandiff.checkpoint import load_checkpoint, save_checkpoint
+from leandiff.compress.consistency import (CDConfig, CDLoss, consistency_distill, karras_sigmas, pseudo_huber,
+                                           sigma_range, student_parameterization, teacher_step)
+from leandiff.denoiser import Denoiser, cm_coefficients
+from leandiff.errors import UserError
+from leandiff.schedule import Schedule, alpha_sigma, t_of_edm_sigma
+
+SCHED = Schedule("linear")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class RandomF(torch.nn.Module):
+    def forward(self, x, t):
+        return torch.tanh(1.7 * x + 0.002 * t.to(x.dtype).reshape(-1, 1, 1, 1)) + 0.3
+
+
+def test_boundary_condition_holds_exactly_at_sigma_min():
+    lo, _ = sigma_range(SCHED, CDConfig())
+    d = Denoiser(RandomF(), SCHED, student_parameterization(0.5, lo))
+    t0 = t_of_edm_sigma(SCHED, torch.tensor([lo])).float()
+    assert t0.item() == 0.0  # the schedule's own smallest σ is t = 0
+    x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    a, _ = alpha_sigma(SCHED, t0.double())
+    assert torch.allclose(d.x0(x, t0.expand(3)), x / a.item(), atol=1e-12, rtol=0)
+    c_skip, c_out, _ = cm_coefficients(torch.tensor(lo, dtype=torch.float64), 0.5, lo)
+    assert c_skip.item() == 1.0 and c_out.item() == 0.0
+    # away from the boundary the network matters
+    t = torch.full((3,), 500.0)
+    assert not torch.allclose(d.x0(x, t), x / alpha_sigma(SCHED, t.double())[0].reshape(-1, 1, 1, 1))
+
+
+def test_discretisation_is_karras_rho():
+    s = karras_sigmas(0.002, 80.0, 18, 7.0)
+    assert s[0].item() == pytest.approx(0.002) and s[-1].item() == pytest.approx(80.0)
+    i = 5
+    assert s[i].item() == pytest.approx((0.002 ** (1 / 7) + i / 17 * (80 ** (1 / 7) - 0.002 ** (1 / 7))) ** 7)
+    assert (s[1:] > s[:-1]).all()
+
+
+S = 0.4  # data x₀ ~ N(0, S²)
+
+
+class GaussEps(torch.nn.Module):
+    def forward(self, x, t):
+        a, sg = alpha_sigma(SCHED, t.double())
+        a, sg = a.to(x.dtype).reshape(-1, 1, 1, 1), sg.to(x.dtype).reshape(-1, 1, 1, 1)
+        return sg * x / (a ** 2 * S ** 2 + sg ** 2)
+
+
+def exact_flow(x, t, s):
+    """The exact probability-flow map of N(0, S²) data from t to s."""
+    a_t, s_t = alpha_sigma(SCHED, t.double())
+    a_s, s_s = alpha_sigma(SCHED, s.double())
+    r = ((a_s ** 2 * S ** 2 + s_s ** 2) / (a_t ** 2 * S ** 2 + s_t ** 2)).sqrt()
+    return x * r.reshape(-1, 1, 1, 1)
+
+
+def test_cd_target_is_the_exact_ode_step_to_solver_accuracy():
+    """The teacher step behind each CD target, on an exact Gaussian denoiser, is the exact ODE map up to
+    the solver's error: Heun is second order (halving σ-steps divides the error by ~4), Euler first."""
+    teacher = Denoiser(GaussEps(), SCHED, "eps")
+    x = torch.randn(256, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    lo, hi = sigma_range(SCHED, CDConfig())
+    errs = {}
+    for solver in ("heun", "euler"):
+        for n in (18, 35, 69):
+            # one step of the N-point Karras grid (a fixed step in σ^(1/ρ)) ending at σ = 1
+            du = (hi ** (1 / 7) - lo ** (1 / 7)) / (n - 1)
+            sig = torch.tensor([(1.0 + du) ** 7, 1.0], dtype=torch.float64)
+            t_hi, t_lo = (v.expand(256) for v in t_of_edm_sigma(SCHED, sig))
+            step = teacher_step(teacher, x, t_hi, t_lo, solver)
+            errs[solver, n] = (step - exact_flow(x, t_hi, t_lo)).abs().max().item() / x.abs().max().item()
+    assert errs["heun", 18] < 1e-2
+    for solver, order in (("heun", 2), ("euler", 1)):
+        # error per step ~ h^(order+1): refining by 2 divides it by about 2^(order+1)
+        ratio = errs[solver, 35] / errs[solver, 69]
+        assert ratio > 2 ** (order + 1) * 0.6, (solver, errs)
+    assert errs["heun", 35] < errs["euler", 35]
+
+
+class ExactConsistency(torch.nn.Module):
+    """The exact consistency function of N(0, S²) data as an x₀-predicting network: the probability-flow
+    map from t to t = 0, in EDM's variables (x̄ = x/α)."""
+
+    def forward(self, x, t):
+        a0 = alpha_sigma(SCHED, torch.zeros(1, dtype=torch.float64))[0].item()
+        return exact_flow(x, t, torch.zeros_like(t)) / a0
+
+
+@pytest.mark.parametrize("nfe", [1, 2, 4])
+def test_consistency_sampling_of_an_exact_consistency_function_lands_on_the_data_law(nfe):
+    """Alg. 1: one step of the exact consistency function is already the data law; re-noising and
+    mapping again keeps it (the marginal at every re-noised τ is the exact one)."""
+    from leandiff.schedule import timesteps
+    from leandiff.solvers import get_solver
+
+    d = Denoiser(ExactConsistency(), SCHED, "x0")
+    x_T = torch.randn(20000, 1, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    out = get_solver("consistency")(d, x_T, timesteps(SCHED, nfe, "trailing"), generator=torch.Generator().manual_seed(4))
+    assert d.nfe == nfe
+    assert abs(out.std().item() / S - 1) < 0.02 and abs(out.mean().item()) < 0.01
+
+
+def test_pseudo_huber():
+    a, b = torch.zeros(2, 3), torch.tensor([[0.0, 0, 0], [3.0, 4.0, 0]])
+    assert pseudo_huber(a, b, 1.0).tolist() == pytest.approx([0.0, math.sqrt(26) - 1])
+
+
+def _tiny_cd(tiny_ckpt, mu=0.0):
+    cfg = CDConfig(n=6, mu=mu, solver="euler")
+    lo, hi = sigma_range(SCHED, cfg)
+    ts = t_of_edm_sigma(SCHED, karras_sigmas(lo, hi, cfg.n)).float()
+    teacher = Denoiser(copy.deepcopy(tiny_ckpt.net).eval(), SCHED, "eps")
+    net = copy.deepcopy(tiny_ckpt.net).train()
+    return cfg, Denoiser(net, SCHED, student_parameterization(0.5, lo)), CDLoss(teacher, net, ts, cfg, 256)
+
+
+def test_one_cd_update_lowers_the_consistency_loss(tiny_ckpt):
+    torch.manual_seed(0)
+    _, student, loss = _tiny_cd(tiny_ckpt)
+    x0 = torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    opt = torch.optim.Adam(student.net.parameters(), lr=2e-4)
+
+    def value():
+        return loss(student, x0, torch.Generator().manual_seed(7))
+
+    before = value()
+    opt.zero_grad()
+    before.backward()
+    opt.step()
+    with torch.no_grad():
+        after = value()
+    assert after.item() < before.item()
+
+
+def test_the_target_network_follows_the_student_by_mu(tiny_ckpt):
+    _, student, loss = _tiny_cd(tiny_ckpt, mu=0.5)
+    x0 = torch.rand(4, 1, 16, 16) * 2 - 1
+    loss(student, x0, torch.Generator().manual_seed(0))  # first call: θ⁻ = θ₀
+    w0 = next(loss.target.parameters()).clone()
+    with torch.no_grad():
+        for p in student.net.parameters():
+            p.add_(1.0)
+    loss(student, x0, torch.Generator().manual_seed(0))
+    assert torch.allclose(next(loss.target.parameters()), w0 + 0.5)
+    state = loss.state_dict()
+    _, _, fresh = _tiny_cd(tiny_ckpt, mu=0.5)
+    fresh.load_state_dict(state)
+    assert torch.equal(next(fresh.target.parameters()), next(loss.target.parameters())) and fresh.started
+
+
+def test_a_cd_student_reloads_and_samples_with_its_own_sampler(tiny_ckpt, image_folder, tmp_path):
+    from leandiff.sample import SampleConfig, sample_all
+
+    src = tmp_path / "teacher"
+    save_checkpoint(tiny_ckpt, src)
+    out = consistency_distill(load_checkpoint(src), tmp_path / "cd", CDConfig(steps=2, n=6, batch_size=4, nfe=2),
+                              dataset=f"folder:{image_folder}", progress=False)
+    save_checkpoint(out, tmp_path / "student")
+    back = load_checkpoint(tmp_path / "student")
+    assert back.parameterization.startswith("cm(") and back.meta["distill"]["method"] == "cd"
+    solver, nfe, runtime = back.sampling_defaults()
+    assert (solver, nfe, back.default_spacing()) == ("consistency", 2, "trailing")
+    x = sample_all(back.denoiser(), (1, 16, 16), SampleConfig(solver, nfe, n=3, spacing=back.default_spacing()))
+    assert torch.isfinite(x).all() and back.denoiser().nfe == 0  # sample_all counts on its own denoiser
+
+
+def test_bad_cd_settings_are_user_errors():
+    for kw in ({"n": 1}, {"solver": "rk4"}, {"mu": 1.0}, {"steps": 0}, {"sigma_min": 2.0, "sigma_max": 1.0}):
+        with pytest.raises(UserError):
+            CDConfig(**kw)
