@@ -29,6 +29,7 @@ from .errors import UserError
 from .io import atomic_path, read_json, write_json
 from .models import UNET, build_network
 from .schedule import DEFAULT_SPACING, Schedule
+from .spec import Step
 
 FORMAT = "leandiff-checkpoint"
 VERSION = 1
@@ -66,6 +67,8 @@ class Checkpoint:
         (a distilled model its intended NFE, a quantized one its runtime), else DDIM-50 on eager."""
         rec = self._sampler()
         rt = self.meta.get("runtime")
+        if isinstance(rt, dict):  # {name, args} (older checkpoints hold a name string)
+            rt = str(Step(str(rt.get("name")), dict(rt.get("args") or {}), 0)) if rt.get("args") else rt.get("name")
         # `is None`, not `or`: an explicit NFE 0 or solver "" is the user's, to be refused downstream
         return (solver if solver is not None else rec.get("solver") or "ddim",
                 int(nfe if nfe is not None else rec.get("nfe") or 50),

@@ -262,13 +262,13 @@ def compress(ckpt, recipe, out, dataset, data_dir, seed):
 @main.command("recipes")
 def recipes_cmd():
     """List the recipe steps and their arguments."""
-    from .recipe import REQUIRED, STEPS, _load_steps
+    from .recipe import STEPS
+    from .spec import REQUIRED, fmt_value
 
-    _load_steps()
     for name in sorted(STEPS):
         spec = STEPS[name]
-        args = ", ".join(f"{k}" if d is REQUIRED else f"{k}={d!r}" for k, d in spec.params.items())
-        click.echo(f"{name}({args})  {spec.help}")
+        args = ", ".join(f"{k}" if d is REQUIRED else f"{k}={fmt_value(d)}" for k, d in spec.params.items())
+        click.echo(f"{name}({args})  {spec.description}")
 
 
 # --- commands from the other stages register here -------------------------------------------

@@ -186,8 +186,12 @@ class PeakMemory:
 
 def machine_info() -> dict:
     """Platform, CPU and library versions: recorded with every measured number."""
-    from . import __version__
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        __version__ = version("leandiff")
+    except PackageNotFoundError:  # a source tree that was never installed
+        __version__ = "unknown"
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:

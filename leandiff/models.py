@@ -16,6 +16,7 @@ import copy
 from torch import nn
 
 from .errors import UserError
+from .surgery import SURGERY
 
 _MNIST_BLOCKS = dict(
     down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),  # attention at 7×7 only
@@ -76,10 +77,6 @@ def build_network(arch: dict) -> nn.Module:
     for rec in surgery:  # pruned widths, low-rank factors, ...: applied in the order they were made
         kind = rec.get("kind") if isinstance(rec, dict) else None
         if kind not in SURGERY:
-            from .recipe import _load_steps
-
-            _load_steps()  # the compression modules register their surgery kinds on import
-        if kind not in SURGERY:
             raise UserError(f"architecture record: unknown surgery kind {kind!r}; known: {', '.join(sorted(SURGERY))}")
         try:
             net = SURGERY[kind](net, rec)
@@ -88,18 +85,6 @@ def build_network(arch: dict) -> nn.Module:
         except Exception as e:  # a malformed record (wrong shapes, missing keys) is bad data, not a bug
             raise UserError(f"architecture record: cannot replay {kind} surgery: {type(e).__name__}: {e}") from None
     return net
-
-
-# kind -> fn(net, record) -> net: replays a structural change (recorded as plain JSON data in the
-# checkpoint's architecture) on a freshly built network, so pruned or factorised checkpoints reload
-# from their own metadata. Registered by the compression modules (leandiff.compress.*).
-SURGERY: dict = {}
-
-
-def register_surgery(kind: str, fn) -> None:
-    if kind in SURGERY and SURGERY[kind] is not fn:
-        raise ValueError(f"surgery kind {kind!r} is already registered")
-    SURGERY[kind] = fn
 
 
 def image_shape(arch: dict) -> tuple[int, int, int]:

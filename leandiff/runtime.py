@@ -1,12 +1,15 @@
-"""Runtimes: how a checkpoint's network is executed.
+"""Runtimes: how a checkpoint's network is executed — every runtime, registered here in one place.
 
-A runtime is a function ``checkpoint -> network``, where the network is any callable
-``(x, t) -> output`` that a :class:`~leandiff.denoiser.Denoiser` can wrap. Samplers, metrics and
-cost measurements take the result unchanged. Registered by name in :data:`RUNTIMES`; other
-stages add theirs (ONNX Runtime fp32 / int8, ``torch.compile``) with :func:`register_runtime`.
+A runtime is a function ``(checkpoint, config) -> network``, where the network is any callable
+``(x, t) -> output`` that a :class:`~leandiff.denoiser.Denoiser` can wrap, and ``config`` is the
+runtime's frozen config dataclass (:class:`~leandiff.spec.NoArgs` when it takes none). A runtime is
+named by a *spec* in the recipe grammar (:mod:`leandiff.spec`): ``eager``, ``ort-int8(calib=qdiff)``,
+``cache(interval=3,schedule=nonuniform,bf16=true)``. Checkpoints store theirs as ``{name, args}``;
+the old names ``cache:K``, ``cache-nu:K``, ``cache-bf16:K`` and ``cache-nu-bf16:K`` still read.
 
-Each runtime function carries a one-line ``description`` attribute saying what it is, so reports
-can label speed-ups (and fake-quant simulation, which saves no time) honestly.
+Each registry entry carries a one-line description, so reports can label speed-ups (and fake-quant
+simulation, which saves no time) honestly. A new runtime is one function plus one line in
+:data:`RUNTIMES`.
 """
 from __future__ import annotations
 
@@ -16,78 +19,102 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .denoiser import Denoiser, call_network
+from .compress import cache, onnx, quant
+from .denoiser import Denoiser
 from .errors import UserError
+from .precision import Autocast  # noqa: F401  (re-exported: the bf16 wrapper)
+from .spec import NoArgs, RecipeError, Spec, arguments, bind, fmt_value, parse, values
 
-Runtime = Callable[["Checkpoint"], Callable]  # noqa: F821  (leandiff.checkpoint.Checkpoint)
 
-
-def eager(ckpt) -> nn.Module:
+def eager(ckpt, _: NoArgs) -> nn.Module:
     """PyTorch eager in fp32: the reference every other runtime is compared against."""
-    net = ckpt.net.float().eval()
-    return net
+    return ckpt.net.float().eval()
 
 
-eager.description = "PyTorch eager, fp32 (reference)"
-
-
-class Autocast(nn.Module):
-    """Run a network under ``torch.autocast`` and hand back fp32 outputs."""
-
-    def __init__(self, net: nn.Module, device_type: str = "cpu", dtype: torch.dtype = torch.bfloat16):
-        super().__init__()
-        self.net = net
-        self.device_type = device_type
-        self.dtype = dtype
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device_type, dtype=self.dtype):
-            out = call_network(self.net, x, t)
-        return out.float()
-
-
-def bf16(ckpt) -> nn.Module:
+def bf16(ckpt, _: NoArgs) -> nn.Module:
     """fp32 weights, bf16 autocast on CPU (matmuls and convolutions in bf16, fp32 outputs)."""
     return Autocast(ckpt.net.float().eval(), "cpu", torch.bfloat16)
 
 
-bf16.description = "PyTorch eager, bf16 autocast (CPU)"
-
-RUNTIMES: dict[str, Runtime] = {
-    "eager": eager,
-    "bf16": bf16,
+# name -> Spec(fn(ckpt, config) -> network, config dataclass, description)
+RUNTIMES: dict[str, Spec] = {
+    "eager": Spec(eager, NoArgs, "PyTorch eager, fp32 (reference)"),
+    "bf16": Spec(bf16, NoArgs, "PyTorch eager, bf16 autocast (CPU)"),
+    "compile": Spec(onnx.compiled, NoArgs, "torch.compile, fp32 (compiles per input shape)"),
+    "ort": Spec(onnx.ort_fp32, NoArgs, "ONNX Runtime fp32 (CPU)"),
+    "ort-int8": Spec(onnx.ort_int8, onnx.OrtInt8Spec, "ONNX Runtime static int8 (QDQ, real int8 kernels)"),
+    "dynamic-int8": Spec(quant.dynamic_int8, NoArgs, "PyTorch dynamic int8 (Linear layers only; L-Diff's baseline)"),
+    "fake-quant": Spec(quant.fake_quant_runtime, NoArgs,
+                       "fake-quant SIMULATION in fp32 (measures quality of low-bit arithmetic; no speed-up)"),
+    "cache": Spec(cache.cached_network, cache.CacheSpec, "DeepCache-style feature caching"),
 }
 
+_OLD_CACHE = re.compile(r"cache(-nu)?(-bf16)?:(\d+)")  # cache-nu-bf16:3 = cache(interval=3,schedule=nonuniform,bf16=true)
 
-def register_runtime(name: str, fn: Runtime, description: str | None = None) -> None:
-    """Add a runtime; ``description`` defaults to the function's own or its docstring's first line."""
-    if name in RUNTIMES and RUNTIMES[name] is not fn:
+
+def register_runtime(name: str, fn: Callable, description: str | None = None) -> None:
+    """Add a runtime ``fn(ckpt) -> network`` that takes no arguments, from outside the package (a test, a
+    user's script); leandiff's own are the lines of :data:`RUNTIMES`."""
+    if name in RUNTIMES and getattr(RUNTIMES[name].fn, "__wrapped__", None) is not fn:
         raise ValueError(f"runtime {name!r} is already registered")
-    if description is not None:
-        fn.description = description
-    elif not hasattr(fn, "description"):
-        fn.description = (fn.__doc__ or name).strip().splitlines()[0]
-    RUNTIMES[name] = fn
+
+    def run(ckpt, _: NoArgs):
+        return fn(ckpt)
+
+    run.__wrapped__ = fn
+    RUNTIMES[name] = Spec(run, NoArgs, description or (fn.__doc__ or name).strip().splitlines()[0])
 
 
-def get_runtime(name: str) -> Runtime:
+def parse_runtime(text: str | dict) -> tuple[str, object]:
+    """(name, config) of a runtime spec: ``NAME``, ``NAME(key=value,...)``, a checkpoint's ``{name, args}``
+    record, or an old name (``cache-nu:3``)."""
+    if isinstance(text, dict):
+        name, args = text.get("name"), dict(text.get("args") or {})
+    else:
+        old = _OLD_CACHE.fullmatch(str(text).strip())
+        if old:
+            name, args = "cache", {"interval": int(old[3]), "schedule": "nonuniform" if old[1] else "uniform",
+                                   "bf16": bool(old[2])}
+        else:
+            try:
+                steps = parse(str(text))
+            except RecipeError:
+                steps = []
+            if len(steps) != 1:
+                raise UserError(f"runtime {text!r}: expected NAME or NAME(key=value,...)")
+            name, args = steps[0].name, steps[0].args
     if name not in RUNTIMES:
-        from .recipe import _load_steps
-
-        _load_steps()  # the compression modules register their runtimes (ort, ort-int8, fake-quant, ...) on import
-    try:
-        return RUNTIMES[name]
-    except KeyError:
-        # families registered for k = 1, 2, ... (cache:2, cache-nu:3) are listed once, as NAME:K
-        known = sorted({re.sub(r":\d+$", ":K", n) for n in RUNTIMES})
-        raise UserError(f"unknown runtime {name!r}; known: {', '.join(known)}") from None
+        raise UserError(f"unknown runtime {name!r}; known: {', '.join(sorted(RUNTIMES))}")
+    return name, bind(RUNTIMES[name].config, args, f"runtime {name}")
 
 
-def runtime_network(ckpt, name: str = "eager") -> Callable:
+def runtime_label(text: str | dict) -> str:
+    """The canonical spec of a runtime: its name, and the arguments that differ from their defaults."""
+    name, cfg = parse_runtime(text)
+    defaults = arguments(type(cfg))
+    args = {k: v for k, v in values(cfg).items() if v != defaults[k][0]}
+    return name + ("(" + ",".join(f"{k}={fmt_value(v)}" for k, v in args.items()) + ")" if args else "")
+
+
+def get_runtime(text: str | dict) -> Callable:
+    """``ckpt -> network`` for a runtime spec (checked now: an unknown name or argument fails before any
+    work); its ``description`` says what it is."""
+    name, cfg = parse_runtime(text)
+    spec = RUNTIMES[name]
+
+    def run(ckpt):
+        return spec.fn(ckpt, cfg)
+
+    run.description = spec.description + (cfg.describe() if hasattr(cfg, "describe") else "")
+    run.label = runtime_label(text)
+    return run
+
+
+def runtime_network(ckpt, name: str | dict = "eager") -> Callable:
     """The checkpoint's network prepared for execution by runtime ``name``."""
     return get_runtime(name)(ckpt)
 
 
-def runtime_denoiser(ckpt, name: str = "eager") -> Denoiser:
+def runtime_denoiser(ckpt, name: str | dict = "eager") -> Denoiser:
     """A Denoiser over the checkpoint's network executed by runtime ``name``."""
     return Denoiser(runtime_network(ckpt, name), ckpt.schedule, ckpt.parameterization)

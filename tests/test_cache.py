@@ -97,4 +97,7 @@ def test_cache_recipe_step_sets_runtime(tiny_ckpt, tmp_path):
     from leandiff.recipe import apply_recipe
 
     out = apply_recipe(tiny_ckpt, "cache(interval=3, schedule=nonuniform)", tmp_path / "c")
-    assert out.meta["runtime"] == "cache-nu:3"
+    assert out.meta["runtime"] == {"name": "cache", "args": {"interval": 3, "schedule": "nonuniform", "bf16": False}}
+    from leandiff.runtime import runtime_label
+
+    assert runtime_label(out.sampling_defaults()[2]) == runtime_label("cache-nu:3") == "cache(schedule=nonuniform)"

@@ -95,7 +95,7 @@ def test_runtime_registry():
     from leandiff.runtime import RUNTIMES, get_runtime, register_runtime, runtime_denoiser, runtime_network
 
     assert {"eager", "bf16"} <= set(RUNTIMES)
-    with pytest.raises(UserError, match="unknown runtime 'nope'; known: bf16, cache-bf16:K, .*eager"):
+    with pytest.raises(UserError, match="unknown runtime 'nope'; known: bf16, cache, .*eager"):
         get_runtime("nope")
     ck = _tiny_checkpoint()
     x, t = torch.randn(2, 1, 8, 8), torch.full((2,), 50)

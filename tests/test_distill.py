@@ -174,7 +174,7 @@ def test_issue_recipes_parse():
     ("pd(param=eps)", "must predict one of"), ("pd(weighting=snr)", "weighting must be one of"),
     ("pd(spacing=even)", "unknown timestep spacing"), ("pd(ema_decay=1.0)", "EMA decay"),
     ("oneshot(pairs=0)", "must be >= 1"), ("oneshot(convert_steps=-1)", "convert_steps"),
-    ("cache(interval=0)", "interval must be"), ("cache(interval=11)", "interval must be"),
+    ("cache(interval=0)", "interval must be"),
     ("cache(schedule=random)", "schedule must be one of"),
     ("finetune(steps=5,lr=-1)", "learning rate must be positive"), ("finetune(steps=5,warmup=-2)", "warmup"),
 ])

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, assume, example, given, settings, strategies
 
 from leandiff.checkpoint import load_checkpoint, save_checkpoint
 from leandiff.errors import UserError
-from leandiff.recipe import STEPS, RecipeError, Step, _load_steps, check, parse, parse_recipe
+from leandiff.recipe import STEPS, RecipeError, Step, check, parse, parse_recipe
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -60,7 +60,6 @@ def test_printed_recipes_parse_back_to_the_same_steps(chain, sep):
 
 
 def _registered():
-    _load_steps()
     return sorted(STEPS)
 
 

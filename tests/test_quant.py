@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from leandiff.checkpoint import load_checkpoint, save_checkpoint
-from leandiff.compress import quant as Q
+from leandiff.compress import calibration as C, quant as Q
 from leandiff.compress.onnx import OrtNetwork, export_onnx, quantize_ort_int8
 from leandiff.errors import UserError
 from leandiff.models import image_shape
@@ -93,7 +93,7 @@ def test_w8a8_fake_quant_close_to_fp32(tiny, t_groups):
     assert not torch.equal(ref, out)  # it did quantize
     layers = [m for m in q.net.modules() if isinstance(m, Q.QuantLayer)]
     assert layers and all(m.a_scale.numel() == t_groups for m in layers)
-    assert q.meta["runtime"] == "fake-quant" and "simulation" in q.meta["quant"]["mode"]
+    assert q.meta["runtime"] == {"name": "fake-quant", "args": {}} and "simulation" in q.meta["quant"]["mode"]
     # kept in full precision by default
     assert not isinstance(q.net.conv_in, Q.QuantLayer) and not isinstance(q.net.conv_out, Q.QuantLayer)
     assert not any(isinstance(m, Q.QuantLayer) for m in q.net.time_embedding.modules())
@@ -180,7 +180,7 @@ def test_bias_correction_removes_the_mean_output_shift(tiny):
 
 def _ddim_grid(ck, steps):
     from leandiff.sample import solver_timesteps
-    return solver_timesteps(ck.denoiser(), SampleConfig(solver="ddim", nfe=steps))
+    return solver_timesteps(ck.denoiser(), SampleConfig(solver="ddim", nfe=steps, spacing="leading"))
 
 
 def test_qdiff_takes_every_cth_step_equally(tiny):
@@ -205,7 +205,7 @@ def test_uniform_spreads_over_the_trajectory(tiny):
 
 def test_ndtc_timesteps_follow_floored_clamped_normal():
     T, cfg = 1000, Q.CalibConfig(collector="ndtc", n=20000, mu=0.4, sigma=0.2)
-    t = Q.ndtc_timesteps(T, cfg, torch.Generator().manual_seed(0))
+    t = C.ndtc_timesteps(T, cfg, torch.Generator().manual_seed(0))
     assert t.min() >= 0 and t.max() <= T - 1 and torch.equal(t, t.floor())
     mu, sd = 0.4 * T, 0.2 * T
     for k in (100, 250, 400, 550, 700):  # P(floor(t) <= k) = Φ((k + 1 − μ)/σ)
@@ -216,7 +216,7 @@ def test_ndtc_timesteps_follow_floored_clamped_normal():
 def test_ndtc_denoises_down_to_its_own_timestep(tiny):
     cfg = Q.CalibConfig(collector="ndtc", n=24, steps=3, mu=0.5, sigma=0.3)
     x, t = Q.collect(tiny.denoiser(), image_shape(tiny.arch), cfg)
-    torch.testing.assert_close(t, Q.ndtc_timesteps(tiny.schedule.T, cfg, torch.Generator().manual_seed(cfg.seed)))
+    torch.testing.assert_close(t, C.ndtc_timesteps(tiny.schedule.T, cfg, torch.Generator().manual_seed(cfg.seed)))
     assert x.shape == (24, 1, 16, 16) and torch.isfinite(x).all()
     assert len(t.unique()) > 5
 
@@ -254,7 +254,7 @@ def test_ort_fp32_equals_torch(tiny, tmp_path):
 
 def test_ort_int8_checkpoint_knows_runtime_and_calibration(int8_dir):
     ck = load_checkpoint(int8_dir)
-    assert ck.meta["runtime"] == "ort-int8" and ck.sampling_defaults()[2] == "ort-int8"
+    assert ck.meta["runtime"] == {"name": "ort-int8", "args": {}} and ck.sampling_defaults()[2] == "ort-int8"
     assert ck.meta["quant"]["calibration"]["collector"] == "real"
     assert (int8_dir / "model.int8.onnx").is_file()
     import onnx  # conv_in / conv_out / time MLP stay fp32 (keep_first_last, keep_time): no quantized weight feeds them
@@ -327,7 +327,7 @@ def test_cli_export_and_compress_quant(tiny, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "ort-int8" in r.stdout
     ck = load_checkpoint(tmp_path / "q")
-    assert ck.meta["runtime"] == "ort-int8" and (tmp_path / "q" / "model.int8.onnx").is_file()
+    assert ck.meta["runtime"] == {"name": "ort-int8", "args": {}} and (tmp_path / "q" / "model.int8.onnx").is_file()
     r = run_cli("compress", str(tmp_path / "base"), "--recipe", "quant(w=9)", "--out", str(tmp_path / "bad"))
     assert r.returncode == 2 and "w must be 2..8" in r.stderr
 

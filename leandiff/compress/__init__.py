@@ -1,13 +1,33 @@
 """Compression: recipe steps that turn a checkpoint into a leaner one.
 
-Each module registers its recipe steps (:func:`leandiff.recipe.register_step`), the runtimes it
-brings (:func:`leandiff.runtime.register_runtime`) and the structural changes it makes to the
-architecture record (:func:`leandiff.models.register_surgery`):
+:data:`STEPS` is the step registry: one line per step, naming its function
+``fn(ckpt, config, ctx) -> ckpt`` and its config dataclass (parameters, types, defaults and checks;
+:mod:`leandiff.spec`). A new step is one module plus one line here; the recipe parser, ``leandiff
+recipes`` and the contract tests read it from this dict.
 
-- ``finetune``: ``finetune(steps=N[, kd=true, kd_frac=0.7, lr=...])`` — the training loop on the
-  checkpoint's dataset, optionally distilling from the checkpoint as it was before the recipe;
+- ``finetune``: the training loop on the checkpoint's dataset, optionally distilling from the
+  checkpoint as it was before the recipe;
 - ``quant``: post-training quantization (fake-quant research path, ONNX Runtime int8);
+  calibration collectors in :mod:`.calibration`, ONNX export and int8 in :mod:`.onnx`;
 - ``prune``: unstructured and structured pruning;
 - ``distill``: KD into narrower students, low-rank / LoRA, progressive and one-shot distillation;
-- ``cache``: feature caching.
+- ``cache``: feature caching (sets the checkpoint's runtime).
+
+The layers the steps insert (quantized layers, low-rank factors, LoRA adapters) and their replay
+from a checkpoint's surgery records live in :mod:`leandiff.surgery`, below the checkpoint.
 """
+from ..spec import Spec
+from . import cache, distill, finetune, prune, quant
+
+STEPS: dict[str, Spec] = {
+    "prune": Spec(prune.prune_step, prune.PruneConfig),
+    "finetune": Spec(finetune.finetune_step, finetune.FinetuneConfig),
+    "kd": Spec(distill.kd_step, distill.KDConfig),
+    "lowrank": Spec(distill.lowrank_step, distill.LowRankConfig),
+    "lora": Spec(distill.lora_step, distill.LoRAConfig),
+    "pd": Spec(distill.pd_step, distill.PDConfig),
+    "oneshot": Spec(distill.oneshot_step, distill.OneShotConfig),
+    "quant": Spec(quant.quant_step, quant.QuantStep,
+                  "post-training quantization: fake-quant simulation (any bits) or real int8 via ONNX Runtime"),
+    "cache": Spec(cache.cache_step, cache.CacheSpec),
+}

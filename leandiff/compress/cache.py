@@ -31,6 +31,7 @@ Cost is accounted honestly: the wrapper logs every call as full or shallow (``ca
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -38,8 +39,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..recipe import register_step
-from ..runtime import Autocast, register_runtime
+from ..precision import Autocast
+from ..spec import values
 
 SCHEDULES = ("uniform", "nonuniform")
 
@@ -188,47 +189,31 @@ def macs_spent(cached: CachedUNet, shape: tuple[int, int, int]) -> dict:
             "macs_per_call_mean": (nf * m["macs_full"] + ns * m["macs_shallow"]) / max(1, nf + ns)}
 
 
-def cached_network(ckpt, interval: int, schedule: str = "uniform", bf16: bool = False) -> nn.Module:
+@dataclass(frozen=True)
+class CacheSpec:
+    """The ``cache`` step's and the ``cache`` runtime's arguments: ``cache(interval=3,schedule=nonuniform,bf16=true)``."""
+
+    interval: int = 3  # k: one full network evaluation every k calls (1 = no caching)
+    schedule: str = "uniform"  # uniform | nonuniform (module docstring)
+    bf16: bool = False  # run the cached network under bf16 autocast (opt-in speed)
+
+    def __post_init__(self):
+        _check(CacheConfig(self.interval, self.schedule))
+
+    def describe(self) -> str:
+        return f", full network every {self.interval} calls ({self.schedule})" + (", bf16 autocast" if self.bf16 else ", fp32")
+
+
+def cached_network(ckpt, spec: CacheSpec) -> nn.Module:
     """Runtime network: ``ckpt``'s UNet wrapped in :class:`CachedUNet` (optionally under bf16 autocast)."""
     T = int(ckpt.schedule.num_timesteps)
-    net = CachedUNet(ckpt.net.float().eval(), CacheConfig(interval, schedule, T))
-    return Autocast(net, "cpu", torch.bfloat16) if bf16 else net
+    net = CachedUNet(ckpt.net.float().eval(), CacheConfig(spec.interval, spec.schedule, T))
+    return Autocast(net, "cpu", torch.bfloat16) if spec.bf16 else net
 
 
-def runtime_name(interval: int, schedule: str = "uniform", bf16: bool = False) -> str:
-    return f"cache{'-nu' if schedule == 'nonuniform' else ''}{'-bf16' if bf16 else ''}:{interval}"
-
-
-def _register_runtimes() -> None:
-    for k in range(1, 11):
-        for sched in SCHEDULES:
-            for b in (False, True):
-                def fn(ckpt, _k=k, _s=sched, _b=b):
-                    return cached_network(ckpt, _k, _s, _b)
-                register_runtime(runtime_name(k, sched, b), fn,
-                                 f"DeepCache-style feature caching, full network every {k} calls ({sched})"
-                                 + (", bf16 autocast" if b else ", fp32"))
-
-
-_register_runtimes()
-
-
-def _step_config(args: dict) -> CacheConfig:
-    """The step's arguments as a checked CacheConfig; the runtimes registered above go up to k = 10."""
-    cfg = CacheConfig(int(args["interval"]), str(args["schedule"]))
-    _check(cfg)
-    if cfg.interval > 10:
-        raise UserError(f"cache interval must be ≤ 10, got {cfg.interval}")
-    return cfg
-
-
-@register_step("cache", {"interval": 3, "schedule": "uniform", "bf16": False}, validate=_step_config)
-def cache_step(ckpt, args, ctx):
-    """Feature caching (DeepCache): sets the checkpoint's runtime to cache[-nu][-bf16]:k; weights unchanged."""
-    cfg = _step_config(args)
-    CachedUNet(ckpt.net, cfg)  # fails loudly on an unsupported network
+def cache_step(ckpt, cfg: CacheSpec, ctx):
+    """Feature caching (DeepCache): sets the checkpoint's runtime to cache(interval=k,...); weights unchanged."""
+    CachedUNet(ckpt.net, CacheConfig(cfg.interval, cfg.schedule))  # fails loudly on an unsupported network
     meta = dict(ckpt.meta)
-    meta["runtime"] = runtime_name(cfg.interval, cfg.schedule, bool(args["bf16"]))
-    import dataclasses
-
+    meta["runtime"] = {"name": "cache", "args": values(cfg)}
     return dataclasses.replace(ckpt, meta=meta)

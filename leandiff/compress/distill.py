@@ -46,6 +46,7 @@ teacher's ODE); the paper's α(1) = 0 endpoint is therefore ᾱ_{T−1} = 4e-5 h
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 import math
 from pathlib import Path
 
@@ -56,28 +57,16 @@ from torch import nn
 from ..checkpoint import Checkpoint
 from ..denoiser import Denoiser
 from ..errors import UserError
-from ..models import register_surgery
-from ..recipe import register_step
+from ..surgery.factor import LoRA, factor_pair
+from ..surgery.modules import set_module
+from ..spec import values
 from ..schedule import SPACINGS, alpha_sigma, log_snr, q_sample, timesteps as make_timesteps
 from ..train import DiffusionLoss, TrainConfig, _rank_world, train, training_images
+from .ddim import coef, ddim_to
 from .finetune import KDLoss, check_training, finetune_checkpoint, resolve_teacher
 
 PD_WEIGHTINGS = ("truncated-snr", "snr+1")  # Salimans & Ho 2022, §4 (report eqs. 9 and 10)
 STUDENT_PARAMETERIZATIONS = ("v", "x0")
-
-
-# --- module lookup ---------------------------------------------------------------------------------------------------
-
-def _get(net: nn.Module, name: str) -> nn.Module:
-    try:
-        return net.get_submodule(name)
-    except AttributeError:
-        raise UserError(f"architecture record names layer {name!r}, which the network does not have") from None
-
-
-def _set(net: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(net.get_submodule(parent) if parent else net, leaf, module)
 
 
 def _full_rank(m: nn.Module) -> int:
@@ -92,16 +81,6 @@ def _factorable(m: nn.Module) -> bool:
 
 # --- low-rank factorisation (L-Diff §4.4) ----------------------------------------------------------------------------
 
-def _factor_pair(m: nn.Module, rank: int) -> nn.Sequential:
-    """An empty (first, second) pair of the shape that replaces ``m`` at ``rank``."""
-    bias = m.bias is not None
-    if isinstance(m, nn.Linear):
-        return nn.Sequential(nn.Linear(m.in_features, rank, bias=False), nn.Linear(rank, m.out_features, bias=bias))
-    first = nn.Conv2d(m.in_channels, rank, m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation,
-                      bias=False, padding_mode=m.padding_mode)
-    return nn.Sequential(first, nn.Conv2d(rank, m.out_channels, 1, bias=bias))
-
-
 def _pair_params(m: nn.Module, rank: int) -> int:
     k = m.weight[0].numel()  # in·kh·kw
     return rank * (k + m.weight.shape[0])
@@ -111,7 +90,7 @@ def _pair_params(m: nn.Module, rank: int) -> int:
 def svd_factor(m: nn.Module, rank: int) -> nn.Sequential:
     """Truncated SVD W ≈ (U_r √S_r)(√S_r V_rᵀ) of a Conv2d/Linear as two layers (Eckart–Young:
     the best rank-r approximation in Frobenius norm); at full rank it reproduces ``m`` exactly."""
-    pair = _factor_pair(m, rank)
+    pair = factor_pair(m, rank)
     w = m.weight.detach().double()
     u, s, vh = torch.linalg.svd(w.reshape(w.shape[0], -1), full_matrices=False)
     root = s[:rank].sqrt()
@@ -145,50 +124,12 @@ def lowrank_factorize(net: nn.Module, r: float = 2.0, *, rank: int = 0, only_if_
         k = min(full, rank) if rank else max(1, int(full // r))
         if only_if_smaller and _pair_params(m, k) >= m.weight.numel():
             continue
-        _set(net, name, svd_factor(m, k))
+        set_module(net, name, svd_factor(m, k))
         ranks[name] = k
     return ranks
 
 
-def _replay_lowrank(net: nn.Module, rec: dict) -> nn.Module:
-    for name, k in rec["layers"].items():
-        _set(net, name, _factor_pair(_get(net, name), int(k)))
-    return net
-
-
-register_surgery("lowrank", _replay_lowrank)
-
-
 # --- LoRA (Hu et al. 2021; L-Diff §4.4) -----------------------------------------------------------------------------
-
-class LoRA(nn.Module):
-    """``base(x) + scale · up(down(x))`` with ``up`` initialised to zero (Hu et al. 2021, §4.1),
-    so a fresh adapter leaves the network unchanged. ``down`` has ``base``'s kernel/stride/padding;
-    ``up`` is 1×1 (or a Linear)."""
-
-    def __init__(self, base: nn.Module, rank: int, scale: float = 1.0):
-        super().__init__()
-        self.base = base
-        self.scale = float(scale)
-        pair = _factor_pair(base, rank)
-        self.down, self.up = pair[0], pair[1]
-        if self.up.bias is not None:  # the base keeps its bias; the adapter has none
-            self.up.bias = None
-        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.up.weight)
-
-    def forward(self, x):
-        return self.base(x) + self.scale * self.up(self.down(x))
-
-    @torch.no_grad()
-    def merged(self) -> nn.Module:
-        """The base layer with W += scale · B A folded in (same shape as the base)."""
-        m = copy.deepcopy(self.base)
-        a = self.down.weight.reshape(self.down.weight.shape[0], -1)
-        b = self.up.weight.reshape(self.up.weight.shape[0], -1)
-        m.weight += (self.scale * b @ a).reshape(m.weight.shape)
-        return m
-
 
 def add_lora(net: nn.Module, r: float = 2.0, *, rank: int = 0, alpha: float = 0.0) -> dict[str, int]:
     """Wrap every Conv2d/Linear in a :class:`LoRA` adapter of rank max(1, ⌊full/r⌋) (or ``rank``);
@@ -200,7 +141,7 @@ def add_lora(net: nn.Module, r: float = 2.0, *, rank: int = 0, alpha: float = 0.
             continue
         full = _full_rank(m)
         k = min(full, rank) if rank else max(1, int(full // r))
-        _set(net, name, LoRA(m, k, alpha / k if alpha > 0 else 1.0))
+        set_module(net, name, LoRA(m, k, alpha / k if alpha > 0 else 1.0))
         ranks[name] = k
     for n, p in net.named_parameters():
         p.requires_grad_(".down." in f".{n}" or ".up." in f".{n}")
@@ -210,18 +151,8 @@ def add_lora(net: nn.Module, r: float = 2.0, *, rank: int = 0, alpha: float = 0.
 def merge_lora(net: nn.Module) -> nn.Module:
     for name, m in list(net.named_modules()):
         if isinstance(m, LoRA):
-            _set(net, name, m.merged())
+            set_module(net, name, m.merged())
     return net
-
-
-def _replay_lora(net: nn.Module, rec: dict) -> nn.Module:
-    for name, k in rec["layers"].items():
-        base = _get(net, name)
-        _set(net, name, LoRA(base, int(k), float(rec.get("scales", {}).get(name, 1.0))))
-    return net
-
-
-register_surgery("lora", _replay_lora)
 
 
 # --- narrower students (L-Diff §4.3) ---------------------------------------------------------------------------------
@@ -271,33 +202,6 @@ def pd_timesteps(schedule, n_student: int, spacing: str = "trailing") -> tuple[t
     return ts, tt
 
 
-def _coef(schedule, t: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    a, s = alpha_sigma(schedule, t)
-    shape = (-1,) + (1,) * (ndim - 1)
-    return a.float().reshape(shape), s.float().reshape(shape)
-
-
-def ddim_to(denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, clip_x0: bool) -> torch.Tensor:
-    """One deterministic DDIM step x_t → x_s per sample (Song et al. 2021, eq. 12 with η = 0):
-    x_s = α_s x̂₀ + σ_s ε̂. With ``clip_x0`` x̂₀ is clamped to [−1, 1] and ε̂ = (x_t − α_t x̂₀)/σ_t is
-    recomputed from it (the consistent clipping of leandiff's ``euler`` solver, which is DDIM written
-    in EDM's variables), not the unclamped ε̂ of the ``ddim`` solver (diffusers' convention).
-
-    Why: with the unclamped ε̂ the step is not a function of one x̂₀, and at the first step of a
-    linear-β schedule an ε teacher's x̂₀ = (x_t − σε̂)/α is far outside [−1, 1]; the PD target x̃ then
-    divides that mismatch by α_{t''} − (σ_{t''}/σ_t)α_t ≈ 0.006 and the loss is dominated by targets of
-    size ~100 (measured: the 16-step student fell from FID-dom 3 to 11). With consistent clipping x̃ is
-    a convex combination of the teacher's two clamped x̂₀ (see :func:`pd_target`), so it lies in
-    [−1, 1], and a student outputting it takes exactly the same step under ``ddim`` with clipping."""
-    eps, x0 = denoiser.predict(x, t)
-    if clip_x0:
-        a_t, s_t = _coef(denoiser.schedule, t, x.ndim)
-        x0 = x0.clamp(-1, 1)
-        eps = (x - a_t * x0) / s_t
-    a_s, s_s = _coef(denoiser.schedule, s, x.ndim)
-    return a_s * x0 + s_s * eps
-
-
 def pd_target(teacher: Denoiser, xt: torch.Tensor, t: torch.Tensor, t_mid: torch.Tensor, t_next: torch.Tensor,
               clip_x0: bool = True) -> torch.Tensor:
     """x̃ such that one student DDIM step t → t'' with x̂ = x̃ lands where two teacher DDIM steps
@@ -310,8 +214,8 @@ def pd_target(teacher: Denoiser, xt: torch.Tensor, t: torch.Tensor, t_mid: torch
     clipping, and ``ddim`` = ``euler`` without it."""
     x_mid = ddim_to(teacher, xt, t, t_mid, clip_x0)  # 2 steps of DDIM with the teacher
     x_next = ddim_to(teacher, x_mid, t_mid, t_next, clip_x0)
-    a_t, s_t = _coef(teacher.schedule, t, xt.ndim)
-    a_n, s_n = _coef(teacher.schedule, t_next, xt.ndim)
+    a_t, s_t = coef(teacher.schedule, t, xt.ndim)
+    a_n, s_n = coef(teacher.schedule, t_next, xt.ndim)
     ratio = s_n / s_t
     return (x_next - ratio * xt) / (a_n - ratio * a_t)
 
@@ -570,11 +474,28 @@ def _check_oneshot_args(args: dict) -> None:
     check_training("oneshot", args["steps"], lr=args["lr"], batch_size=args["batch_size"], ema_decay=args["ema_decay"])
 
 
-@register_step("kd", {"s": 1, "kd_frac": 0.7, "steps": 1000, "init": "slice", "teacher": "", "lr": 5e-4,
-                      "batch_size": 128, "schedule": "cosine-restarts", "ema_decay": 0.995, "bf16": True},
-               validate=_check_kd)
-def kd_step(ckpt, args, ctx):
+@dataclass(frozen=True)
+class KDConfig:
+    """``kd(...)``: knowledge distillation into a student with channels / s."""
+
+    s: int = 1
+    kd_frac: float = 0.7
+    steps: int = 1000
+    init: str = "slice"
+    teacher: str = ""
+    lr: float = 5e-4
+    batch_size: int = 128
+    schedule: str = "cosine-restarts"
+    ema_decay: float = 0.995
+    bf16: bool = True
+
+    def __post_init__(self):
+        _check_kd(values(self))
+
+
+def kd_step(ckpt, cfg: KDConfig, ctx):
     """Knowledge distillation into a student with channels / s (s=1: into this checkpoint as it is)."""
+    args = values(cfg)
     _need_dataset(ctx, "kd")
     _check_kd(args)
     s = args["s"]
@@ -595,10 +516,26 @@ def kd_step(ckpt, args, ctx):
                                seed=ctx.seed, progress=ctx.progress, record={"kd": args})
 
 
-@register_step("lowrank", {"r": 2.0, "rank": 0, "steps": 0, "kd": True, "kd_frac": 0.7, "lr": 2e-4,
-                           "batch_size": 128, "bf16": True}, validate=_check_lowrank)
-def lowrank_step(ckpt, args, ctx):
+@dataclass(frozen=True)
+class LowRankConfig:
+    """``lowrank(...)``: SVD factors at rank full/r, optionally fine-tuned."""
+
+    r: float = 2.0
+    rank: int = 0
+    steps: int = 0
+    kd: bool = True
+    kd_frac: float = 0.7
+    lr: float = 2e-4
+    batch_size: int = 128
+    bf16: bool = True
+
+    def __post_init__(self):
+        _check_lowrank(values(self))
+
+
+def lowrank_step(ckpt, cfg: LowRankConfig, ctx):
     """SVD-factorise Conv2d/Linear weights to rank full/r (L-Diff §4.4); optionally fine-tune the factors."""
+    args = values(cfg)
     net = copy.deepcopy(ckpt.net)
     ranks = lowrank_factorize(net, args["r"], rank=args["rank"])
     if not ranks:
@@ -616,10 +553,28 @@ def lowrank_step(ckpt, args, ctx):
     return out
 
 
-@register_step("lora", {"r": 2.0, "rank": 0, "alpha": 0.0, "steps": 1000, "kd": True, "kd_frac": 0.7, "lr": 1e-3,
-                        "batch_size": 128, "merge": True, "bf16": True}, validate=_check_lora)
-def lora_step(ckpt, args, ctx):
+@dataclass(frozen=True)
+class LoRAConfig:
+    """``lora(...)``: LoRA adapters trained with the base frozen."""
+
+    r: float = 2.0
+    rank: int = 0
+    alpha: float = 0.0
+    steps: int = 1000
+    kd: bool = True
+    kd_frac: float = 0.7
+    lr: float = 1e-3
+    batch_size: int = 128
+    merge: bool = True
+    bf16: bool = True
+
+    def __post_init__(self):
+        _check_lora(values(self))
+
+
+def lora_step(ckpt, cfg: LoRAConfig, ctx):
     """LoRA adapters (rank full/r) fine-tuned with the base frozen; merge=true folds them back in."""
+    args = values(cfg)
     _need_dataset(ctx, "lora")
     net = copy.deepcopy(ckpt.net)
     ranks = add_lora(net, args["r"], rank=args["rank"], alpha=args["alpha"])
@@ -640,11 +595,30 @@ def lora_step(ckpt, args, ctx):
     return out
 
 
-@register_step("pd", {"from": 256, "to": 4, "steps_per_round": 1000, "param": "v", "weighting": "truncated-snr",
-                      "spacing": "trailing", "clip": True, "convert_steps": 400, "lr": 1e-4, "batch_size": 128,
-                      "ema_decay": 0.999, "bf16": False}, validate=_check_pd_args)
-def pd_step(ckpt, args, ctx):
+@dataclass(frozen=True)
+class PDConfig:
+    """``pd(...)``: progressive distillation, from -> to DDIM steps."""
+
+    n_from: int = field(default=256, metadata={"arg": "from"})
+    to: int = 4
+    steps_per_round: int = 1000
+    param: str = "v"
+    weighting: str = "truncated-snr"
+    spacing: str = "trailing"
+    clip: bool = True
+    convert_steps: int = 400
+    lr: float = 1e-4
+    batch_size: int = 128
+    ema_decay: float = 0.999
+    bf16: bool = False
+
+    def __post_init__(self):
+        _check_pd_args(values(self))
+
+
+def pd_step(ckpt, cfg: PDConfig, ctx):
     """Progressive distillation (Salimans & Ho 2022): halve the DDIM steps per round, from→to."""
+    args = values(cfg)
     _need_dataset(ctx, "pd")
     return progressive_distill(ckpt, ctx.step_dir, n_from=args["from"], n_to=args["to"],
                                steps_per_round=args["steps_per_round"], dataset=ctx.dataset, data_dir=ctx.data_dir,
@@ -654,11 +628,29 @@ def pd_step(ckpt, args, ctx):
                                progress=ctx.progress)
 
 
-@register_step("oneshot", {"teacher_nfe": 50, "steps": 1000, "pairs": 2048, "param": "v", "spacing": "trailing",
-                           "clip": True, "convert_steps": 400, "lr": 1e-4, "batch_size": 128, "ema_decay": 0.999,
-                           "bf16": False}, validate=_check_oneshot_args)
-def oneshot_step(ckpt, args, ctx):
+@dataclass(frozen=True)
+class OneShotConfig:
+    """``oneshot(...)``: one-shot distillation into a 1-step student."""
+
+    teacher_nfe: int = 50
+    steps: int = 1000
+    pairs: int = 2048
+    param: str = "v"
+    spacing: str = "trailing"
+    clip: bool = True
+    convert_steps: int = 400
+    lr: float = 1e-4
+    batch_size: int = 128
+    ema_decay: float = 0.999
+    bf16: bool = False
+
+    def __post_init__(self):
+        _check_oneshot_args(values(self))
+
+
+def oneshot_step(ckpt, cfg: OneShotConfig, ctx):
     """One-shot distillation (Luhman & Luhman 2021): a 1-step student regresses the teacher's DDIM samples."""
+    args = values(cfg)
     _need_dataset(ctx, "oneshot")
     return oneshot_distill(ckpt, ctx.step_dir, teacher_nfe=args["teacher_nfe"], steps=args["steps"],
                            dataset=ctx.dataset, data_dir=ctx.data_dir, pairs=args["pairs"], param=args["param"],

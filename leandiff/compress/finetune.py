@@ -17,13 +17,14 @@ the base's. Measured on pruned mnist-tiny, both made FID-dom worse (docs/pruning
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..denoiser import Denoiser
 from ..errors import UserError
-from ..recipe import register_step
+from ..spec import values
 from ..schedule import q_sample
 from ..train import TrainConfig, train, training_images
 
@@ -110,6 +111,8 @@ def finetune_checkpoint(ckpt, out_dir, *, steps: int, dataset: str, data_dir: st
     """Train ``ckpt`` for ``steps`` more steps (KD from ``teacher`` when given, with feature KD when
     ``feat_weight`` > 0); resumable in out_dir."""
     _check_loss(steps, weighting, x0_weight, kd=teacher is not None, feat_weight=feat_weight)
+    ckpt = copy.copy(ckpt)  # train a copy: the input (the recipe's origin, a KD teacher) stays untouched
+    ckpt.net = copy.deepcopy(ckpt.net)
     cfg = TrainConfig(dataset=dataset, data_dir=data_dir, steps=steps, batch_size=batch_size, lr=lr,
                       warmup=warmup, lr_schedule=lr_schedule, restart_period=restart_period or max(1, steps // 2),
                       ema_decay=ema_decay, bf16=bf16, weighting=weighting, x0_weight=x0_weight, seed=seed, sample_every=0,
@@ -188,13 +191,32 @@ def _check_args(args: dict) -> None:
                 lr_schedule=args["schedule"], ema_decay=args["ema_decay"], warmup=args["warmup"], restart_period=args["restart_period"] or 1)
 
 
-@register_step("finetune", {"steps": 1000, "kd": False, "kd_frac": 0.7, "teacher": "", "lr": 2e-4,
-                            "batch_size": 128, "schedule": "cosine-restarts", "restart_period": 0, "warmup": 0,
-                            "ema_decay": 0.995, "bf16": True, "weighting": "plain", "x0_weight": 0.0,
-                            "feat_weight": 0.0},
-               validate=_check_args)
-def finetune_step(ckpt, args, ctx):
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """``finetune(...)``: the training loop on the checkpoint's own data, plain or KD."""
+
+    steps: int = 1000
+    kd: bool = False
+    kd_frac: float = 0.7
+    teacher: str = ""
+    lr: float = 2e-4
+    batch_size: int = 128
+    schedule: str = "cosine-restarts"
+    restart_period: int = 0
+    warmup: int = 0
+    ema_decay: float = 0.995
+    bf16: bool = True
+    weighting: str = "plain"
+    x0_weight: float = 0.0
+    feat_weight: float = 0.0
+
+    def __post_init__(self):
+        _check_args(values(self))
+
+
+def finetune_step(ckpt, cfg: FinetuneConfig, ctx):
     """Fine-tune with the training loop (plain loss, or KD from the pre-recipe model)."""
+    args = values(cfg)
     if not ctx.dataset:
         raise UserError("finetune needs the training dataset: the checkpoint does not record one; pass --dataset")
     teacher = resolve_teacher(ckpt, args["teacher"], ctx) if args["kd"] or args["teacher"] else None

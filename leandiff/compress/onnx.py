@@ -5,12 +5,12 @@
 - runtime ``ort-int8``: ONNX Runtime with real int8 kernels, from ``quantize_static`` (QDQ format,
   QUInt8 activations, per-channel QInt8 weights, op types Conv/MatMul/Gemm only — the settings
   measured fastest on these machines, see DESIGN.md), calibrated by any collector of
-  :mod:`leandiff.compress.quant`.
+  :mod:`leandiff.compress.calibration`.
 - runtime ``compile``: ``torch.compile`` of the eager fp32 network.
 
 ONNX files are side files of the checkpoint directory (``model.onnx``, ``model.int8.onnx``); when a
-checkpoint has none, the runtimes export (and, for int8, calibrate with the ``uniform`` collector)
-on the fly into a cache directory keyed by the weights hash. ONNX Runtime uses as many threads as
+checkpoint has none, ``ort`` exports on the fly into a cache directory keyed by the weights hash, and
+``ort-int8`` is an error unless it names a collector to calibrate with (``ort-int8(calib=qdiff)``). ONNX Runtime uses as many threads as
 torch (``torch.get_num_threads()``), so ``OMP_NUM_THREADS=1`` comparisons are fair.
 """
 from __future__ import annotations
@@ -19,15 +19,20 @@ import copy
 import os
 import tempfile
 import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..checkpoint import Checkpoint
 from ..denoiser import Denoiser, call_network
 from ..errors import UserError
-from ..runtime import register_runtime
+from ..models import image_shape
+from ..spec import NoArgs
+from ..surgery.quant import QuantLayer
+from .calibration import COLLECTORS, CalibConfig, collect
 
 FP32_NAME = "model.onnx"
 INT8_NAME = "model.int8.onnx"
@@ -47,9 +52,6 @@ class _Plain(nn.Module):
 
 def export_onnx(ckpt, out: str | Path, opset: int = 17) -> Path:
     """Write the checkpoint's network as ONNX with a dynamic batch dimension."""
-    from ..models import image_shape
-    from .quant import QuantLayer
-
     if any(isinstance(m, QuantLayer) for m in ckpt.net.modules()):
         raise UserError("export: fake-quant checkpoints are simulations; export the full-precision checkpoint "
                         "and use quant(runtime=ort-int8) for real int8")
@@ -160,19 +162,13 @@ def quantize_ort_int8(ckpt, ccfg, out_dir: str | Path, images=None, per_channel:
                       keep_first_last: bool = True, keep_time: bool = True, observer: str = "minmax"):
     """The quant(runtime=ort-int8) step: export, calibrate on collector ``ccfg``, write both ONNX
     files into ``out_dir``; the returned checkpoint (same weights) records its runtime and calibration."""
-    from dataclasses import asdict
-
-    from ..checkpoint import Checkpoint
-    from ..models import image_shape
-    from .quant import collect
-
     out_dir = Path(out_dir)
     fp = ckpt.net.float().eval()
     calib = collect(Denoiser(fp, ckpt.schedule, ckpt.parameterization), image_shape(ckpt.arch), ccfg, images)
     fp32 = export_onnx(ckpt, out_dir / FP32_NAME)
     quantize_onnx_int8(fp32, out_dir / INT8_NAME, calib, per_channel, keep_first_last, keep_time, observer)
     meta = copy.deepcopy(ckpt.meta)
-    meta["runtime"] = "ort-int8"
+    meta["runtime"] = {"name": "ort-int8", "args": {}}
     meta["quant"] = {"mode": "ONNX Runtime static int8 (real int8 kernels)", "w_bits": 8, "a_bits": 8,
                      "format": "QDQ", "activations": "QUInt8 per tensor", "weights": "QInt8 per channel" if per_channel else "QInt8 per tensor",
                      "op_types": ["Conv", "MatMul", "Gemm"],
@@ -188,38 +184,50 @@ def _side_file(ckpt, name: str) -> Path | None:
     return p if p.is_file() else None
 
 
-def onnx_file(ckpt, int8: bool) -> Path:
-    """The checkpoint's ONNX side file, else one exported (and calibrated) into the cache."""
-    name = INT8_NAME if int8 else FP32_NAME
+@dataclass(frozen=True)
+class OrtInt8Spec:
+    """``ort-int8(calib=C)``: the checkpoint's own int8 model (written by ``quant(runtime=ort-int8)``); with
+    ``calib`` a collector name, one calibrated on the fly by that collector (cached by weights hash)
+    where the checkpoint has none. Without either it is an error, never a silent default calibration."""
+
+    calib: str = ""  # collector for an on-the-fly calibration ("" = the checkpoint's own int8 model only)
+
+    def __post_init__(self):
+        if self.calib and self.calib not in COLLECTORS:
+            raise UserError(f"ort-int8: unknown calib {self.calib!r}; known: {', '.join(COLLECTORS)}")
+
+
+def onnx_file(ckpt, int8: OrtInt8Spec | None = None) -> Path:
+    """The checkpoint's ONNX side file (fp32, or int8 when ``int8`` is given), else one exported (and, for
+    int8 with a ``calib``, calibrated) into the cache."""
+    name = INT8_NAME if int8 is not None else FP32_NAME
     found = _side_file(ckpt, name)
     if found is not None:
         return found
-    d = CACHE / ckpt.hash()
+    if int8 is not None and not int8.calib:
+        raise UserError("runtime ort-int8: this checkpoint has no int8 model (make one with quant(runtime=ort-int8), "
+                        "or calibrate on the fly with --runtime \"ort-int8(calib=qdiff)\")")
+    d = CACHE / (ckpt.hash() + (f"-{int8.calib}" if int8 is not None else ""))
     if (d / name).is_file():
         return d / name
     fp32 = d / FP32_NAME if (d / FP32_NAME).is_file() else export_onnx(ckpt, d / FP32_NAME)
-    if not int8:
+    if int8 is None:
         return fp32
-    from ..models import image_shape
-    from .quant import CalibConfig, collect
-
     calib = collect(Denoiser(ckpt.net.float().eval(), ckpt.schedule, ckpt.parameterization), image_shape(ckpt.arch),
-                    CalibConfig(collector="uniform", n=128, steps=20))
+                    CalibConfig(collector=int8.calib, n=128, steps=20))
     return quantize_onnx_int8(fp32, d / INT8_NAME, calib)
 
 
-def ort_fp32(ckpt) -> OrtNetwork:
-    return OrtNetwork(onnx_file(ckpt, int8=False))
+def ort_fp32(ckpt, _: NoArgs) -> OrtNetwork:
+    """ONNX Runtime fp32 (CPU)."""
+    return OrtNetwork(onnx_file(ckpt))
 
 
-def ort_int8(ckpt) -> OrtNetwork:
-    return OrtNetwork(onnx_file(ckpt, int8=True))
+def ort_int8(ckpt, spec: OrtInt8Spec) -> OrtNetwork:
+    """ONNX Runtime static int8 (QDQ, real int8 kernels)."""
+    return OrtNetwork(onnx_file(ckpt, spec))
 
 
-def compiled(ckpt) -> nn.Module:
+def compiled(ckpt, _: NoArgs) -> nn.Module:
+    """torch.compile, fp32 (compiles per input shape)."""
     return torch.compile(_Plain(ckpt.net.float().eval()))
-
-
-register_runtime("ort", ort_fp32, "ONNX Runtime fp32 (CPU)")
-register_runtime("ort-int8", ort_int8, "ONNX Runtime static int8 (QDQ, real int8 kernels)")
-register_runtime("compile", compiled, "torch.compile, fp32 (compiles per input shape)")

@@ -54,8 +54,9 @@ bitmask encoding of the same weights would take (computed by :func:`sparse_bytes
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -64,9 +65,9 @@ from torch import nn
 
 from ..checkpoint import Checkpoint
 from ..errors import UserError
-from ..models import image_shape, register_surgery
-from ..recipe import REQUIRED, register_step
+from ..models import image_shape
 from ..schedule import q_sample
+from ..surgery.prune import WIDTH_ATTRS
 
 STRUCTURED_METHODS = ("magnitude", "taylor", "diff", "random")
 UNSTRUCTURED_METHODS = ("l1", "random", "global")
@@ -85,7 +86,7 @@ class PruneConfig:
     min_group_channels: int = 2  # structured: no GroupNorm is left with fewer channels per group (0: no floor)
     reconstruct: int = 0  # structured: refit each layer to the unpruned outputs on this many calibration samples
     ridge: float = 1e-3  # reconstruction: ridge strength towards the pruned weights, relative to mean diag(AᵀA)
-    seed: int = 0  # mini-batch, noise and random scores
+    seed: int = field(default=0, metadata={"recipe": False})  # mini-batch, noise and random scores (the recipe's --seed)
 
     def __post_init__(self):
         methods = STRUCTURED_METHODS if self.structured else UNSTRUCTURED_METHODS
@@ -214,13 +215,10 @@ IMPORTANCE: dict[str, Callable] = {
 
 # --- structured pruning and its replay ----------------------------------------------------------------------------
 
-# attributes that describe a module's widths; recorded when pruning changes them
-_WIDTH_ATTRS = ("in_channels", "out_channels", "in_features", "out_features", "num_channels", "num_groups",
-                "channels", "heads", "inner_dim", "inner_kv_dim", "query_dim", "out_dim")
 
 
 def _widths(net: nn.Module) -> dict[str, dict]:
-    return {n: {a: getattr(m, a) for a in _WIDTH_ATTRS if isinstance(getattr(m, a, None), int)}
+    return {n: {a: getattr(m, a) for a in WIDTH_ATTRS if isinstance(getattr(m, a, None), int)}
             for n, m in net.named_modules() if n}  # the root's widths live in its config
 
 
@@ -459,31 +457,6 @@ def reconstruct_layers(teacher: nn.Module, student: nn.Module, batches: Sequence
     return report
 
 
-def _replay_prune(net: nn.Module, rec: dict) -> nn.Module:
-    """Give a freshly built network the recorded shapes and width attributes (weights load after)."""
-    modules = dict(net.named_modules())
-    for name, shape in rec["shapes"].items():
-        mod_name, _, leaf = name.rpartition(".")
-        mod = modules.get(mod_name)
-        if mod is None:
-            raise UserError(f"prune surgery names layer {mod_name!r}, which the network does not have")
-        old = getattr(mod, leaf)
-        new = torch.empty([int(s) for s in shape], dtype=old.dtype)
-        if isinstance(old, nn.Parameter):
-            setattr(mod, leaf, nn.Parameter(new, requires_grad=old.requires_grad))
-        else:
-            mod.register_buffer(leaf, new)
-    for mod_name, attrs in rec["attrs"].items():
-        if mod_name not in modules:
-            raise UserError(f"prune surgery names layer {mod_name!r}, which the network does not have")
-        for a, v in attrs.items():
-            if a not in _WIDTH_ATTRS:
-                raise UserError(f"prune surgery: attribute {a!r} is not a width attribute")
-            setattr(modules[mod_name], a, int(v))
-    return net
-
-
-register_surgery("prune", _replay_prune)
 
 
 # --- unstructured pruning ----------------------------------------------------------------------------------------------
@@ -570,13 +543,9 @@ def prune_checkpoint(ckpt: Checkpoint, cfg: PruneConfig, images: torch.Tensor | 
     return out
 
 
-@register_step("prune", {"method": REQUIRED, "ratio": REQUIRED, "structured": True, "norm": 2, "threshold": 0.05,
-                         "batch_size": 32, "t_stride": 1, "include_time": False, "min_group_channels": 2,
-                         "reconstruct": 0, "ridge": 1e-3},
-               types={"method": str, "ratio": (int, float)}, validate=lambda args: _step_config(args, 0))
-def prune_step(ckpt, args, ctx):
+def prune_step(ckpt, cfg: PruneConfig, ctx):
     """Prune channels (structured: magnitude|taylor|diff|random) or weights (structured=false: l1|random|global)."""
-    cfg = _step_config(args, ctx.seed)
+    cfg = dataclasses.replace(cfg, seed=ctx.seed)
     images = None
     if cfg.structured and (cfg.method in ("taylor", "diff") or cfg.reconstruct):
         if not ctx.dataset:
@@ -586,12 +555,3 @@ def prune_step(ckpt, args, ctx):
 
         images = load_dataset(ctx.dataset, "train", ctx.data_dir, shape=image_shape(ckpt.arch)).images
     return prune_checkpoint(ckpt, cfg, images)
-
-
-def _step_config(args: dict, seed: int) -> PruneConfig:
-    """The step's arguments as a PruneConfig (which checks them)."""
-    return PruneConfig(method=args["method"], ratio=float(args["ratio"]), structured=args["structured"],
-                       norm=args["norm"], threshold=float(args["threshold"]), batch_size=args["batch_size"],
-                       t_stride=args["t_stride"], include_time=args["include_time"],
-                       min_group_channels=args["min_group_channels"], reconstruct=args["reconstruct"],
-                       ridge=float(args["ridge"]), seed=seed)

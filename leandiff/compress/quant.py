@@ -1,10 +1,12 @@
-"""Post-training quantization of diffusion networks: the research path (fake-quant, any bit width).
+"""Post-training quantization of diffusion networks: the research path (fake-quant, any bit width),
+AdaRound and bias correction, and the ``quant`` recipe step.
 
 Fake quantization (quantize-dequantize in fp32) *simulates* low-bit arithmetic to measure its cost
 in quality. It saves no time and is always labelled as a simulation (runtime ``fake-quant``); real
 int8 execution is :mod:`leandiff.compress.onnx` (runtime ``ort-int8``).
 
-Pieces, each a small strategy in a dict registry:
+Pieces, each a small strategy in a dict registry (the quantizer, observers and :class:`QuantLayer` live
+in :mod:`leandiff.surgery.quant`, the collectors in :mod:`leandiff.compress.calibration`):
 
 - uniform quantizer ŵ = s·clip(round(w/s), c_min, c_max) (MiniDiff, Alg. 2) — :func:`fake_quant`;
 - observers (range estimators): ``minmax``, ``percentile``, ``mse`` — :data:`OBSERVERS`;
@@ -22,344 +24,22 @@ the settings; the scales are buffers in ``model.safetensors``.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import Checkpoint
+from ..data import load_dataset
 from ..denoiser import Denoiser, call_network
 from ..errors import UserError
-from ..models import register_surgery
-from ..recipe import register_step
-from ..runtime import eager, register_runtime
-from ..schedule import SPACINGS, alpha_sigma, q_sample
+from ..models import image_shape
+from ..schedule import SPACINGS
+from ..surgery.quant import (OBSERVERS, QuantConfig, QuantLayer, affine_params, fake_quant, int_range,  # noqa: F401
+                             layer_op, quantizable, weight_scale, wrap_network)
+from .calibration import COLLECTORS, CalibConfig, collect  # noqa: F401
+from .onnx import quantize_ort_int8
 
-# --- the quantizer ---------------------------------------------------------------------------------------------------
-
-
-def int_range(bits: int, signed: bool) -> tuple[int, int]:
-    """(c_min, c_max) of a ``bits``-bit integer grid."""
-    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
-
-
-def fake_quant(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor | float, c_min: int, c_max: int) -> torch.Tensor:
-    """x̂ = s·(clip(round(x/s) + z, c_min, c_max) − z)  (MiniDiff Alg. 2 with a zero point z; z = 0 is
-    the symmetric case written there as ŵ = s·clip(round(w/s), c_min, c_max)). Inside the clipping
-    range |x̂ − x| ≤ s/2."""
-    return s * (torch.clamp(torch.round(x / s) + z, c_min, c_max) - z)
-
-
-def symmetric_scale(absmax: torch.Tensor, bits: int) -> torch.Tensor:
-    return torch.clamp(absmax, min=1e-8) / int_range(bits, True)[1]
-
-
-def affine_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and integer zero point of an unsigned grid covering [lo, hi] (lo ≤ 0 ≤ hi enforced, so 0
-    is exact, as in every int8 runtime)."""
-    lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
-    s = torch.clamp(hi - lo, min=1e-8) / int_range(bits, False)[1]
-    return s, torch.round(-lo / s)
-
-
-# --- observers: values -> clipping range ------------------------------------------------------------------------------
-
-def _minmax(v: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return v.min(), v.max()
-
-
-def _percentile(v: torch.Tensor, bits: int, q: float = 0.9999) -> tuple[torch.Tensor, torch.Tensor]:
-    v = v.flatten().float()
-    return torch.quantile(v, 1 - q), torch.quantile(v, q)
-
-
-def _mse(v: torch.Tensor, bits: int, grid: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
-    """The shrunk min-max range α·[lo, hi] (α in (0, 1]) with the least quantize-dequantize MSE."""
-    lo, hi = v.min(), v.max()
-    best, arg = float("inf"), (lo, hi)
-    for a in torch.linspace(0.3, 1.0, grid):
-        s, z = affine_params(a * lo, a * hi, bits)
-        err = (fake_quant(v, s, z, *int_range(bits, False)) - v).pow(2).mean().item()
-        if err < best:
-            best, arg = err, (a * lo, a * hi)
-    return arg
-
-
-OBSERVERS: dict[str, Callable] = {"minmax": _minmax, "percentile": _percentile, "mse": _mse}
-
-
-def weight_scale(w: torch.Tensor, bits: int, per_channel: bool, observer: str) -> torch.Tensor:
-    """Symmetric weight scale per output channel (dim 0) or per tensor; ``mse`` searches a clipping
-    ratio per channel, other observers use max |w|."""
-    flat = w.detach().reshape(w.shape[0], -1) if per_channel else w.detach().reshape(1, -1)
-    absmax = flat.abs().amax(dim=1)
-    s = symmetric_scale(absmax, bits)
-    if observer == "mse":
-        c_min, c_max = int_range(bits, True)
-        best = torch.full_like(absmax, float("inf"))
-        for a in torch.linspace(0.3, 1.0, 40):
-            sa = symmetric_scale(a * absmax, bits)
-            err = (fake_quant(flat, sa[:, None], 0.0, c_min, c_max) - flat).pow(2).mean(dim=1)
-            better = err < best
-            best, s = torch.where(better, err, best), torch.where(better, sa, s)
-    return s
-
-
-# --- the quantized layer wrapper ---------------------------------------------------------------------------------------
-
-def layer_op(inner: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``inner`` (a Conv2d or Linear) applied to ``x`` with weight ``w`` in place of its own (same bias)."""
-    if isinstance(inner, nn.Conv2d):
-        return F.conv2d(x, w, inner.bias, inner.stride, inner.padding, inner.dilation, inner.groups)
-    return F.linear(x, w, inner.bias)
-
-
-class QuantLayer(nn.Module):
-    """A Conv2d or Linear whose weights are fake-quantized (symmetric, per channel or per tensor, 2–8
-    bits) and whose input activation is fake-quantized (affine, per tensor, 4–16 bits), with one
-    activation scale per timestep group. Scales are buffers, so they save and load with the weights."""
-
-    def __init__(self, inner: nn.Module, w_bits: int, a_bits: int, per_channel: bool, groups: int):
-        super().__init__()
-        self.inner = inner
-        self.w_bits, self.a_bits, self.per_channel = w_bits, a_bits, per_channel
-        out_ch = inner.weight.shape[0] if per_channel else 1
-        self.register_buffer("w_scale", torch.ones(out_ch))
-        self.register_buffer("a_scale", torch.ones(groups))
-        self.register_buffer("a_zero", torch.zeros(groups))
-        self.group: torch.Tensor | None = None  # per-sample timestep group, set by the network's pre-hook
-        self.record: list | None = None  # during calibration: (group per sample, input) pairs
-
-    def _qweight(self) -> torch.Tensor:
-        w = self.inner.weight
-        s = self.w_scale.reshape((-1,) + (1,) * (w.ndim - 1))
-        return fake_quant(w, s, 0.0, *int_range(self.w_bits, True))
-
-    def _qinput(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.group
-        if g is None or g.numel() != x.shape[0]:
-            g = torch.zeros(x.shape[0], dtype=torch.long) if g is None else g[:1].expand(x.shape[0])
-        shape = (-1,) + (1,) * (x.ndim - 1)
-        s, z = self.a_scale[g].reshape(shape), self.a_zero[g].reshape(shape)
-        return fake_quant(x, s, z, *int_range(self.a_bits, False))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.record is not None:  # calibration: full precision, remember the inputs
-            self.record.append((self.group, _subsample(x)))
-            return self.inner(x)
-        return layer_op(self.inner, self._qinput(x), self._qweight())
-
-
-def _subsample(x: torch.Tensor, k: int = 4096) -> torch.Tensor:
-    """Per sample: its exact min and max plus ≤ k random values (bounded memory for percentile/MSE)."""
-    flat = x.detach().reshape(x.shape[0], -1) if x.ndim > 1 else x.detach()[:, None]
-    if flat.shape[1] > k:
-        idx = torch.randint(0, flat.shape[1], (k,), generator=torch.Generator().manual_seed(flat.shape[1]))
-        flat = torch.cat([flat[:, idx], flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)], dim=1)
-    return flat.float().clone()
-
-
-# --- configuration ----------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class QuantConfig:
-    w_bits: int = 8  # weight bits, 2..8 (symmetric, signed grid)
-    a_bits: int = 8  # activation bits, 4..16 (affine, unsigned grid)
-    per_channel: bool = True  # weight scale per output channel (else one per tensor)
-    observer: str = "minmax"  # activation range estimator: minmax | percentile | mse
-    w_observer: str = "minmax"  # weight range estimator: minmax | mse
-    keep_first_last: bool = True  # conv_in and conv_out stay full precision
-    keep_time: bool = True  # the time-embedding MLP stays full precision
-    t_groups: int = 1  # activation scales per timestep group (1 = one scale for all t)
-    w_round: str = "nearest"  # weight rounding: nearest | adaround (learned on the calibration set)
-    bias_correction: bool = False  # remove each layer's mean output shift from quantization (Nagel et al. 2019)
-    adaround_iters: int = 400  # AdaRound optimisation steps per layer
-
-    def __post_init__(self):
-        if not 2 <= self.w_bits <= 8:
-            raise UserError(f"quant: w must be 2..8 bits, got {self.w_bits}")
-        if not 4 <= self.a_bits <= 16:
-            raise UserError(f"quant: a must be 4..16 bits, got {self.a_bits}")
-        if self.observer not in OBSERVERS:
-            raise UserError(f"quant: unknown observer {self.observer!r}; known: {', '.join(OBSERVERS)}")
-        if self.w_observer not in ("minmax", "mse"):
-            raise UserError(f"quant: unknown weight observer {self.w_observer!r}; known: minmax, mse")
-        if self.t_groups < 1:
-            raise UserError(f"quant: t_groups must be >= 1, got {self.t_groups}")
-        if self.w_round not in ("nearest", "adaround"):
-            raise UserError(f"quant: unknown w_round {self.w_round!r}; known: nearest, adaround")
-        if self.adaround_iters < 1:
-            raise UserError(f"quant: adaround_iters must be >= 1, got {self.adaround_iters}")
-
-
-def quantizable(net: nn.Module, cfg: QuantConfig) -> list[str]:
-    """Names of the Conv2d/Linear modules to quantize under ``cfg``'s keep-in-fp32 options."""
-    names = []
-    for name, m in net.named_modules():
-        if not isinstance(m, (nn.Conv2d, nn.Linear)):
-            continue
-        if cfg.keep_first_last and name in ("conv_in", "conv_out"):
-            continue
-        if cfg.keep_time and name.startswith(("time_embedding", "class_embedding")):
-            continue
-        names.append(name)
-    return names
-
-
-def _set_module(net: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(net.get_submodule(parent) if parent else net, leaf, new)
-
-
-def _group_hook(T: int, groups: int):
-    def pre(net, args, kwargs):
-        t = args[1] if len(args) > 1 else kwargs.get("timestep")
-        x = args[0] if args else kwargs["sample"]
-        t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x.shape[0]) if torch.as_tensor(t).numel() == 1 \
-            else torch.as_tensor(t, dtype=torch.float32).reshape(-1)
-        g = torch.clamp((t.clamp(min=0) * groups / T).long(), 0, groups - 1)
-        for m in net.modules():
-            if isinstance(m, QuantLayer):
-                m.group = g
-    return pre
-
-
-def wrap_network(net: nn.Module, cfg: QuantConfig, names: list[str], T: int) -> nn.Module:
-    """Replace the named layers by :class:`QuantLayer` and install the timestep-group pre-hook."""
-    for name in names:
-        m = net.get_submodule(name)
-        if not isinstance(m, (nn.Conv2d, nn.Linear)):
-            raise UserError(f"quant record: {name} is {type(m).__name__}, not Conv2d/Linear")
-        _set_module(net, name, QuantLayer(m, cfg.w_bits, cfg.a_bits, cfg.per_channel, cfg.t_groups))
-    net.register_forward_pre_hook(_group_hook(T, cfg.t_groups), with_kwargs=True)
-    return net
-
-
-def _replay_quant(net: nn.Module, rec: dict) -> nn.Module:
-    return wrap_network(net, QuantConfig(**rec["config"]), list(rec["modules"]), int(rec["T"]))
-
-
-register_surgery("quant", _replay_quant)
-
-
-# --- calibration-set collectors ---------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class CalibConfig:
-    collector: str = "ndtc"  # uniform | qdiff | ndtc | real
-    n: int = 256  # calibration samples (x_t, t)
-    steps: int = 50  # DDIM steps of the full-precision trajectories the samples are taken from
-    spacing: str = "leading"  # their timestep spacing (uniform, qdiff; ndtc walks its own linear grid)
-    interval: int = 5  # qdiff: every c-th step of the trajectory
-    mu: float = 0.4  # ndtc: mean of t as a fraction of T
-    sigma: float = 0.4  # ndtc: standard deviation of t as a fraction of T
-    batch_size: int = 128  # trajectories run in batches of this many
-    seed: int = 0
-
-
-class _Recorder(nn.Module):
-    """Wraps a network: every evaluation's input (x_t, t) is appended to ``calls``."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net, self.calls = net, []
-
-    def forward(self, x, t):
-        self.calls.append((x.detach().clone(), torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x.shape[0]).clone()))
-        return call_network(self.net, x, t)
-
-
-def fp_trajectories(denoiser: Denoiser, shape, cfg: CalibConfig, n_traj: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The FP model's own DDIM trajectories (via leandiff.sample): one (x_t, t) batch per step."""
-    from ..sample import SampleConfig, sample_all
-
-    rec = _Recorder(denoiser.net)
-    d = Denoiser(rec, denoiser.schedule, denoiser.parameterization)
-    sample_all(d, shape, SampleConfig(solver="ddim", nfe=cfg.steps, spacing=cfg.spacing, n=n_traj, seed=cfg.seed,
-                                      batch_size=cfg.batch_size))
-    per_batch = [rec.calls[i:i + cfg.steps] for i in range(0, len(rec.calls), cfg.steps)]
-    # step i of every batch together
-    return [(torch.cat([b[i][0] for b in per_batch]), torch.cat([b[i][1] for b in per_batch])) for i in range(cfg.steps)]
-
-
-def collect_uniform(denoiser, shape, cfg: CalibConfig, images=None):
-    """Timesteps uniform along the FP sampling trajectories: n (sample, step) pairs drawn uniformly."""
-    traj = fp_trajectories(denoiser, shape, cfg, n_traj=max(1, math.ceil(cfg.n / cfg.steps) * 4))
-    g = torch.Generator().manual_seed(cfg.seed + 1)
-    m = traj[0][0].shape[0]
-    steps = torch.randint(0, len(traj), (cfg.n,), generator=g)
-    rows = torch.randint(0, m, (cfg.n,), generator=g)
-    return torch.stack([traj[s][0][r] for s, r in zip(steps, rows)]), torch.stack([traj[s][1][r] for s, r in zip(steps, rows)])
-
-
-def collect_qdiff(denoiser, shape, cfg: CalibConfig, images=None):
-    """Q-Diffusion time-step-aware calibration (Li et al. 2023, §4.2): every c-th step of the FP
-    sampling trajectory, the same number of samples at each selected step."""
-    chosen = list(range(0, cfg.steps, cfg.interval))
-    per = max(1, cfg.n // len(chosen))
-    traj = fp_trajectories(denoiser, shape, cfg, n_traj=per)
-    xs = torch.cat([traj[i][0][:per] for i in chosen])
-    ts = torch.cat([traj[i][1][:per] for i in chosen])
-    return xs[:cfg.n], ts[:cfg.n]
-
-
-def ndtc_timesteps(T: int, cfg: CalibConfig, g: torch.Generator) -> torch.Tensor:
-    """PTQ4DM Alg. 1 lines 3–5: t_i ~ N(μ, σ²), t_i = ⌊t_i⌋, t_i = clamp(t_i, 0, T − 1)
-    (the slides write Clamp(0, T); with 0-based integer timesteps the last one is T − 1)."""
-    t = torch.randn(cfg.n, generator=g) * cfg.sigma * T + cfg.mu * T
-    return torch.clamp(torch.floor(t), 0, T - 1)
-
-
-@torch.no_grad()
-def collect_ndtc(denoiser, shape, cfg: CalibConfig, images=None):
-    """PTQ4DM normally distributed time-step calibration (Shang et al. 2023, Alg. 1): each sample
-    is produced by the FP model denoising from T down to its own t_i. The paper runs all ancestral
-    steps T..t_i; to keep calibration cheap we take ``steps`` DDIM (η = 0) steps from T−1 to t_i,
-    per sample (t is a per-sample vector, so one batch holds many different t_i)."""
-    T = denoiser.schedule.T
-    g = torch.Generator().manual_seed(cfg.seed)
-    t_end = ndtc_timesteps(T, cfg, g)
-    xs = []
-    for b0 in range(0, cfg.n, cfg.batch_size):
-        te = t_end[b0:b0 + cfg.batch_size]
-        x = torch.randn((te.shape[0], *shape), generator=g)
-        k = max(1, cfg.steps)
-        grid = [(T - 1) + (te - (T - 1)) * j / k for j in range(k + 1)]  # per-sample linear t from T−1 to t_i
-        for j in range(k):
-            t, s = torch.round(grid[j]), torch.round(grid[j + 1])
-            eps, x0 = denoiser.predict(x, t)
-            a_s, s_s = alpha_sigma(denoiser.schedule, s)
-            x = a_s.to(x.dtype).reshape(-1, 1, 1, 1) * x0 + s_s.to(x.dtype).reshape(-1, 1, 1, 1) * eps  # DDIM step (η = 0) to s
-        xs.append(x)
-    return denoiser.net_input(torch.cat(xs), t_end)
-
-
-def collect_real(denoiser, shape, cfg: CalibConfig, images=None):
-    """Baseline (not data-free): real training images noised by q_sample at uniform t."""
-    if images is None:
-        raise UserError("quant: calib=real needs training images (give --dataset)")
-    g = torch.Generator().manual_seed(cfg.seed)
-    idx = torch.randint(0, images.shape[0], (cfg.n,), generator=g)
-    t = torch.randint(0, denoiser.schedule.T, (cfg.n,), generator=g).float()
-    noise = torch.randn((cfg.n, *shape), generator=g)
-    return denoiser.net_input(q_sample(denoiser.schedule, images[idx], t, noise), t)
-
-
-COLLECTORS: dict[str, Callable] = {"uniform": collect_uniform, "qdiff": collect_qdiff, "ndtc": collect_ndtc,
-                                   "real": collect_real}
-
-
-def collect(denoiser: Denoiser, shape, cfg: CalibConfig, images=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The calibration set of collector ``cfg.collector``: the network's own inputs [N, C, H, W] and t [N]
-    (x_t itself, or what :meth:`Denoiser.net_input` makes of it for a preconditioned parameterization)."""
-    if cfg.collector not in COLLECTORS:
-        raise UserError(f"quant: unknown calibration collector {cfg.collector!r}; known: {', '.join(COLLECTORS)}")
-    if cfg.n < 1:
-        raise UserError(f"quant: calibration size must be >= 1, got {cfg.n}")
-    with torch.no_grad():
-        return COLLECTORS[cfg.collector](denoiser, shape, cfg, images)
 
 
 # --- calibrate and quantize -------------------------------------------------------------------------------------------
@@ -517,9 +197,6 @@ def adaround(layers: dict, inputs: dict, cfg: QuantConfig, log=None) -> dict:
 
 def fake_quantize(ckpt, qcfg: QuantConfig, ccfg: CalibConfig, images=None):
     """A copy of ``ckpt`` with fake-quantized layers calibrated on collector ``ccfg`` (a simulation)."""
-    from ..checkpoint import Checkpoint
-    from ..models import image_shape
-
     fp = ckpt.net.float().eval()
     shape = image_shape(ckpt.arch)
     calib = collect(Denoiser(fp, ckpt.schedule, ckpt.parameterization), shape, ccfg, images)
@@ -539,7 +216,7 @@ def fake_quantize(ckpt, qcfg: QuantConfig, ccfg: CalibConfig, images=None):
     arch = copy.deepcopy(ckpt.arch)
     arch.setdefault("surgery", []).append({"kind": "quant", "config": asdict(qcfg), "modules": names, "T": ckpt.schedule.T})
     meta = copy.deepcopy(ckpt.meta)
-    meta["runtime"] = "fake-quant"
+    meta["runtime"] = {"name": "fake-quant", "args": {}}
     meta["quant"] = {"mode": "fake-quant (simulation, no speed-up)", **asdict(qcfg), "calibration": asdict(ccfg)}
     if rounding is not None:
         meta["quant"]["adaround"] = rounding
@@ -548,18 +225,15 @@ def fake_quantize(ckpt, qcfg: QuantConfig, ccfg: CalibConfig, images=None):
     return Checkpoint(net.eval(), arch, ckpt.schedule, ckpt.parameterization, meta)
 
 
-def fake_quant_runtime(ckpt) -> nn.Module:
+def fake_quant_runtime(ckpt, _=None) -> nn.Module:
     """The checkpoint's network as it is (its QuantLayers simulate low-bit arithmetic in fp32)."""
     if not any(isinstance(m, QuantLayer) for m in ckpt.net.modules()):
         raise UserError("runtime fake-quant needs a checkpoint quantized by quant(runtime=fake)")
-    return eager(ckpt)
+    return ckpt.net.float().eval()
 
 
-register_runtime("fake-quant", fake_quant_runtime,
-                 "fake-quant SIMULATION in fp32 (measures quality of low-bit arithmetic; no speed-up)")
 
-
-def dynamic_int8(ckpt) -> nn.Module:
+def dynamic_int8(ckpt, _=None) -> nn.Module:
     """PyTorch dynamic int8 (torch.ao quantize_dynamic: Linear layers only, weights int8, activations
     quantized per call) — the L-Diff paper's method, a baseline. Conv2d stays fp32."""
     import warnings
@@ -569,77 +243,86 @@ def dynamic_int8(ckpt) -> nn.Module:
         return torch.ao.quantization.quantize_dynamic(copy.deepcopy(ckpt.net.float().eval()), {nn.Linear}, dtype=torch.qint8)
 
 
-register_runtime("dynamic-int8", dynamic_int8, "PyTorch dynamic int8 (Linear layers only; L-Diff's baseline)")
-
 
 # --- the recipe step --------------------------------------------------------------------------------------------------
 
 QUANT_RUNTIMES = ("fake", "ort-int8")
 
 
-def _check_args(args: dict) -> None:
-    """The quant step's values, checked when the recipe is parsed (before earlier steps spend their time)."""
-    if args["runtime"] not in QUANT_RUNTIMES:
-        raise UserError(f"quant: runtime must be one of {', '.join(QUANT_RUNTIMES)}, got {args['runtime']!r} "
-                        f"(dynamic int8 and ort fp32 are runtimes: --runtime dynamic-int8 / ort)")
-    if args["steps"] < 0 or args["interval"] < 1 or args["n"] < 1:
-        raise UserError(f"quant: steps must be >= 0 (0: the checkpoint's own), interval and n >= 1; "
-                        f"got steps={args['steps']}, interval={args['interval']}, n={args['n']}")
-    if args["spacing"] not in SPACINGS:  # used by the trajectory collectors (uniform, qdiff)
-        raise UserError(f"quant: unknown spacing {args['spacing']!r}; expected one of {', '.join(SPACINGS)}")
-    if args["calib"] not in COLLECTORS:
-        raise UserError(f"quant: unknown calib {args['calib']!r}; known: {', '.join(COLLECTORS)}")
-    if args["runtime"] == "ort-int8":
-        if (args["w"], args["a"]) != (8, 8) or args["t_groups"] != 1 or args["w_round"] != "nearest" \
-                or args["bias_correction"]:
-            raise UserError("quant: runtime=ort-int8 is W8A8 with one activation scale (t_groups=1) and "
-                            "ONNX Runtime's own rounding (w_round=nearest, no bias_correction)")
-        if args["observer"] not in ("minmax", "percentile") or args["w_observer"] != "minmax":
-            raise UserError(f"quant: runtime=ort-int8 calibrates activations with observer=minmax|percentile "
-                            f"(ONNX Runtime's calibrators) and weights with minmax; got observer={args['observer']}, "
-                            f"w_observer={args['w_observer']}")
-    else:
-        QuantConfig(w_bits=args["w"], a_bits=args["a"], per_channel=args["per_channel"], observer=args["observer"],
-                    w_observer=args["w_observer"], keep_first_last=args["keep_first_last"],
-                    keep_time=args["keep_time"], t_groups=args["t_groups"], w_round=args["w_round"],
-                    adaround_iters=args["adaround_iters"], bias_correction=args["bias_correction"])
+@dataclass(frozen=True)
+class QuantStep:
+    """``quant(...)``: the step's arguments; checked when the recipe is parsed (before earlier steps spend
+    their time)."""
+
+    w: int = 8  # weight bits
+    a: int = 8  # activation bits
+    calib: str = "ndtc"  # calibration collector: uniform | qdiff | ndtc | real
+    runtime: str = "fake"  # fake (simulation, any bits) | ort-int8 (real int8 kernels, W8A8)
+    n: int = 256  # calibration samples
+    steps: int = 0  # DDIM steps of the calibration trajectories (0: the checkpoint's own NFE, else 50)
+    spacing: str = "leading"  # their timestep spacing (uniform, qdiff)
+    interval: int = 5  # qdiff: every c-th step
+    mu: float = 0.4  # ndtc: mean of t / T
+    sigma: float = 0.4  # ndtc: standard deviation of t / T
+    observer: str = "minmax"  # activation range estimator
+    w_observer: str = "minmax"  # weight range estimator
+    per_channel: bool = True  # weight scale per output channel
+    keep_first_last: bool = True  # conv_in / conv_out stay full precision
+    keep_time: bool = True  # the time-embedding MLP stays full precision
+    t_groups: int = 1  # activation scales per timestep group
+    w_round: str = "nearest"  # nearest | adaround
+    adaround_iters: int = 400  # AdaRound steps per layer
+    bias_correction: bool = False  # remove each layer's mean output shift (Nagel et al. 2019)
+
+    def __post_init__(self):
+        if self.runtime not in QUANT_RUNTIMES:
+            raise UserError(f"quant: runtime must be one of {', '.join(QUANT_RUNTIMES)}, got {self.runtime!r} "
+                            f"(dynamic int8 and ort fp32 are runtimes: --runtime dynamic-int8 / ort)")
+        if self.steps < 0 or self.interval < 1 or self.n < 1:
+            raise UserError(f"quant: steps must be >= 0 (0: the checkpoint's own), interval and n >= 1; "
+                            f"got steps={self.steps}, interval={self.interval}, n={self.n}")
+        if self.spacing not in SPACINGS:  # used by the trajectory collectors (uniform, qdiff)
+            raise UserError(f"quant: unknown spacing {self.spacing!r}; expected one of {', '.join(SPACINGS)}")
+        if self.calib not in COLLECTORS:
+            raise UserError(f"quant: unknown calib {self.calib!r}; known: {', '.join(COLLECTORS)}")
+        if self.runtime == "ort-int8":
+            if (self.w, self.a) != (8, 8) or self.t_groups != 1 or self.w_round != "nearest" or self.bias_correction:
+                raise UserError("quant: runtime=ort-int8 is W8A8 with one activation scale (t_groups=1) and "
+                                "ONNX Runtime's own rounding (w_round=nearest, no bias_correction)")
+            if self.observer not in ("minmax", "percentile") or self.w_observer != "minmax":
+                raise UserError(f"quant: runtime=ort-int8 calibrates activations with observer=minmax|percentile "
+                                f"(ONNX Runtime's calibrators) and weights with minmax; got observer={self.observer}, "
+                                f"w_observer={self.w_observer}")
+        else:
+            self.quant_config()
+
+    def quant_config(self) -> QuantConfig:
+        return QuantConfig(w_bits=self.w, a_bits=self.a, per_channel=self.per_channel, observer=self.observer,
+                           w_observer=self.w_observer, keep_first_last=self.keep_first_last, keep_time=self.keep_time,
+                           t_groups=self.t_groups, w_round=self.w_round, adaround_iters=self.adaround_iters,
+                           bias_correction=self.bias_correction)
 
 
-@register_step("quant", {"w": 8, "a": 8, "calib": "ndtc", "runtime": "fake", "n": 256, "steps": 0,
-                         "spacing": "leading", "interval": 5, "mu": 0.4, "sigma": 0.4, "observer": "minmax", "w_observer": "minmax",
-                         "per_channel": True, "keep_first_last": True, "keep_time": True, "t_groups": 1,
-                         "w_round": "nearest", "adaround_iters": 400, "bias_correction": False},
-               help="post-training quantization: fake-quant simulation (any bits) or real int8 via ONNX Runtime",
-               validate=_check_args)
-def quant_step(ckpt, args, ctx):
-    _check_args(args)
+def quant_step(ckpt, cfg: QuantStep, ctx):
+    """Post-training quantization: fake-quant simulation (any bits) or real int8 via ONNX Runtime."""
     # steps=0: calibrate on as many DDIM steps as the model is deployed with (a distilled student
     # records its few steps; every step of so short a trajectory is used by qdiff), else 50.
     # The spacing defaults to leading even for a trailing-spaced student: the trailing grid's t=999
     # step (pure noise) stretches the min-max activation ranges (measured in docs/quantization.md).
-    steps, interval = args["steps"], args["interval"]
+    steps, interval = cfg.steps, cfg.interval
     if steps == 0:
         steps = ckpt.sampling_defaults()[1]  # the recorded NFE, else 50
         interval = min(interval, max(1, steps // 4))
-    ccfg = CalibConfig(collector=args["calib"], n=args["n"], steps=steps, spacing=args["spacing"], interval=interval,
-                       mu=args["mu"], sigma=args["sigma"], seed=ctx.seed)
+    ccfg = CalibConfig(collector=cfg.calib, n=cfg.n, steps=steps, spacing=cfg.spacing, interval=interval,
+                       mu=cfg.mu, sigma=cfg.sigma, seed=ctx.seed)
     images = None
     if ccfg.collector == "real":
         if not ctx.dataset:
             raise UserError("quant: calib=real needs --dataset")
-        from ..data import load_dataset
-        from ..models import image_shape
         images = load_dataset(ctx.dataset, "train", ctx.data_dir, shape=image_shape(ckpt.arch)).images
-    if args["runtime"] == "ort-int8":
-        from .onnx import quantize_ort_int8
-        return quantize_ort_int8(ckpt, ccfg, ctx.step_dir, images=images, per_channel=args["per_channel"],
-                                 keep_first_last=args["keep_first_last"], keep_time=args["keep_time"],
-                                 observer=args["observer"])
-    qcfg = QuantConfig(w_bits=args["w"], a_bits=args["a"], per_channel=args["per_channel"], observer=args["observer"],
-                       w_observer=args["w_observer"], keep_first_last=args["keep_first_last"],
-                       keep_time=args["keep_time"], t_groups=args["t_groups"], w_round=args["w_round"],
-                       adaround_iters=args["adaround_iters"], bias_correction=args["bias_correction"])
-    return fake_quantize(ckpt, qcfg, ccfg, images)
+    if cfg.runtime == "ort-int8":
+        return quantize_ort_int8(ckpt, ccfg, ctx.step_dir, images=images, per_channel=cfg.per_channel,
+                                 keep_first_last=cfg.keep_first_last, keep_time=cfg.keep_time,
+                                 observer=cfg.observer)
+    return fake_quantize(ckpt, cfg.quant_config(), ccfg, images)
 
-
-from . import onnx as _onnx  # noqa: E402,F401  (registers the ort, ort-int8 and compile runtimes)

@@ -1,0 +1,63 @@
+"""Low-rank factor pairs and LoRA adapters (L-Diff §4.4; Hu et al. 2021): the layers that the ``lowrank``
+and ``lora`` steps insert, and their replay from the ``lowrank`` / ``lora`` surgery records."""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from .modules import get_module, set_module
+
+
+def factor_pair(m: nn.Module, rank: int) -> nn.Sequential:
+    """An empty (first, second) pair of the shape that replaces ``m`` at ``rank``."""
+    bias = m.bias is not None
+    if isinstance(m, nn.Linear):
+        return nn.Sequential(nn.Linear(m.in_features, rank, bias=False), nn.Linear(rank, m.out_features, bias=bias))
+    first = nn.Conv2d(m.in_channels, rank, m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation,
+                      bias=False, padding_mode=m.padding_mode)
+    return nn.Sequential(first, nn.Conv2d(rank, m.out_channels, 1, bias=bias))
+
+
+class LoRA(nn.Module):
+    """``base(x) + scale · up(down(x))`` with ``up`` initialised to zero (Hu et al. 2021, §4.1),
+    so a fresh adapter leaves the network unchanged. ``down`` has ``base``'s kernel/stride/padding;
+    ``up`` is 1×1 (or a Linear)."""
+
+    def __init__(self, base: nn.Module, rank: int, scale: float = 1.0):
+        super().__init__()
+        self.base = base
+        self.scale = float(scale)
+        pair = factor_pair(base, rank)
+        self.down, self.up = pair[0], pair[1]
+        if self.up.bias is not None:  # the base keeps its bias; the adapter has none
+            self.up.bias = None
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x):
+        return self.base(x) + self.scale * self.up(self.down(x))
+
+    @torch.no_grad()
+    def merged(self) -> nn.Module:
+        """The base layer with W += scale · B A folded in (same shape as the base)."""
+        m = copy.deepcopy(self.base)
+        a = self.down.weight.reshape(self.down.weight.shape[0], -1)
+        b = self.up.weight.reshape(self.up.weight.shape[0], -1)
+        m.weight += (self.scale * b @ a).reshape(m.weight.shape)
+        return m
+
+
+def replay_lowrank(net: nn.Module, rec: dict) -> nn.Module:
+    for name, k in rec["layers"].items():
+        set_module(net, name, factor_pair(get_module(net, name), int(k)))
+    return net
+
+
+def replay_lora(net: nn.Module, rec: dict) -> nn.Module:
+    for name, k in rec["layers"].items():
+        base = get_module(net, name)
+        set_module(net, name, LoRA(base, int(k), float(rec.get("scales", {}).get(name, 1.0))))
+    return net

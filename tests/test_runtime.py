@@ -1,0 +1,51 @@
+"""The runtime registry: every runtime is described and runs inside a solver close to eager; runtimes are
+specs in the recipe grammar (old names still read); a missing int8 model is an error."""
+import pytest
+import torch
+
+from leandiff.errors import UserError
+from leandiff.runtime import RUNTIMES, get_runtime, parse_runtime, runtime_denoiser, runtime_label
+from leandiff.sample import SampleConfig, sample_all
+
+# how close each runtime's samples stay to eager fp32's (mean |difference| over a 4-step DDIM run) (fake-quant is a simulation of a quantized model:
+# on an unquantized checkpoint it is refused; ORT needs an ONNX export, covered by test_quant)
+TOLERANCE = {"eager": 1e-6, "bf16": 0.05, "compile": 1e-4, "dynamic-int8": 0.05, "cache": None}
+
+
+def test_every_runtime_is_described_and_has_a_tolerance_or_a_reason():
+    for name, spec in RUNTIMES.items():
+        assert spec.description, name
+    assert set(TOLERANCE) | {"ort", "ort-int8", "fake-quant"} == set(RUNTIMES)
+
+
+@pytest.mark.parametrize("name", ["eager", "bf16", "dynamic-int8", "cache"])
+def test_runtime_runs_inside_a_solver_close_to_eager(tiny_ckpt, name):
+    cfg = SampleConfig("ddim", 4, n=2, seed=0)
+    ref = sample_all(runtime_denoiser(tiny_ckpt, "eager"), (1, 16, 16), cfg)
+    x = sample_all(runtime_denoiser(tiny_ckpt, name), (1, 16, 16), cfg)
+    assert torch.isfinite(x).all() and x.shape == ref.shape
+    if TOLERANCE[name] is not None:
+        assert (x - ref).abs().mean() <= TOLERANCE[name]
+
+
+def test_runtime_specs_parse_with_the_recipe_grammar_and_old_names_still_read():
+    assert runtime_label("cache-nu-bf16:3") == runtime_label("cache(interval=3,schedule=nonuniform,bf16=true)") \
+        == "cache(schedule=nonuniform,bf16=true)"
+    assert runtime_label("cache:12") == "cache(interval=12)"  # no cap: a parameter, not a list of names
+    assert runtime_label({"name": "cache", "args": {"interval": 2}}) == "cache(interval=2)"
+    assert runtime_label("eager") == "eager" and runtime_label("ort-int8(calib=qdiff)") == "ort-int8(calib=qdiff)"
+    name, cfg = parse_runtime("cache(interval=5)")
+    assert name == "cache" and cfg.interval == 5 and "every 5 calls" in get_runtime("cache(interval=5)").description
+
+
+@pytest.mark.parametrize("bad, says", [("nope", "unknown runtime 'nope'"), ("cache(k=2)", "unknown argument 'k'"),
+                                       ("cache(interval=0)", "interval must be"), ("eager(x=1)", "unknown argument"),
+                                       ("ort-int8(calib=foo)", "unknown calib"), ("cache(", "expected NAME")])
+def test_a_bad_runtime_spec_is_one_line(bad, says):
+    with pytest.raises(UserError, match=says):
+        get_runtime(bad)
+
+
+def test_ort_int8_without_an_int8_model_is_an_error_not_a_silent_calibration(tiny_ckpt):
+    with pytest.raises(UserError, match="no int8 model"):
+        get_runtime("ort-int8")(tiny_ckpt)
