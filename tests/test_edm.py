@@ -273,6 +273,7 @@ STEP_CASES = {
     "pd": "pd(from=4,to=2,steps_per_round=2,convert_steps=2,batch_size=4)",
     "oneshot": "oneshot(teacher_nfe=2,steps=2,pairs=8,convert_steps=2,batch_size=4)",
     "cache": "cache(interval=2)",
+    "cd": "cd(steps=2,n=4,batch_size=4)",
 }
 
 
@@ -299,7 +300,7 @@ def test_every_compression_step_runs_on_an_edm_model(step, edm_ckpt, image_folde
     back = load_checkpoint(tmp_path / step)
     assert back.lineage[-1]["step"] == step
     assert back.parameterization == out.parameterization
-    solver, nfe, runtime = back.sampling_defaults(nfe=2 if step not in ("pd", "oneshot") else None)
+    solver, nfe, runtime = back.sampling_defaults(nfe=2 if step not in ("pd", "oneshot", "cd") else None)
     from leandiff.runtime import runtime_denoiser
 
     x = sample_all(runtime_denoiser(back, runtime), (1, 16, 16), SampleConfig(solver, nfe, n=2,

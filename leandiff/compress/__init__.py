@@ -11,13 +11,14 @@ recipes`` and the contract tests read it from this dict.
   calibration collectors in :mod:`.calibration`, ONNX export and int8 in :mod:`.onnx`;
 - ``prune``: unstructured and structured pruning;
 - ``distill``: KD into narrower students, low-rank / LoRA, progressive and one-shot distillation;
+- ``consistency``: consistency distillation (``cd``) into a one- or few-step consistency model;
 - ``cache``: feature caching (sets the checkpoint's runtime).
 
 The layers the steps insert (quantized layers, low-rank factors, LoRA adapters) and their replay
 from a checkpoint's surgery records live in :mod:`leandiff.surgery`, below the checkpoint.
 """
 from ..spec import Spec
-from . import cache, distill, finetune, prune, quant
+from . import cache, consistency, distill, finetune, prune, quant
 
 STEPS: dict[str, Spec] = {
     "prune": Spec(prune.prune_step, prune.PruneConfig),
@@ -27,6 +28,7 @@ STEPS: dict[str, Spec] = {
     "lora": Spec(distill.lora_step, distill.LoRAConfig),
     "pd": Spec(distill.pd_step, distill.PDConfig),
     "oneshot": Spec(distill.oneshot_step, distill.OneShotConfig),
+    "cd": Spec(consistency.cd_step, consistency.CDConfig),
     "quant": Spec(quant.quant_step, quant.QuantStep,
                   "post-training quantization: fake-quant simulation (any bits) or real int8 via ONNX Runtime"),
     "cache": Spec(cache.cache_step, cache.CacheSpec),

@@ -193,3 +193,11 @@ def consistency_distill(ckpt: Checkpoint, out_dir, cfg: CDConfig, *, dataset: st
                            "train_cpu_seconds": (out.meta.get("train") or {}).get("cpu_seconds")}
     parse_parameterization(out.parameterization)
     return out
+
+
+def cd_step(ckpt: Checkpoint, cfg: CDConfig, ctx) -> Checkpoint:
+    """Consistency distillation (Song et al. 2023, Alg. 2): a one- or few-step consistency-model student."""
+    if not ctx.dataset:
+        raise UserError("cd needs the training dataset: the checkpoint does not record one; pass --dataset")
+    return consistency_distill(ckpt, ctx.step_dir, cfg, dataset=ctx.dataset, data_dir=ctx.data_dir, seed=ctx.seed,
+                               progress=ctx.progress)

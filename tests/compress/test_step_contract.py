@@ -17,6 +17,7 @@ CASES = {
     "lora": f"lora(r=2,{T})",
     "pd": "pd(from=2,to=1,steps_per_round=2,convert_steps=2,batch_size=8)",
     "oneshot": "oneshot(teacher_nfe=2,steps=2,pairs=8,convert_steps=2,batch_size=8)",
+    "cd": "cd(steps=2,n=4,batch_size=8)",
     "quant": "quant(n=8,steps=2)",
     "cache": "cache(interval=2)",
 }
