@@ -75,7 +75,7 @@ def pd_round(out: Path, k: int) -> Path:
 
 
 def make_oneshot(a, base, out: Path) -> Path:
-    from leandiff.compress.distill import oneshot_distill
+    from leandiff.compress.progressive import oneshot_distill
 
     d = out / "models" / "oneshot"
     if not (d / "leandiff.json").is_file():

@@ -20,6 +20,7 @@ from typing import Callable
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .compress import STEPS
+from .distributed import lead_and_barrier
 from .io import atomic_path, read_json, write_json
 from .spec import RecipeError, Step, bind, parse, values  # noqa: F401  (the grammar lives in leandiff.spec)
 
@@ -76,7 +77,7 @@ def apply_recipe(ckpt, recipe: str | list[Step], out_dir: str | Path, *, dataset
     steps = parse_recipe(recipe) if isinstance(recipe, str) else recipe
     out_dir = Path(out_dir)
     work = out_dir / ".steps"
-    lead, sync = _ranks()  # under torchrun: rank 0 alone writes, every rank trains
+    lead, sync = lead_and_barrier()  # under torchrun: rank 0 alone writes, every rank trains
     if lead:
         work.mkdir(parents=True, exist_ok=True)
     sync()
@@ -121,17 +122,3 @@ def apply_recipe(ckpt, recipe: str | list[Step], out_dir: str | Path, *, dataset
                     shutil.copyfile(f, tmp)
     sync()
     return load_checkpoint(out_dir)
-
-
-def _ranks():
-    """(is this the writing process, barrier) — under torchrun (WORLD_SIZE > 1) rank 0 writes the
-    step directories and the others wait for it at each barrier (gloo); otherwise (True, no-op)."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
-        return True, lambda: None
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    return dist.get_rank() == 0, dist.barrier

@@ -173,6 +173,7 @@ def run_study(study: Study, out_dir: str | Path, *, progress: bool = True, log=p
     """Evaluate every unfinished cell, append it to OUT/results.jsonl, then write the report."""
     from .evaluate import EvalConfig, append_row, evaluate_checkpoint, read_rows
     from .evaluate.harness import resolve_dataset
+    from .runtime import runtime_label
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -190,7 +191,7 @@ def run_study(study: Study, out_dir: str | Path, *, progress: bool = True, log=p
         if c["model"] not in ckpts:
             ckpts[c["model"]] = model_checkpoint(out, models[c["model"]], log=log, models=models)
         ck = ckpts[c["model"]]
-        rt = ck.sampling_defaults()[2] if c["runtime"] == "ckpt" else c["runtime"]
+        rt = runtime_label(ck.sampling_defaults()[2]) if c["runtime"] == "ckpt" else c["runtime"]
         cfg = EvalConfig(solver=c["solver"], nfe=c["nfe"], n=c["n"], seed=c["seed"], batch_size=study.batch_size,
                          runtime=rt, spacing=ck.default_spacing(), inception=False,
                          **({} if study.latency else {"latency": None}))

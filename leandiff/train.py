@@ -13,7 +13,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from torch import nn
 
 from .checkpoint import META_NAME, Checkpoint, load_checkpoint, save_checkpoint
 from .denoiser import Denoiser
+from .distributed import rank_world as _rank_world
 from .errors import UserError
 from .io import atomic_path, save_grid
 from .schedule import log_snr, q_sample, t_of_edm_sigma
@@ -181,10 +181,6 @@ class DiffusionLoss:
         if self.x0_weight:
             loss = loss + self.x0_weight * (denoiser.convert(out, xt, t)[1] - x0).pow(2).mean()
         return loss
-
-
-def _rank_world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def _batch_indices(n: int, step: int, cfg: TrainConfig, rank: int, world: int) -> torch.Tensor:

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from leandiff.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from leandiff.compress import distill
-from leandiff.compress.finetune import KDLoss
+from leandiff.compress import ddim, kd, lowrank, progressive
+from leandiff.compress.kd import KDLoss
 from leandiff.cost import count_params, macs_per_image
 from leandiff.denoiser import Denoiser
 from leandiff.errors import UserError
@@ -21,12 +21,12 @@ class _Oracle(torch.nn.Module):
     def __init__(self, teacher, n, spacing, clip):
         super().__init__()
         self.teacher, self.clip = teacher, clip
-        self.ts, self.tt = distill.pd_timesteps(teacher.schedule, n, spacing)
+        self.ts, self.tt = progressive.pd_timesteps(teacher.schedule, n, spacing)
 
     def forward(self, x, t):
         i = int((self.ts[:-1] == int(t[0])).nonzero()[0])
         full = lambda v: torch.full((x.shape[0],), int(v))  # noqa: E731
-        return distill.pd_target(self.teacher, x, full(self.ts[i]), full(self.tt[2 * i + 1]), full(self.ts[i + 1]),
+        return progressive.pd_target(self.teacher, x, full(self.ts[i]), full(self.tt[2 * i + 1]), full(self.ts[i + 1]),
                                  self.clip)
 
 
@@ -52,11 +52,11 @@ def test_clipped_pd_target_is_a_convex_combination_in_range(tiny_ckpt):
     """With clipping, x̃ lies in [-1, 1] even where the ε teacher's own x̂₀ is far outside it (t = T-1)."""
     teacher = tiny_ckpt.denoiser()
     x = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(2))
-    ts, tt = distill.pd_timesteps(tiny_ckpt.schedule, 4)
+    ts, tt = progressive.pd_timesteps(tiny_ckpt.schedule, 4)
     full = lambda v: torch.full((8,), int(v))  # noqa: E731
     assert teacher.x0(x, full(ts[0])).abs().max() > 2  # the unclipped prediction is out of range here
     for i in range(4):
-        tgt = distill.pd_target(teacher, x, full(ts[i]), full(tt[2 * i + 1]), full(ts[i + 1]), clip_x0=True)
+        tgt = progressive.pd_target(teacher, x, full(ts[i]), full(tt[2 * i + 1]), full(ts[i + 1]), clip_x0=True)
         assert tgt.abs().max() <= 1 + 1e-4
 
 
@@ -66,18 +66,18 @@ def test_pd_target_closed_form_single_step(tiny_ckpt):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 1, 16, 16, generator=g)
     t, tm, tn = (torch.full((5,), v) for v in (749, 624, 499))
-    target = distill.pd_target(teacher, x, t, tm, tn, clip_x0=False)
-    two = distill.ddim_to(teacher, distill.ddim_to(teacher, x, t, tm, False), tm, tn, False)
-    a_t, s_t = distill._coef(teacher.schedule, t, 4)
-    a_n, s_n = distill._coef(teacher.schedule, tn, 4)
+    target = progressive.pd_target(teacher, x, t, tm, tn, clip_x0=False)
+    two = ddim.ddim_to(teacher, ddim.ddim_to(teacher, x, t, tm, False), tm, tn, False)
+    a_t, s_t = ddim.coef(teacher.schedule, t, 4)
+    a_n, s_n = ddim.coef(teacher.schedule, tn, 4)
     one = a_n * target + s_n * (x - a_t * target) / s_t
     assert torch.allclose(one, two, atol=1e-4)
 
 
 def test_leading_spacing_is_not_nested_for_pd(tiny_ckpt):
     with pytest.raises(UserError, match="not nested"):
-        distill.pd_timesteps(tiny_ckpt.schedule, 4, "leading")
-    ts, tt = distill.pd_timesteps(tiny_ckpt.schedule, 8, "trailing")
+        progressive.pd_timesteps(tiny_ckpt.schedule, 4, "leading")
+    ts, tt = progressive.pd_timesteps(tiny_ckpt.schedule, 8, "trailing")
     assert ts[0] == tiny_ckpt.schedule.T - 1 and ts[-1] == -1 and torch.equal(tt[::2], ts)
 
 
@@ -88,7 +88,7 @@ def _out(net, x, t):
 
 def test_full_rank_svd_reproduces_network(tiny_ckpt):
     net = copy.deepcopy(tiny_ckpt.net)
-    ranks = distill.lowrank_factorize(net, 1, only_if_smaller=False)
+    ranks = lowrank.lowrank_factorize(net, 1, only_if_smaller=False)
     n_layers = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in tiny_ckpt.net.modules())
     assert len(ranks) == n_layers  # every layer was replaced by a factor pair
     x, t = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([5, 400, 990])
@@ -96,8 +96,7 @@ def test_full_rank_svd_reproduces_network(tiny_ckpt):
 
 
 def test_lowrank_shrinks_and_reloads_from_metadata(tiny_ckpt, tmp_path):
-    ck = distill.lowrank_step(tiny_ckpt, {"r": 2.0, "rank": 0, "steps": 0, "kd": True, "kd_frac": 0.7, "lr": 2e-4,
-                                          "batch_size": 8, "bf16": False}, None)
+    ck = lowrank.lowrank_step(tiny_ckpt, lowrank.LowRankConfig(r=2.0, batch_size=8, bf16=False), None)
     shape = image_shape(tiny_ckpt.arch)
     assert count_params(ck.net)["params"] < count_params(tiny_ckpt.net)["params"]
     assert macs_per_image(ck.net, shape) < macs_per_image(tiny_ckpt.net, shape)
@@ -112,14 +111,14 @@ def test_lowrank_shrinks_and_reloads_from_metadata(tiny_ckpt, tmp_path):
 
 def test_lora_starts_as_identity_merges_exactly_and_trains_only_adapters(tiny_ckpt):
     net = copy.deepcopy(tiny_ckpt.net)
-    ranks = distill.add_lora(net, 2)
+    ranks = lowrank.add_lora(net, 2)
     x, t = torch.randn(2, 1, 16, 16), torch.tensor([10, 700])
     assert torch.allclose(_out(net, x, t), _out(tiny_ckpt.net, x, t), atol=1e-6)
     trainable = [n for n, p in net.named_parameters() if p.requires_grad]
     assert trainable and all(".down." in n or ".up." in n for n in trainable)
     with torch.no_grad():  # pretend training moved the adapters
         for m in net.modules():
-            if isinstance(m, distill.LoRA):
+            if isinstance(m, lowrank.LoRA):
                 m.up.weight.normal_(0, 0.05)
     moved = _out(net, x, t)
     assert not torch.allclose(moved, _out(tiny_ckpt.net, x, t), atol=1e-4)
@@ -127,7 +126,7 @@ def test_lora_starts_as_identity_merges_exactly_and_trains_only_adapters(tiny_ck
     rebuilt = build_network(arch)
     rebuilt.load_state_dict(net.state_dict())
     assert torch.allclose(_out(rebuilt, x, t), moved, atol=1e-6)
-    merged = distill.merge_lora(net)
+    merged = lowrank.merge_lora(net)
     assert count_params(merged)["params"] == count_params(tiny_ckpt.net)["params"]
     assert torch.allclose(_out(merged, x, t), moved, atol=1e-4)
 
@@ -150,11 +149,11 @@ def test_kd_loss_mixes_its_two_terms(tiny_ckpt, student_param):
 
 def test_narrow_arch_divides_channels_and_fixes_groups():
     arch = {"type": "diffusers.UNet2DModel", "config": {"block_out_channels": [16, 32, 80], "norm_num_groups": 8}}
-    assert distill.narrow_arch(arch, 2)["config"]["block_out_channels"] == [8, 16, 40]
-    four = distill.narrow_arch(arch, 4)["config"]
+    assert kd.narrow_arch(arch, 2)["config"]["block_out_channels"] == [8, 16, 40]
+    four = kd.narrow_arch(arch, 4)["config"]
     assert four["block_out_channels"] == [4, 8, 20] and four["norm_num_groups"] == 4
     with pytest.raises(UserError, match="does not divide"):
-        distill.narrow_arch(arch, 3)
+        kd.narrow_arch(arch, 3)
 
 
 def test_issue_recipes_parse():
@@ -188,18 +187,18 @@ def test_a_bad_last_step_fails_when_the_recipe_is_parsed(bad, says):
 
 def test_lora_rank_factor_zero_is_a_user_error(tiny_ckpt):
     with pytest.raises(UserError, match="r must be >= 1"):
-        distill.add_lora(copy.deepcopy(tiny_ckpt.net), 0.0)
+        lowrank.add_lora(copy.deepcopy(tiny_ckpt.net), 0.0)
 
 
 def test_pd_round_lowers_the_distillation_loss_and_records_its_sampler(tiny_ckpt, image_folder, tmp_path):
     ds = f"folder:{image_folder}"
-    out = distill.progressive_distill(tiny_ckpt, tmp_path / "pd", n_from=4, n_to=2, steps_per_round=40, dataset=ds,
+    out = progressive.progressive_distill(tiny_ckpt, tmp_path / "pd", n_from=4, n_to=2, steps_per_round=40, dataset=ds,
                                       convert_steps=5, batch_size=16, lr=2e-3, ema_decay=0.0, log=lambda s: None,
                                       progress=False)
     assert out.parameterization == "v"
     assert out.meta["sampler"] == {"solver": "ddim", "nfe": 2, "spacing": "trailing"}
     start = load_checkpoint(tmp_path / "pd" / "convert")
-    loss = distill.PDLoss(tiny_ckpt.denoiser(), 2)
+    loss = progressive.PDLoss(tiny_ckpt.denoiser(), 2)
     from leandiff.data import load_dataset
 
     x0 = load_dataset(ds, "train", shape=(1, 16, 16)).images[:32]
@@ -224,7 +223,7 @@ def test_kd_recipe_builds_a_narrower_student_that_reloads(tiny_ckpt, image_folde
 
 
 def test_oneshot_student_is_one_step(tiny_ckpt, image_folder, tmp_path):
-    out = distill.oneshot_distill(tiny_ckpt, tmp_path / "os", teacher_nfe=3, steps=3, dataset=f"folder:{image_folder}",
+    out = progressive.oneshot_distill(tiny_ckpt, tmp_path / "os", teacher_nfe=3, steps=3, dataset=f"folder:{image_folder}",
                                   pairs=16, convert_steps=2, batch_size=8, progress=False)
     assert out.meta["sampler"]["nfe"] == 1 and out.parameterization == "v"
     x = sample_all(out.denoiser(), (1, 16, 16), SampleConfig("ddim", 1, spacing="trailing", n=4))

@@ -377,7 +377,7 @@ def test_a_frozen_network_is_still_pruned(tiny_ckpt):
 
 
 def test_feature_kd_finetune(tiny_ckpt, image_folder, tmp_path):
-    from leandiff.compress.finetune import feature_loss
+    from leandiff.compress.kd import feature_loss
 
     s = {"a": torch.ones(2, 2, 3, 3)}
     t = {"a": torch.cat([torch.ones(2, 1, 3, 3), 3 * torch.ones(2, 1, 3, 3), torch.ones(2, 1, 3, 3)], 1)}
@@ -388,7 +388,7 @@ def test_feature_kd_finetune(tiny_ckpt, image_folder, tmp_path):
                       progress=False, log=lambda s: None)
     assert ck.lineage[-1]["args"]["feat_weight"] == 1
     # the feature term: zero for the teacher against itself, positive for a pruned student
-    from leandiff.compress.finetune import KDLoss
+    from leandiff.compress.kd import KDLoss
 
     pruned = prune_checkpoint(tiny_ckpt, PruneConfig("magnitude", 0.5, min_group_channels=0))
     x0 = _images(4)

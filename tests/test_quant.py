@@ -157,7 +157,7 @@ def test_bias_correction_removes_the_mean_output_shift(tiny):
 
     # the full-precision inputs of every layer (the plain model's inner layers are the original ones)
     layers = {n: m for n, m in plain.net.named_modules() if isinstance(m, Q.QuantLayer) and m.inner.bias is not None}
-    inputs = {n: x for n, (m, x) in zip(layers, Q._layer_inputs(plain.net, list(layers.values()), calib).items())}
+    inputs = {n: x for n, (m, x) in zip(layers, Q.layer_inputs(plain.net, list(layers.values()), calib).items())}
 
     def shifts(q):  # per layer: the largest per-channel mean of (quantized layer − original layer)
         out = []

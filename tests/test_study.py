@@ -59,7 +59,7 @@ def test_study_runs_kills_and_resumes(tmp_path):
     assert not any("building" in m for m in logs)  # the recipe checkpoint was cached in ckpts/
     assert len(list((out / "ckpts").iterdir())) == 1
     cached = [r for r in rows if r["study_model"] == "cached"]
-    assert all(r["study_runtime"] == "cache:2" for r in cached)
+    assert all(r["study_runtime"] == "cache(interval=2)" for r in cached)  # the checkpoint's runtime spec
     f = json.loads((out / "findings.json").read_text())
     assert f[0]["verdict"] in ("agrees", "disagrees")
     assert f[0]["verdict"] == ("agrees" if f[0]["a_value"] < 100 * f[0]["b_value"] else "disagrees")
@@ -124,7 +124,7 @@ def test_a_row_builds_on_an_earlier_rows_checkpoint(tmp_path):
     rows = run_study(study, out, progress=False, log=logs.append)
     assert sum("building" in m for m in logs) == 2  # the parent once, not again for its child
     pruned, chained = (next(r for r in rows if r["study_model"] == n) for n in ("pruned", "pruned-cached"))
-    assert chained["study_runtime"] == "cache:2" and pruned["study_runtime"] != "cache:2"
+    assert chained["study_runtime"] == "cache(interval=2)" and pruned["study_runtime"] == "eager"
     assert chained["cost"]["params"] == pruned["cost"]["params"] < 980_161  # the pruned network, cached
     child = model_checkpoint(out, models["pruned-cached"], log=logs.append, models=models)
     assert [s["step"] for s in child.lineage][-2:] == ["prune", "cache"]

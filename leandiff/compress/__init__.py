@@ -10,7 +10,10 @@ recipes`` and the contract tests read it from this dict.
 - ``quant``: post-training quantization (fake-quant research path, ONNX Runtime int8);
   calibration collectors in :mod:`.calibration`, ONNX export and int8 in :mod:`.onnx`;
 - ``prune``: unstructured and structured pruning;
-- ``distill``: KD into narrower students, low-rank / LoRA, progressive and one-shot distillation;
+- ``kd``: the KD loss and teacher of every KD-using step, KD into narrower students (:mod:`.kd`);
+- ``lowrank``, ``lora``: SVD factors and LoRA adapters (:mod:`.lowrank`);
+- ``pd``, ``oneshot``: progressive and one-shot distillation (:mod:`.progressive`);
+- every training step trains through one entry, :mod:`.training`;
 - ``consistency``: consistency distillation (``cd``) into a one- or few-step consistency model;
 - ``cache``: feature caching (sets the checkpoint's runtime).
 
@@ -18,16 +21,16 @@ The layers the steps insert (quantized layers, low-rank factors, LoRA adapters) 
 from a checkpoint's surgery records live in :mod:`leandiff.surgery`, below the checkpoint.
 """
 from ..spec import Spec
-from . import cache, consistency, distill, finetune, prune, quant
+from . import cache, consistency, finetune, kd, lowrank, progressive, prune, quant
 
 STEPS: dict[str, Spec] = {
     "prune": Spec(prune.prune_step, prune.PruneConfig),
     "finetune": Spec(finetune.finetune_step, finetune.FinetuneConfig),
-    "kd": Spec(distill.kd_step, distill.KDConfig),
-    "lowrank": Spec(distill.lowrank_step, distill.LowRankConfig),
-    "lora": Spec(distill.lora_step, distill.LoRAConfig),
-    "pd": Spec(distill.pd_step, distill.PDConfig),
-    "oneshot": Spec(distill.oneshot_step, distill.OneShotConfig),
+    "kd": Spec(kd.kd_step, kd.KDConfig),
+    "lowrank": Spec(lowrank.lowrank_step, lowrank.LowRankConfig),
+    "lora": Spec(lowrank.lora_step, lowrank.LoRAConfig),
+    "pd": Spec(progressive.pd_step, progressive.PDConfig),
+    "oneshot": Spec(progressive.oneshot_step, progressive.OneShotConfig),
     "cd": Spec(consistency.cd_step, consistency.CDConfig),
     "quant": Spec(quant.quant_step, quant.QuantStep,
                   "post-training quantization: fake-quant simulation (any bits) or real int8 via ONNX Runtime"),

@@ -9,12 +9,14 @@ Public API::
     write_report(rows, out_dir) -> Path                                   # index.html
 """
 from .classifier import Classifier, ClassifierConfig, embed, load_classifier, save_classifier, train_classifier
-from .harness import EvalConfig, append_row, evaluate_checkpoint, markdown_header, markdown_row, read_rows
+from .harness import EvalConfig, evaluate_checkpoint
+from .protocol import append_row, markdown_header, markdown_row, read_rows
+from .quality import METRICS
 from .metrics import (FeatureAccumulator, KIDConfig, confidence, denoising_mse, fid, frechet_distance,
                       inception_score, kid, label_spread, precision_recall)
 from .reference import ReferenceStats, compute_reference_stats, reference_stats
 
-__all__ = ["Classifier", "ClassifierConfig", "EvalConfig", "FeatureAccumulator", "KIDConfig", "ReferenceStats",
+__all__ = ["Classifier", "ClassifierConfig", "EvalConfig", "FeatureAccumulator", "KIDConfig", "METRICS", "ReferenceStats",
            "append_row", "compute_reference_stats", "confidence", "denoising_mse", "embed", "evaluate_checkpoint",
            "fid", "frechet_distance", "inception_score", "kid", "label_spread", "load_classifier", "markdown_header",
            "markdown_row", "precision_recall", "read_rows", "reference_stats", "save_classifier", "train_classifier",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..io import write_text
-from .harness import flatten, markdown_header, markdown_row
+from .protocol import flatten, markdown_header, markdown_row
 
 
 def _series_key(r: dict) -> str:

@@ -1,26 +1,9 @@
-"""Distillation and low-rank compression: ``kd``, ``lowrank``, ``lora``, ``pd``, ``oneshot``.
+"""Distillation into few-step students: ``pd`` (progressive) and ``oneshot``.
 
-- ``kd(s=1, kd_frac=0.7, steps=N)`` — knowledge distillation into a student whose channels are
-  the teacher's divided by ``s`` (default 1: the checkpoint as it is, so ``kd`` after a surgery works) (L-Diff, ../shared/papers/lite-diffusion-cifar10.md §4.3, Table 3);
-  with ``s=1`` the student is the checkpoint as it is, so ``prune(...) > kd(steps=N)`` is the
-  paper's KD(BM, Prune(BM, p)). Loss: :class:`leandiff.compress.finetune.KDLoss`,
-  kd_frac·MSE(student, teacher) + (1 − kd_frac)·MSE(student, ε).
-- ``lowrank(r=2)`` — every Conv2d / Linear weight W (out × in·k·k) is replaced by its truncated
-  SVD W ≈ (U√S)(√S Vᵀ) at rank ⌊full/r⌋ (r is L-Diff §4.4's "rank proportion factor"): a k×k conv
-  to ``rank`` channels followed by a 1×1 conv (a Linear pair for Linear). A layer is factorised
-  only where that lowers its parameter count (a square 1×1 conv or Linear at rank n/2 does not).
-  Optional fine-tune of the factors (``steps=N``, KD or plain).
-- ``lora(r=2, steps=N)`` — LoRA (Hu et al. 2021): W x + (α/rank)·B A x with the base frozen and only
-  A, B trained; ``merge=true`` folds B A back into W (the same size as before: LoRA is
-  parameter-efficient *fine-tuning*, it shrinks nothing that ships).
 - ``pd(from=256, to=4, steps_per_round=N)`` — progressive distillation (Salimans & Ho 2022, Alg. 2;
   ../shared/papers/progressive-distillation-report.md §4).
 - ``oneshot(teacher_nfe=50, steps=N)`` — Luhman & Luhman 2021: a one-step student regresses the
   teacher's DDIM output x₀ from the same x_T.
-
-Structural changes are recorded as ``arch["surgery"]`` records (kinds ``lowrank`` and ``lora``) so
-the checkpoints reload from their own metadata; a narrower student is a plain new
-``UNet2DModel`` config (``block_out_channels`` divided by ``s``) and needs no surgery.
 
 **Parameterization of PD / one-shot students.** A distilled student must predict v (or x₀): an
 ε-network's implied x̂₀ = (x_t − σ ε̂)/α divides by α ≈ 0.006 at the first step of a linear-β
@@ -46,148 +29,29 @@ teacher's ODE); the paper's α(1) = 0 endpoint is therefore ᾱ_{T−1} = 4e-5 h
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, field
-import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from safetensors.torch import load_file, save_file
 
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, save_checkpoint
 from ..denoiser import Denoiser
 from ..errors import UserError
-from ..surgery.factor import LoRA, factor_pair
-from ..surgery.modules import set_module
+from ..io import atomic_path
+from ..models import image_shape
+from ..schedule import SPACINGS, log_snr, q_sample, timesteps as make_timesteps
+from ..solvers import get_solver
 from ..spec import values
-from ..schedule import SPACINGS, alpha_sigma, log_snr, q_sample, timesteps as make_timesteps
-from ..train import DiffusionLoss, TrainConfig, _rank_world, train, training_images
+from ..train import WEIGHTINGS, DiffusionLoss, training_images
 from .ddim import coef, ddim_to
-from .finetune import KDLoss, check_training, finetune_checkpoint, resolve_teacher
+from .training import check_training, fit, need_dataset, rank_world, training_config
 
 PD_WEIGHTINGS = ("truncated-snr", "snr+1")  # Salimans & Ho 2022, §4 (report eqs. 9 and 10)
 STUDENT_PARAMETERIZATIONS = ("v", "x0")
 
-
-def _full_rank(m: nn.Module) -> int:
-    """Rank of the weight as a matrix out × (in·k·k)."""
-    w = m.weight
-    return min(w.shape[0], w[0].numel())
-
-
-def _factorable(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)
-
-
-# --- low-rank factorisation (L-Diff §4.4) ----------------------------------------------------------------------------
-
-def _pair_params(m: nn.Module, rank: int) -> int:
-    k = m.weight[0].numel()  # in·kh·kw
-    return rank * (k + m.weight.shape[0])
-
-
-@torch.no_grad()
-def svd_factor(m: nn.Module, rank: int) -> nn.Sequential:
-    """Truncated SVD W ≈ (U_r √S_r)(√S_r V_rᵀ) of a Conv2d/Linear as two layers (Eckart–Young:
-    the best rank-r approximation in Frobenius norm); at full rank it reproduces ``m`` exactly."""
-    pair = factor_pair(m, rank)
-    w = m.weight.detach().double()
-    u, s, vh = torch.linalg.svd(w.reshape(w.shape[0], -1), full_matrices=False)
-    root = s[:rank].sqrt()
-    a = (root[:, None] * vh[:rank]).to(m.weight.dtype)  # rank × (in·k·k)
-    b = (u[:, :rank] * root[None, :]).to(m.weight.dtype)  # out × rank
-    pair[0].weight.copy_(a.reshape(pair[0].weight.shape))
-    pair[1].weight.copy_(b.reshape(pair[1].weight.shape))
-    if m.bias is not None:
-        pair[1].bias.copy_(m.bias)
-    return pair
-
-
-def _check_rank(step: str, r: float, rank: int) -> None:
-    if r < 1:
-        raise UserError(f"{step}: the rank proportion factor r must be >= 1, got {r}")
-    if rank < 0:
-        raise UserError(f"{step}: rank must be >= 0 (0: full/r), got {rank}")
-
-
-def lowrank_factorize(net: nn.Module, r: float = 2.0, *, rank: int = 0, only_if_smaller: bool = True,
-                      skip: tuple[str, ...] = ()) -> dict[str, int]:
-    """Replace every Conv2d/Linear of ``net`` (in place) by its SVD factors at rank max(1, ⌊full/r⌋)
-    (or ``rank`` when given, capped at full); returns {layer name: rank} of the layers replaced.
-    With ``only_if_smaller`` a layer whose factors would hold as many parameters as it does is kept."""
-    _check_rank("lowrank", r, rank)
-    ranks = {}
-    for name, m in list(net.named_modules()):
-        if not name or not _factorable(m) or any(name.startswith(s) for s in skip):
-            continue
-        full = _full_rank(m)
-        k = min(full, rank) if rank else max(1, int(full // r))
-        if only_if_smaller and _pair_params(m, k) >= m.weight.numel():
-            continue
-        set_module(net, name, svd_factor(m, k))
-        ranks[name] = k
-    return ranks
-
-
-# --- LoRA (Hu et al. 2021; L-Diff §4.4) -----------------------------------------------------------------------------
-
-def add_lora(net: nn.Module, r: float = 2.0, *, rank: int = 0, alpha: float = 0.0) -> dict[str, int]:
-    """Wrap every Conv2d/Linear in a :class:`LoRA` adapter of rank max(1, ⌊full/r⌋) (or ``rank``);
-    freeze everything but the adapters. ``alpha`` > 0 sets scale = alpha/rank (Hu et al.), else 1."""
-    _check_rank("lora", r, rank)
-    ranks = {}
-    for name, m in list(net.named_modules()):
-        if not name or not _factorable(m):
-            continue
-        full = _full_rank(m)
-        k = min(full, rank) if rank else max(1, int(full // r))
-        set_module(net, name, LoRA(m, k, alpha / k if alpha > 0 else 1.0))
-        ranks[name] = k
-    for n, p in net.named_parameters():
-        p.requires_grad_(".down." in f".{n}" or ".up." in f".{n}")
-    return ranks
-
-
-def merge_lora(net: nn.Module) -> nn.Module:
-    for name, m in list(net.named_modules()):
-        if isinstance(m, LoRA):
-            set_module(net, name, m.merged())
-    return net
-
-
-# --- narrower students (L-Diff §4.3) ---------------------------------------------------------------------------------
-
-def narrow_arch(arch: dict, s: int) -> dict:
-    """The teacher's UNet2DModel config with ``block_out_channels`` divided by ``s``; the GroupNorm
-    group count becomes the largest divisor of the teacher's that divides every new width."""
-    if arch.get("surgery"):
-        raise UserError("kd: s > 1 builds a fresh narrower config, but this checkpoint's architecture has "
-                        "surgery records (pruned/factorised); use s=1 to distil into it as it is")
-    cfg = copy.deepcopy(arch["config"])
-    chans = list(cfg["block_out_channels"])
-    if any(c % s for c in chans):
-        raise UserError(f"kd: s={s} does not divide the channel widths {chans}")
-    new = [c // s for c in chans]
-    g0 = int(cfg.get("norm_num_groups", 32))
-    cfg["norm_num_groups"] = max(g for g in range(1, g0 + 1) if g0 % g == 0 and all(c % g == 0 for c in new))
-    cfg["block_out_channels"] = new
-    return {**copy.deepcopy(arch), "config": cfg}
-
-
-@torch.no_grad()
-def slice_init(student: nn.Module, teacher: nn.Module) -> None:
-    """Start a narrower student from the teacher's leading slices (every tensor ``W[:c_out, :c_in, ...]``).
-    Consistent along plain chains of layers; at the UNet's skip concatenations the sliced input
-    channels come from the first operand only, so this is a warm start, not a sub-network."""
-    t_state = teacher.state_dict()
-    for k, v in student.state_dict().items():
-        t = t_state.get(k)
-        if t is None or t.ndim != v.ndim:
-            continue
-        v.copy_(t[tuple(slice(0, n) for n in v.shape)])
-
-
-# --- progressive distillation (Salimans & Ho 2022) ------------------------------------------------------------------
 
 def pd_timesteps(schedule, n_student: int, spacing: str = "trailing") -> tuple[torch.Tensor, torch.Tensor]:
     """(student, teacher) timestep sequences, each descending and ending with −1 (clean data):
@@ -220,11 +84,6 @@ def pd_target(teacher: Denoiser, xt: torch.Tensor, t: torch.Tensor, t_mid: torch
     return (x_next - ratio * xt) / (a_n - ratio * a_t)
 
 
-def _snr_weight(schedule, t: torch.Tensor, weighting: str) -> torch.Tensor:
-    snr = log_snr(schedule, t).exp().float()
-    return snr.clamp(min=1.0) if weighting == "truncated-snr" else snr + 1
-
-
 class PDLoss:
     """w(λ_t)·‖x̃ − x̂_θ(x_t)‖² at t = the student's timesteps, drawn uniformly (Alg. 2);
     w = max(SNR, 1) (truncated SNR) or SNR + 1 (report eqs. 9, 10)."""
@@ -247,7 +106,8 @@ class PDLoss:
         with torch.no_grad(), torch.autocast(xt.device.type, enabled=False):
             target = pd_target(self.teacher, xt.float(), t, t_mid, t_next, self.clip_x0).float()
         _, x_hat = student.convert(student(xt, t).float(), xt, t)
-        w = _snr_weight(student.schedule, t, self.weighting)
+        snr = log_snr(student.schedule, t).exp().float()
+        w = WEIGHTINGS[self.weighting](snr, torch.ones_like(snr), None)  # the x̂₀-space weight (leandiff.train's table)
         return (w * (x_hat - target).pow(2).flatten(1).mean(1)).mean()
 
 
@@ -275,27 +135,6 @@ def _frozen(ckpt: Checkpoint) -> Denoiser:
     return ckpt.denoiser()
 
 
-def _cfg(dataset, data_dir, steps, batch_size, lr, param, seed, bf16=False, ema_decay=0.999, warmup=0,
-         lr_schedule="cosine", weighting="plain") -> TrainConfig:
-    return TrainConfig(dataset=dataset, data_dir=data_dir, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
-                       lr_schedule=lr_schedule, ema_decay=ema_decay, bf16=bf16, seed=seed, sample_every=0,
-                       checkpoint_every=max(1, min(250, steps)), parameterization=param, weighting=weighting)
-
-
-def _train(cfg: TrainConfig, out_dir, init: Checkpoint, images, loss_fn, progress) -> Checkpoint:
-    """The training loop, then the checkpoint as written (a resumed, already finished run returns the
-    saved one with its own training record, not the initial metadata); the recipe records the step."""
-    from ..checkpoint import load_checkpoint
-
-    train(cfg, out_dir, init=init, images=images, loss_fn=loss_fn, resume=True, progress=progress is not False)
-    out = load_checkpoint(out_dir)
-    if _rank_world()[1] > 1:  # every rank has read it before rank 0 rewrites it (progressive_distill does)
-        torch.distributed.barrier()
-    if out.lineage and out.lineage[-1].get("step") == "train":
-        out.lineage.pop()
-    return out
-
-
 def _wall(ck: Checkpoint) -> float:
     return float((ck.meta.get("train") or {}).get("wall_seconds", 0.0))
 
@@ -311,9 +150,10 @@ def convert_parameterization(ckpt: Checkpoint, out_dir, *, param: str, steps: in
     if steps < 1:
         raise UserError(f"the checkpoint predicts {ckpt.parameterization}; converting it to {param} needs convert_steps >= 1")
     student = _fresh(ckpt, param)
-    cfg = _cfg(dataset, data_dir, steps, batch_size, lr, param, seed, bf16, ema_decay=0.995, warmup=min(50, steps))
+    cfg = training_config(dataset, data_dir, steps, batch_size, lr, param, seed, bf16=bf16, ema_decay=0.995,
+                          warmup=min(50, steps))
     weighting = "plain" if param == "v" else "truncated-snr"
-    return _train(cfg, out_dir, student, training_images(cfg, student), DiffusionLoss(weighting), progress)
+    return fit(cfg, out_dir, student, training_images(cfg, student), DiffusionLoss(weighting), progress)
 
 
 def _check_student(step: str, param: str, spacing: str, convert_steps: int) -> None:
@@ -356,16 +196,14 @@ def progressive_distill(ckpt: Checkpoint, out_dir, *, n_from: int, n_to: int, st
         log(f"pd round: {2 * n} -> {n} steps ({steps_per_round} steps x {batch_size})")
         loss = PDLoss(_frozen(teacher), n, spacing, weighting, clip_x0)
         st = _fresh(student)
-        cfg = _cfg(dataset, data_dir, steps_per_round, batch_size, lr, st.parameterization, seed + n, bf16,
-                   ema_decay=ema_decay)
-        st = _train(cfg, out_dir / f"round-{n:04d}", st, training_images(cfg, st), loss, progress)
+        cfg = training_config(dataset, data_dir, steps_per_round, batch_size, lr, st.parameterization, seed + n,
+                              bf16=bf16, ema_decay=ema_decay)
+        st = fit(cfg, out_dir / f"round-{n:04d}", st, training_images(cfg, st), loss, progress)
         record["rounds"].append({"nfe": n, "steps": steps_per_round, "batch_size": batch_size,
                                  "wall_seconds": _wall(st)})
         st.meta["sampler"] = {"solver": "ddim", "nfe": n, "spacing": spacing}
         st.meta["distill"] = copy.deepcopy(record)
-        from ..checkpoint import save_checkpoint
-
-        if _rank_world()[0] == 0:  # one writer under torchrun
+        if rank_world()[0] == 0:  # one writer under torchrun
             save_checkpoint(st, out_dir / f"round-{n:04d}")  # the round's student, self-describing
         teacher = student = st
         n //= 2
@@ -386,9 +224,6 @@ def oneshot_distill(ckpt: Checkpoint, out_dir, *, teacher_nfe: int, steps: int, 
     """Luhman & Luhman 2021: ``pairs`` (x_T, DDIM-``teacher_nfe`` sample) pairs from the teacher, then a
     1-step student (initialised from the converted teacher, or from ``init``, e.g. a converted copy
     made already) regresses the sample from x_T."""
-    from ..models import image_shape
-    from ..solvers import get_solver
-
     _check_oneshot(pairs, steps, teacher_nfe)
     out_dir = Path(out_dir)
     student = init or convert_parameterization(ckpt, out_dir / "convert", param=param, steps=convert_steps,
@@ -399,14 +234,8 @@ def oneshot_distill(ckpt: Checkpoint, out_dir, *, teacher_nfe: int, steps: int, 
     shape = image_shape(ckpt.arch)
     pairs_path = out_dir / "pairs.safetensors"
     if pairs_path.is_file():
-        from safetensors.torch import load_file
         data = load_file(str(pairs_path))["pairs"]
     else:
-        import time
-
-        from safetensors.torch import save_file
-        from ..io import atomic_path
-
         teacher = _frozen(ckpt)
         ts = make_timesteps(ckpt.schedule, teacher_nfe, spacing)
         chunks, t0 = [], time.perf_counter()
@@ -420,45 +249,13 @@ def oneshot_distill(ckpt: Checkpoint, out_dir, *, teacher_nfe: int, steps: int, 
         with atomic_path(pairs_path) as tmp:
             save_file({"pairs": data.contiguous()}, str(tmp), metadata={"seconds": repr(time.perf_counter() - t0)})
     st = _fresh(student)
-    cfg = _cfg(dataset, data_dir, steps, batch_size, lr, st.parameterization, seed, bf16, ema_decay=ema_decay)
-    st = _train(cfg, out_dir / "student", st, data, OneShotLoss(), progress)
+    cfg = training_config(dataset, data_dir, steps, batch_size, lr, st.parameterization, seed, bf16=bf16,
+                          ema_decay=ema_decay)
+    st = fit(cfg, out_dir / "student", st, data, OneShotLoss(), progress)
     st.meta["sampler"] = {"solver": "ddim", "nfe": 1, "spacing": spacing}
     st.meta["distill"] = {"oneshot": {"teacher_nfe": teacher_nfe, "pairs": pairs, "steps": steps,
                                       "wall_seconds": _wall(st), "convert_steps": convert_steps}}
     return st
-
-
-# --- recipe steps ---------------------------------------------------------------------------------------------------
-
-def _need_dataset(ctx, step: str) -> None:
-    if not ctx.dataset:
-        raise UserError(f"{step} needs the training dataset: the checkpoint does not record one; pass --dataset")
-
-
-# Each step's validator runs when the recipe is parsed: a bad value in the last step fails before the first runs.
-
-def _check_kd(args: dict) -> None:
-    if args["s"] < 1:
-        raise UserError(f"kd: s must be >= 1, got {args['s']}")
-    if args["init"] not in ("slice", "scratch"):
-        raise UserError(f"kd: init must be slice or scratch, got {args['init']!r}")
-    check_training("kd", args["steps"], kd_frac=args["kd_frac"], lr=args["lr"], batch_size=args["batch_size"],
-                   lr_schedule=args["schedule"], ema_decay=args["ema_decay"])
-
-
-def _check_lowrank(args: dict) -> None:
-    _check_rank("lowrank", args["r"], args["rank"])
-    if args["steps"] < 0:
-        raise UserError(f"lowrank: steps must be >= 0 (0: no fine-tune), got {args['steps']}")
-    if args["steps"] > 0:
-        check_training("lowrank", args["steps"], kd_frac=args["kd_frac"], lr=args["lr"], batch_size=args["batch_size"])
-
-
-def _check_lora(args: dict) -> None:
-    _check_rank("lora", args["r"], args["rank"])
-    if args["alpha"] < 0:
-        raise UserError(f"lora: alpha must be >= 0 (0: scale 1), got {args['alpha']}")
-    check_training("lora", args["steps"], kd_frac=args["kd_frac"], lr=args["lr"], batch_size=args["batch_size"])
 
 
 def _check_pd_args(args: dict) -> None:
@@ -472,127 +269,6 @@ def _check_oneshot_args(args: dict) -> None:
     _check_oneshot(args["pairs"], args["steps"], args["teacher_nfe"])
     _check_student("oneshot", args["param"], args["spacing"], args["convert_steps"])
     check_training("oneshot", args["steps"], lr=args["lr"], batch_size=args["batch_size"], ema_decay=args["ema_decay"])
-
-
-@dataclass(frozen=True)
-class KDConfig:
-    """``kd(...)``: knowledge distillation into a student with channels / s."""
-
-    s: int = 1
-    kd_frac: float = 0.7
-    steps: int = 1000
-    init: str = "slice"
-    teacher: str = ""
-    lr: float = 5e-4
-    batch_size: int = 128
-    schedule: str = "cosine-restarts"
-    ema_decay: float = 0.995
-    bf16: bool = True
-
-    def __post_init__(self):
-        _check_kd(values(self))
-
-
-def kd_step(ckpt, cfg: KDConfig, ctx):
-    """Knowledge distillation into a student with channels / s (s=1: into this checkpoint as it is)."""
-    args = values(cfg)
-    _need_dataset(ctx, "kd")
-    _check_kd(args)
-    s = args["s"]
-    student = ckpt
-    if s > 1:
-        from ..models import build_network
-
-        arch = narrow_arch(ckpt.arch, s)
-        torch.manual_seed(ctx.seed)
-        net = build_network(arch)
-        if args["init"] == "slice":
-            slice_init(net, ckpt.net)
-        student = Checkpoint(net=net, arch=arch, schedule=ckpt.schedule, parameterization=ckpt.parameterization,
-                             meta=copy.deepcopy(ckpt.meta))
-    return finetune_checkpoint(student, ctx.step_dir, steps=args["steps"], dataset=ctx.dataset, data_dir=ctx.data_dir,
-                               teacher=resolve_teacher(student, args["teacher"], ctx), kd_frac=args["kd_frac"], lr=args["lr"], batch_size=args["batch_size"],
-                               lr_schedule=args["schedule"], ema_decay=args["ema_decay"], bf16=args["bf16"],
-                               seed=ctx.seed, progress=ctx.progress, record={"kd": args})
-
-
-@dataclass(frozen=True)
-class LowRankConfig:
-    """``lowrank(...)``: SVD factors at rank full/r, optionally fine-tuned."""
-
-    r: float = 2.0
-    rank: int = 0
-    steps: int = 0
-    kd: bool = True
-    kd_frac: float = 0.7
-    lr: float = 2e-4
-    batch_size: int = 128
-    bf16: bool = True
-
-    def __post_init__(self):
-        _check_lowrank(values(self))
-
-
-def lowrank_step(ckpt, cfg: LowRankConfig, ctx):
-    """SVD-factorise Conv2d/Linear weights to rank full/r (L-Diff §4.4); optionally fine-tune the factors."""
-    args = values(cfg)
-    net = copy.deepcopy(ckpt.net)
-    ranks = lowrank_factorize(net, args["r"], rank=args["rank"])
-    if not ranks:
-        raise UserError(f"lowrank: no layer gets smaller at r={args['r']:g}; use a larger r")
-    arch = copy.deepcopy(ckpt.arch)
-    arch.setdefault("surgery", []).append({"kind": "lowrank", "r": args["r"], "layers": ranks})
-    out = Checkpoint(net=net.eval(), arch=arch, schedule=ckpt.schedule, parameterization=ckpt.parameterization,
-                     meta=copy.deepcopy(ckpt.meta))
-    if args["steps"] > 0:
-        _need_dataset(ctx, "lowrank")
-        out = finetune_checkpoint(out, ctx.step_dir, steps=args["steps"], dataset=ctx.dataset, data_dir=ctx.data_dir,
-                                  teacher=resolve_teacher(out, "", ctx) if args["kd"] else None, kd_frac=args["kd_frac"],
-                                  lr=args["lr"], batch_size=args["batch_size"], bf16=args["bf16"], seed=ctx.seed,
-                                  progress=ctx.progress, record={"lowrank": args})
-    return out
-
-
-@dataclass(frozen=True)
-class LoRAConfig:
-    """``lora(...)``: LoRA adapters trained with the base frozen."""
-
-    r: float = 2.0
-    rank: int = 0
-    alpha: float = 0.0
-    steps: int = 1000
-    kd: bool = True
-    kd_frac: float = 0.7
-    lr: float = 1e-3
-    batch_size: int = 128
-    merge: bool = True
-    bf16: bool = True
-
-    def __post_init__(self):
-        _check_lora(values(self))
-
-
-def lora_step(ckpt, cfg: LoRAConfig, ctx):
-    """LoRA adapters (rank full/r) fine-tuned with the base frozen; merge=true folds them back in."""
-    args = values(cfg)
-    _need_dataset(ctx, "lora")
-    net = copy.deepcopy(ckpt.net)
-    ranks = add_lora(net, args["r"], rank=args["rank"], alpha=args["alpha"])
-    arch = copy.deepcopy(ckpt.arch)
-    scales = {n: m.scale for n, m in net.named_modules() if isinstance(m, LoRA)}
-    arch.setdefault("surgery", []).append({"kind": "lora", "r": args["r"], "layers": ranks, "scales": scales})
-    st = Checkpoint(net=net, arch=arch, schedule=ckpt.schedule, parameterization=ckpt.parameterization,
-                    meta=copy.deepcopy(ckpt.meta))
-    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    out = finetune_checkpoint(st, ctx.step_dir, steps=args["steps"], dataset=ctx.dataset, data_dir=ctx.data_dir,
-                              teacher=resolve_teacher(st, "", ctx) if args["kd"] else None, kd_frac=args["kd_frac"],
-                              lr=args["lr"], batch_size=args["batch_size"], bf16=args["bf16"], seed=ctx.seed,
-                              progress=ctx.progress, record={"lora": args})
-    out.meta["lora"] = {"trainable_params": trainable, "merged": args["merge"]}
-    if args["merge"]:
-        out.net = merge_lora(out.net)
-        out.arch = copy.deepcopy(ckpt.arch)
-    return out
 
 
 @dataclass(frozen=True)
@@ -619,7 +295,7 @@ class PDConfig:
 def pd_step(ckpt, cfg: PDConfig, ctx):
     """Progressive distillation (Salimans & Ho 2022): halve the DDIM steps per round, from→to."""
     args = values(cfg)
-    _need_dataset(ctx, "pd")
+    need_dataset(ctx, "pd")
     return progressive_distill(ckpt, ctx.step_dir, n_from=args["from"], n_to=args["to"],
                                steps_per_round=args["steps_per_round"], dataset=ctx.dataset, data_dir=ctx.data_dir,
                                param=args["param"], weighting=args["weighting"], spacing=args["spacing"],
@@ -651,7 +327,7 @@ class OneShotConfig:
 def oneshot_step(ckpt, cfg: OneShotConfig, ctx):
     """One-shot distillation (Luhman & Luhman 2021): a 1-step student regresses the teacher's DDIM samples."""
     args = values(cfg)
-    _need_dataset(ctx, "oneshot")
+    need_dataset(ctx, "oneshot")
     return oneshot_distill(ckpt, ctx.step_dir, teacher_nfe=args["teacher_nfe"], steps=args["steps"],
                            dataset=ctx.dataset, data_dir=ctx.data_dir, pairs=args["pairs"], param=args["param"],
                            spacing=args["spacing"], clip_x0=args["clip"], convert_steps=args["convert_steps"],
