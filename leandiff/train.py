@@ -206,6 +206,12 @@ def _ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
         e.copy_(b)
 
 
+def _as_saved(cfg: TrainConfig) -> dict:
+    """The config as its JSON metadata reads back (tuples become lists), so a checkpoint written now and
+    the same checkpoint loaded later carry equal records."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
 def _ema_name(decay: float) -> str:
     """The folder (under out/ema/) and state prefix of an extra EMA: its decay as written, e.g. 0.9999."""
     return repr(float(decay))
@@ -242,7 +248,7 @@ def _load_state(path: Path, cfg: TrainConfig, net, ema, opt, extra=None,
         seconds = (float(meta.get("seconds", 0.0)), float(meta.get("cpu_seconds", 0.0)))
     except Exception as e:
         raise UserError(f"{path}: unreadable training state ({(str(e).splitlines() or [type(e).__name__])[0][:120]})") from None
-    now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as saved: tuples become lists
+    now = _as_saved(cfg)
     changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k])
     if changed:
         raise UserError(f"cannot resume: settings differ from the saved run in {', '.join(changed)}")
@@ -304,14 +310,14 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, init: Checkpoint, images: to
     def as_checkpoint(weights: nn.Module, decay: float, step: int, seconds: tuple[float, float]) -> Checkpoint:
         ck = Checkpoint(net=weights, arch=init.arch, schedule=init.schedule, parameterization=init.parameterization,
                         meta=copy.deepcopy(init.meta))
-        ck.meta["train"] = {**dataclasses.asdict(cfg), "completed_steps": step, "world_size": world,
+        ck.meta["train"] = {**_as_saved(cfg), "completed_steps": step, "world_size": world,
                             "wall_seconds": round(seconds[0], 1), "cpu_seconds": round(seconds[1], 1),
                             "num_images": n}
         ck.meta["ema"] = {"profile": "exponential", "decay": decay,
                           "warmup": "min(decay, (1 + step)/(10 + step))"}
         if step == cfg.steps:
             ck.lineage.append({"step": "train", "parent": init.hash() if init.path else None,
-                               "settings": lineage_step or dataclasses.asdict(cfg)})
+                               "settings": lineage_step or _as_saved(cfg)})
         return ck
 
     def write_checkpoint(step: int, seconds: tuple[float, float], where: Path = out_dir, state: bool = True):
