@@ -20,6 +20,16 @@ TINY_UNET = dict(sample_size=16, in_channels=1, out_channels=1, layers_per_block
                  up_block_types=["AttnUpBlock2D", "UpBlock2D"])
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-tensor tests: thread hand-offs cost more than the maths
+    (and a training may hold the other core). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def tiny_arch() -> dict:
     return {"type": "diffusers.UNet2DModel", "config": dict(TINY_UNET)}

@@ -17,12 +17,7 @@ from leandiff.schedule import Schedule, alpha_sigma, t_of_edm_sigma
 SCHED = Schedule("linear")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class RandomF(torch.nn.Module):

@@ -22,12 +22,7 @@ from leandiff.train import DiffusionLoss, TrainConfig, draw_timesteps, loss_weig
 SCHED = Schedule("linear")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- the preconditioning itself ------

@@ -25,13 +25,7 @@ SCHED = Schedule("linear")
 PEERS = ("diffusers:DPMSolverMultistepScheduler", "diffusers:EulerDiscreteScheduler")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: thread hand-offs cost more than the maths (and a training may hold the other core).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class GaussianNet(torch.nn.Module):
