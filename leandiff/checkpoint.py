@@ -84,6 +84,12 @@ class Checkpoint:
         rec = self.meta.get("sampler")
         return rec if isinstance(rec, dict) else {}
 
+    @property
+    def name(self) -> str:
+        """The one name shown for this checkpoint everywhere: ``zoo:NAME`` for a shipped model, else its
+        path as given (``(in memory)`` when it was never saved)."""
+        return display_name(self.path) if self.path is not None else "(in memory)"
+
     def hash(self) -> str:
         """Short content hash of the weights (sha256 over names, shapes and bytes)."""
         return weights_hash(self.net.state_dict())
@@ -111,6 +117,18 @@ def save_checkpoint(ckpt: Checkpoint, out_dir: str | Path) -> Path:
     write_json(out_dir / META_NAME, meta)
     ckpt.path = out_dir
     return out_dir
+
+
+def display_name(path: str | Path) -> str:
+    """``zoo:NAME`` for a shipped model's directory (or a file in it), else the path as given."""
+    p = Path(path)
+    try:
+        zoo = ZOO_DIR.resolve()
+        r = p.resolve()
+        rel = r.relative_to(zoo)
+    except (OSError, ValueError):
+        return str(path)
+    return f"zoo:{rel.parts[0]}" if rel.parts else str(path)
 
 
 def resolve(path: str | Path) -> Path:

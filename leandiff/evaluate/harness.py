@@ -28,7 +28,7 @@ from ..schedule import DEFAULT_SPACING
 from .classifier import Classifier, load_classifier
 from .metrics import KIDConfig, kid_subset_size
 from .protocol import SCHEMA, append_row, flatten, markdown_header, markdown_row, read_rows  # noqa: F401
-from .quality import QualityInputs, pr_size, quality
+from .quality import QualityInputs, pr_size, quality, small_sample_warnings
 from .reference import ReferenceStats, reference_stats
 from .sampling import Sampled, sample_and_embed
 
@@ -53,7 +53,7 @@ class EvalConfig:
     mse_n: int = 1000  # held-out images for the MiniDiff MSE (capped at the split's size)
     latency: LatencyConfig | None = LatencyConfig()  # per-evaluation latency; None skips it
     grid_n: int = 64  # samples in the saved grid
-    inception: bool = True  # standard Inception FID when torch-fidelity's weights are present
+    inception: bool = False  # also standard Inception FID (only when asked: needs torch-fidelity and its weights)
 
     def __post_init__(self):
         if self.n < 2:
@@ -65,7 +65,7 @@ class EvalConfig:
 def resolve_dataset(ckpt, override: str | None) -> str:
     ds = override or ckpt.meta.get("dataset") or (ckpt.meta.get("train") or {}).get("dataset")
     if not ds:
-        raise UserError(f"{ckpt.path}: the checkpoint does not say which dataset it models; give --dataset")
+        raise UserError(f"{ckpt.name}: the checkpoint does not say which dataset it models; give --dataset")
     return ds
 
 
@@ -78,9 +78,9 @@ def evaluate_checkpoint(ckpt, cfg: EvalConfig, *, classifier: Classifier | None 
     Under torchrun (WORLD_SIZE > 1) the sampling is sharded across the processes
     (:func:`leandiff.evaluate.sharding.evaluate_shard`); rank 0 computes the metrics and returns the row,
     other ranks return None."""
-    label = str(ckpt) if isinstance(ckpt, (str, Path)) else str(ckpt.path)
     if isinstance(ckpt, (str, Path)):
         ckpt = load_checkpoint(ckpt)
+    label = ckpt.name  # zoo:NAME for a shipped model, as bench, the demo and info name it
     t_start = time.perf_counter()
     dataset = resolve_dataset(ckpt, cfg.dataset)
     shape = image_shape(ckpt.arch)
@@ -113,6 +113,9 @@ def evaluate_checkpoint(ckpt, cfg: EvalConfig, *, classifier: Classifier | None 
     mse_images = held.images[pick.sort().values]  # a seeded subset: splits may be sorted by class
     q_in = QualityInputs(s.acc, ref, cfg, denoiser, mse_images)
     qual = {**quality(q_in), "fid_inception": None}
+    warnings = small_sample_warnings(q_in)
+    for w in warnings:
+        log(f"warning: {w}")
     if inc is not None:
         for i in range(0, len(held), 256):
             inc.add_real(held.images[i:i + 256])
@@ -138,7 +141,7 @@ def evaluate_checkpoint(ckpt, cfg: EvalConfig, *, classifier: Classifier | None 
                 "latency": asdict(cfg.latency) if cfg.latency else None, "processes": s.world}
     return {"schema": SCHEMA, "checkpoint": label, "weights": ckpt.hash(), "dataset": dataset,
             "lineage": [st.get("step") for st in ckpt.lineage], "protocol": protocol, "quality": qual,
-            "cost": cost, "grid": grid_file, "seconds": time.perf_counter() - t_start,
+            "cost": cost, "grid": grid_file, "warnings": warnings, "seconds": time.perf_counter() - t_start,
             "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine_info()}
 
 

@@ -115,6 +115,8 @@ def read_rows(paths) -> list[dict]:
             lines = p.read_text().splitlines()
         except OSError as e:
             raise UserError(f"{p}: cannot read results ({e.strerror or e})") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{p}: not a results file (not text)") from None
         for i, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -127,3 +129,20 @@ def read_rows(paths) -> list[dict]:
             row.setdefault("_source", str(p))
             rows.append(row)
     return rows
+
+
+def check_results_file(path: str | Path) -> None:
+    """Refuse, before any work, a results file to append to that exists but is not one: every line must be
+    a leandiff eval row and the last must be complete. A missing or empty file is fine (a new one)."""
+    p = Path(path)
+    if not p.exists():
+        return
+    if not p.is_file():
+        raise UserError(f"{p}: not a results file (not a regular file)")
+    try:
+        read_rows([p])
+    except UserError as e:
+        raise UserError(f"{e}; refusing to append to it (give a new file or one written by leandiff eval)") from None
+    data = p.read_bytes()
+    if data and not data.endswith(b"\n"):
+        raise UserError(f"{p}: its last row is cut off (no newline at the end); refusing to append to it")
