@@ -17,7 +17,7 @@ from pathlib import Path
 from .checkpoint import load_checkpoint, resolve
 from .cost import LatencyConfig
 from .errors import UserError
-from .io import ensure_writable_dir
+from .io import ensure_writable_dir, heartbeat
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log=print) -> Path:
     log(f"demo: {cfg.model} ({dataset}), {len(cfg.rows)} rows × N={n}, results in {results}")
     log(markdown_header())
     models = {("", ""): ck}
-    for r in cfg.rows:
+    for i, r in enumerate(cfg.rows, 1):
         if (r.model, "") not in models:  # another shipped checkpoint, used only if made from the demo's model
             other = load_checkpoint(r.model)
             made_from_base = ck.hash() in {st.get("parent") for st in other.lineage}
@@ -120,7 +120,8 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log=print) -> Path:
         if start is None:
             continue
         if (r.model, r.recipe) not in models:
-            models[(r.model, r.recipe)] = _compressed(start, r, out / "ckpts" / _tag(r), log)
+            with heartbeat(f"row {i}/{len(cfg.rows)}: making {r.label}", log):
+                models[(r.model, r.recipe)] = _compressed(start, r, out / "ckpts" / _tag(r), log)
         model = models[(r.model, r.recipe)]
         runtime = r.runtime or model.sampling_defaults()[2]
         name = r.model or cfg.model
@@ -134,8 +135,9 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log=print) -> Path:
                           mse_n=min(n, 1000))
         # no ':' in file names (cache:2): a relative link "a-cache:2.png" would read as a URL scheme
         grid = out / "grids" / f"{_tag(r)}-{r.solver}-{r.nfe}-{runtime.replace(':', '')}.png"
-        row = evaluate_checkpoint(model, ecfg, classifier=clf, reference=ref, grid_path=grid, progress=True,
-                                  log=lambda *_: None)
+        with heartbeat(f"row {i}/{len(cfg.rows)}: {name} {r.solver}-{r.nfe} on {runtime}", log):
+            row = evaluate_checkpoint(model, ecfg, classifier=clf, reference=ref, grid_path=grid, progress=True,
+                                      log=lambda *_: None)
         row["checkpoint"] = name
         if r.recipe:
             row["recipe"] = r.recipe

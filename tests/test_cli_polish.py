@@ -91,3 +91,23 @@ def test_help_is_complete(path):
 
         spacing_help = " ".join(text.split("--spacing", 1)[1].split("--", 1)[0].split())
         assert all(s in spacing_help for s in SPACINGS), spacing_help
+
+
+def test_heartbeat_reports_while_the_body_runs_and_stops_after():
+    import threading
+
+    from leandiff.io import heartbeat
+
+    lines, seen = [], threading.Event()
+
+    def log(m):
+        lines.append(m)
+        seen.set()
+
+    with heartbeat("row 3/20", log, every=0.01, enabled=True):
+        assert seen.wait(10), "no progress line while the body ran"
+    n = len(lines)
+    assert all("row 3/20" in m and "so far" in m for m in lines)
+    with heartbeat("quiet", log, every=0.01, enabled=False):
+        threading.Event().wait(0.05)
+    assert len(lines) == n

@@ -79,7 +79,7 @@ def eval_cmd(ckpt, solver, nfe, n, runtime, spacing, eta, seed, batch_size, no_c
 
     Samples, embeds and scores; appends one JSON row to the results file --out and prints a Markdown row."""
     from ..cost import LatencyConfig
-    from ..io import ensure_writable_dir
+    from ..io import ensure_writable_dir, heartbeat
     from ..checkpoint import load_checkpoint
     from .harness import EvalConfig, append_row, evaluate_checkpoint, markdown_header, markdown_row
     from .protocol import check_results_file
@@ -95,7 +95,8 @@ def eval_cmd(ckpt, solver, nfe, n, runtime, spacing, eta, seed, batch_size, no_c
     out = Path(out)
     grid = _grid_path(out, ckpt, cfg)
     ensure_writable_dir(grid.parent)  # fail before the sampling, not after
-    row = evaluate_checkpoint(ck, cfg, grid_path=grid, progress=True, log=lambda m: click.echo(m, err=True))
+    with heartbeat(f"eval {ck.name} {solver}-{nfe} on {runtime}, N={n}", click.echo):  # logs have no progress bar
+        row = evaluate_checkpoint(ck, cfg, grid_path=grid, progress=True, log=lambda m: click.echo(m, err=True))
     if row is None:  # a torchrun process other than rank 0: rank 0 writes the row
         return
     row["grid"] = str(grid.relative_to(out.parent)) if row["grid"] else None  # relative to the results file
