@@ -138,9 +138,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log=print) -> Path:
         with heartbeat(f"row {i}/{len(cfg.rows)}: {name} {r.solver}-{r.nfe} on {runtime}", log):
             row = evaluate_checkpoint(model, ecfg, classifier=clf, reference=ref, grid_path=grid, progress=True,
                                       log=lambda *_: None)
-        row["checkpoint"] = name
-        if r.recipe:
-            row["recipe"] = r.recipe
+        row["checkpoint"] = name  # the row's recipe, origin and parent come from the model's lineage
         append_row(results, row)
         rows.append(row)
         log(markdown_row(row))

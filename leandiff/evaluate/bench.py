@@ -31,7 +31,7 @@ def run_bench(ckpts: list, cfg: BenchConfig = BenchConfig(), progress: bool = Fa
 
     for r in cfg.runtimes:
         get_runtime(r)
-    loaded = [(str(c), load_checkpoint(c)) for c in ckpts]
+    loaded = [(ck.name, ck) for ck in map(load_checkpoint, ckpts)]  # zoo:NAME for a shipped model, as eval names it
     rows, nets, by_shape = [], {}, {}
     for label, ck in loaded:
         shape = image_shape(ck.arch)

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_checkpoint
-from ..cost import LatencyConfig, checkpoint_bytes, count_params, machine_info, macs_per_image, measure_latency
+from ..cost import (LatencyConfig, checkpoint_bytes, count_params, machine_info, machine_load, macs_per_image,
+                    macs_per_image_nonzero, measure_latency)
 from ..data import load_dataset
 from ..denoiser import Denoiser
 from ..distributed import rank_world
@@ -139,8 +140,10 @@ def evaluate_checkpoint(ckpt, cfg: EvalConfig, *, classifier: Classifier | None 
                 "is_splits": 10, "pixels": "clamped to [-1, 1] and rounded to 8 bits before the classifier",
                 "fid_inception": inc_note or ("torch-fidelity Inception, reference = held-out split" if inc else "off"),
                 "latency": asdict(cfg.latency) if cfg.latency else None, "processes": s.world}
+    origin, parent = lineage_origin(ckpt)
     return {"schema": SCHEMA, "checkpoint": label, "weights": ckpt.hash(), "dataset": dataset,
-            "lineage": [st.get("step") for st in ckpt.lineage], "protocol": protocol, "quality": qual,
+            "lineage": [st.get("step") for st in ckpt.lineage], "origin": origin, "parent": parent,
+            "recipe": " > ".join(st["recipe"] for st in ckpt.lineage if st.get("recipe")) or None, "protocol": protocol, "quality": qual,
             "cost": cost, "grid": grid_file, "warnings": warnings, "seconds": time.perf_counter() - t_start,
             "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine_info()}
 
@@ -161,10 +164,15 @@ def _inception(cfg: EvalConfig, log):
 def cost_of(ckpt, net, shape, s: Sampled, cfg: EvalConfig, progress: bool = False) -> dict:
     """The row's cost: parameters, MACs, bytes, sampling throughput, peak memory, and (unless
     ``cfg.latency`` is None) the runtime network's latency per evaluation."""
-    cost = {**count_params(ckpt.net), "macs_per_image": macs_per_image(ckpt.net, shape),
-            "weights_bytes": checkpoint_bytes(ckpt), "nfe_used": s.stats.nfe,
-            "sampling_images_per_s": s.stats.images_per_s, "sampling_seconds": s.stats.seconds,
-            "embed_seconds": s.embed_seconds, **s.memory}
+    load_sampling = machine_load()  # the last minute of the sampling
+    params = count_params(ckpt.net)
+    cost = {**params, "macs_per_image": macs_per_image(ckpt.net, shape),
+            "weights_bytes": checkpoint_bytes(ckpt), "runtime_bytes": _runtime_bytes(ckpt, net),
+            "nfe_used": s.stats.nfe, "sampling_images_per_s": s.stats.images_per_s,
+            "sampling_seconds": s.stats.seconds, "embed_seconds": s.embed_seconds, **s.memory,
+            "load": {"sampling": load_sampling}}
+    if params["params_nonzero"] < params["params"]:  # unstructured sparsity: what a sparse kernel would spend
+        cost["macs_per_image_nonzero"] = macs_per_image_nonzero(ckpt.net, shape)
     if s.spent is not None:  # what the sampling really spent per network evaluation, not the full net's MACs
         cost["macs_per_eval_spent"] = s.spent["macs_per_call_mean"]
         cost["cache_calls"] = {"full": s.spent["full_calls"], "shallow": s.spent["shallow_calls"]}
@@ -172,4 +180,23 @@ def cost_of(ckpt, net, shape, s: Sampled, cfg: EvalConfig, progress: bool = Fals
         lat = measure_latency({cfg.runtime: net}, shape, cfg.latency, progress=progress)[cfg.runtime]
         cost["latency_ms"] = {str(b): v["median_ms"] for b, v in lat.items()}
         cost["latency_ms_per_image"] = {str(b): v["ms_per_image"] for b, v in lat.items()}
+        cost["load"]["latency"] = machine_load()
     return cost
+
+
+def _runtime_bytes(ckpt, net) -> int:
+    """Bytes of what the runtime loads: its own model file where it has one (the int8 ONNX graph of
+    ort-int8), else the checkpoint's weights file."""
+    p = getattr(net, "path", None)
+    if isinstance(p, (str, Path)) and Path(p).is_file():
+        return Path(p).stat().st_size
+    return checkpoint_bytes(ckpt)
+
+
+def lineage_origin(ckpt) -> tuple[str, str | None]:
+    """(origin, parent): the weights hash of the model the checkpoint's recipe started from (its own hash
+    when it was only trained) and of the model just before its last recipe step (None when it has none)."""
+    recipe = [st for st in ckpt.lineage if st.get("step") != "train" and st.get("parent")]
+    if not recipe:
+        return ckpt.hash(), None
+    return recipe[0]["parent"], recipe[-1]["parent"]
