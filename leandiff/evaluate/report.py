@@ -236,9 +236,9 @@ COLUMNS: list[Col] = [
               "with the same solver, NFE and spacing; what the last step or the runtime cost; — where it is the "
               "row itself or the root reference"),
     Col("KID×1e3", lambda x: x.r["quality"]["kid"] * 1e3, "{:.3f}", better="min",
-        note=lambda x: f"±{x.r['quality']['kid_std'] * 1e3:.3f}" if x.r["quality"].get("kid_std") is not None else "",
-        gloss="kernel inception distance on the same features × 1000 (unbiased: may be negative for good rows), "
-              "± its standard deviation over subsets"),
+        title=lambda x: f"± {x.r['quality']['kid_std'] * 1e3:.3f} (std over subsets)" if x.r["quality"].get("kid_std") is not None else "",
+        gloss="kernel inception distance on the same features × 1000 (unbiased: may be negative for good rows; "
+              "hover: its standard deviation over subsets)"),
     Col("IS", lambda x: x.r["quality"].get("is"), "{:.2f}", better="max",
         gloss="Inception-Score-style exp E KL(p(y|x) ‖ p(y)) on the classifier (1 to the number of classes; higher: "
               "confident and varied)"),
@@ -331,7 +331,8 @@ def recommendations(rows: list[_Row]) -> list[tuple[str, _Row | None, str]]:
         elif len(cands) > 1:
             why += f"; next best #{cands[1].i} at {fid(cands[1]):.3f}"
         out.append((f"Best quality at ≤ {b} NFE", best, why))
-    ok = [x for x in rows if x.ratio is not None and x.ratio <= WITHIN]
+    refs = {id(x.root) for x in rows if x.root is not None}
+    ok = [x for x in rows if x.ratio is not None and x.ratio <= WITHIN and id(x.r) not in refs]  # not the reference
     fast = [x for x in ok if x.r["cost"].get("sampling_images_per_s")]
     if fast:
         x = max(fast, key=lambda x: x.r["cost"]["sampling_images_per_s"])
@@ -351,8 +352,20 @@ def recommendations(rows: list[_Row]) -> list[tuple[str, _Row | None, str]]:
     return out
 
 
+def _n_note(rows: list[_Row]) -> str:
+    """A warning where rows are compared with a reference scored at another N (FID-dom grows as N shrinks)."""
+    pairs = {(x.r["protocol"]["n"], x.root["protocol"]["n"]) for x in rows if x.root is not None}
+    diff = sorted({(a, b) for a, b in pairs if a != b})
+    if not diff:
+        return ""
+    return ("Rows scored at N=" + ", ".join(sorted({str(a) for a, _ in diff}, key=int)) + " are compared with a reference "
+            "scored at N=" + ", ".join(sorted({str(b) for _, b in diff}, key=int)) + ": FID-dom grows as N shrinks, "
+            "so their ratios overstate what they lose.")
+
+
 def _none_within(rows: list[_Row]) -> str:
-    rated = [x for x in rows if x.ratio is not None]
+    refs = {id(x.root) for x in rows if x.root is not None}
+    rated = [x for x in rows if x.ratio is not None and id(x.r) not in refs]
     if not rated:
         return "no row has a reference to compare with"
     x = min(rated, key=lambda x: x.ratio)
@@ -494,7 +507,7 @@ def _pareto_svg(rows: list[_Row]) -> str | None:
         x, s, f = pts[j]
         text = f"#{x.i} {_short(x.r)} {_sampler(x.r)} {x.r['protocol']['runtime']}"
         parts.append(f'<line x1="{px(s):.1f}" y1="{y:.1f}" x2="{W - R + 6}" y2="{ly_:.1f}" stroke="#d62728" '
-                     f'stroke-width="0.6" /><text x="{W - R + 9}" y="{ly_ + 4:.1f}">{e(text)}</text>')
+                     f'stroke-width="0.6" /><text x="{W - R + 9}" y="{ly_ + 4:.1f}" font-size="10">{e(text)}</text>')
     parts.append("</svg>")
     legend = "".join(
         f'<li><svg width="14" height="14" viewBox="0 0 14 14">{_svg_marker(_SVG_SHAPES[k % len(_SVG_SHAPES)], 7, 7, 4.5, _PALETTE[k % len(_PALETTE)])}'
@@ -569,12 +582,13 @@ h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; }
 .plot .pt:hover { opacity: 0.6; cursor: help; }
 .legend { list-style: none; padding: 0; margin: 0.3em 0; font-size: 0.8em; columns: 2; }
 .scroll { overflow-x: auto; max-width: 100%; }
-table { border-collapse: collapse; font-size: 0.82em; }
-th, td { border: 1px solid #ddd; padding: 0.2em 0.45em; white-space: nowrap; }
+table { border-collapse: collapse; font-size: 0.78em; }
+th, td { border: 1px solid #ddd; padding: 0.15em 0.35em; white-space: nowrap; }
 th { background: #f3f3f3; cursor: pointer; position: sticky; top: 0; }
 th[aria-sort="ascending"]::after { content: " ▲"; } th[aria-sort="descending"]::after { content: " ▼"; }
 td.t { text-align: left; } td.n { text-align: right; font-variant-numeric: tabular-nums; }
 td.best { background: #dff3df; font-weight: 700; }
+tbody td:first-child { position: sticky; left: 0; background: #fafafa; }  /* the row number stays in view */
 td small { color: #666; font-weight: 400; margin-left: 0.3em; }
 tr:target, tr.hl { outline: 2px solid #1f77b4; }
 dl.gloss dt { font-weight: 600; float: left; clear: left; width: 7em; }
@@ -654,6 +668,7 @@ def write_report(rows: list[dict], out_dir: str | Path, title: str = "leandiff r
     # report.md
     md = [f"# {title}", "", "## Which one should I use?", ""]
     md += [f"- **{q}**: " + (f"{label(x)}: {why}" if x else why) for q, x, why in recs]
+    md += ["", _n_note(xs)] if _n_note(xs) else []
     md += ["", "| " + " | ".join(c.head for c in COLUMNS) + " |", "|" + "|".join("---:" if c.num else "---" for c in COLUMNS) + "|"]
     for x in xs:
         cells = []
@@ -723,7 +738,7 @@ def write_report(rows: list[dict], out_dir: str | Path, title: str = "leandiff r
 <h2>Which one should I use?</h2>
 <dl>{summary}</dl>
 <p class="why">The reference: {ref_note or "none in these rows"}. “Within {WITHIN:.2f}×”: FID-dom at most {WITHIN:.2f} times
-the row's root reference (column ×ref).</p>
+the row's root reference (column ×ref). {e(_n_note(xs))}</p>
 </section>
 {plot}
 </div>
