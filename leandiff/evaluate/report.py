@@ -187,6 +187,15 @@ class Col:
     title: Callable[[_Row], str] | None = None  # hover text of the cell
 
 
+def _small_n(x: _Row, metric: str) -> str:
+    """⚠ where the row's N was too small for the metric (``eval`` recorded the warning)."""
+    return "⚠" if any(metric in w for w in x.r.get("warnings") or []) else ""
+
+
+def _small_n_title(x: _Row, metric: str) -> str:
+    return "; ".join(w for w in x.r.get("warnings") or [] if metric in w)
+
+
 def _fid_note(x: _Row) -> str:
     se = x.r["quality"].get("fid_dom_se")
     return f"±{1.96 * se:.3f}" if se is not None else ""
@@ -236,16 +245,20 @@ COLUMNS: list[Col] = [
               "with the same solver, NFE and spacing; what the last step or the runtime cost; — where it is the "
               "row itself or the root reference"),
     Col("KID×1e3", lambda x: x.r["quality"]["kid"] * 1e3, "{:.3f}", better="min",
-        title=lambda x: f"± {x.r['quality']['kid_std'] * 1e3:.3f} (std over subsets)" if x.r["quality"].get("kid_std") is not None else "",
+        note=lambda x: _small_n(x, "KID"),
+        title=lambda x: (f"± {x.r['quality']['kid_std'] * 1e3:.3f} (std over subsets)"
+                         if x.r["quality"].get("kid_std") is not None else "") + " " + _small_n_title(x, "KID"),
         gloss="kernel inception distance on the same features × 1000 (unbiased: may be negative for good rows; "
-              "hover: its standard deviation over subsets)"),
+              "hover: its standard deviation over subsets); ⚠: N too small for KID to mean much"),
     Col("IS", lambda x: x.r["quality"].get("is"), "{:.2f}", better="max",
         gloss="Inception-Score-style exp E KL(p(y|x) ‖ p(y)) on the classifier (1 to the number of classes; higher: "
               "confident and varied)"),
     Col("prec", lambda x: x.r["quality"].get("precision"), "{:.3f}", better="max",
-        gloss="precision: share of generated samples inside the real k-NN manifold (0–1, fidelity)"),
+        note=lambda x: _small_n(x, "precision/recall"), title=lambda x: _small_n_title(x, "precision/recall"),
+        gloss="precision: share of generated samples inside the real k-NN manifold (0–1, fidelity); ⚠: N too small"),
     Col("recall", lambda x: x.r["quality"].get("recall"), "{:.3f}", better="max",
-        gloss="recall: share of real images inside the generated k-NN manifold (0–1, coverage)"),
+        note=lambda x: _small_n(x, "precision/recall"), title=lambda x: _small_n_title(x, "precision/recall"),
+        gloss="recall: share of real images inside the generated k-NN manifold (0–1, coverage); ⚠: N too small"),
     Col("MSE", lambda x: x.r["quality"].get("mse"), "{:.4f}", better="min",
         gloss="denoising MSE of the network's prediction target on held-out images at one uniform t each "
               "(pixels in [-1, 1]; does not depend on the solver)"),
@@ -546,7 +559,7 @@ def _real_grids(rows: list[dict], out: Path) -> list[tuple[str, str]]:
     for ds in dict.fromkeys(r.get("dataset") for r in rows if r.get("dataset")):
         try:
             held = load_dataset(ds, "test")
-        except UserError as err:  # e.g. a dataset that needs --data-dir: the gallery says why it has no real grid
+        except (UserError, OSError, ValueError, RuntimeError) as err:  # e.g. one that needs --data-dir: say why
             made.append(("", f"real {ds} images: not available here ({err})"))
             continue
         pick = torch.randperm(len(held), generator=torch.Generator().manual_seed(0))[:REAL_GRID_N]

@@ -51,7 +51,7 @@ def rows(tmp_path):
         _row(g, "zoo:m [model card, N=2048]", BASE, "ddpm", 1000, 0.40, 0.5),  # 1: the root reference
         _row(g, "zoo:m", BASE, "dpmpp-3m-sde", 10, 0.42, 60.0, se=0.02),  # 2: best <= 10, within 1.10
         _row(g, "zoo:m", BASE, "dpmpp-2m", 10, 0.43, 70.0, se=0.02),  # 3: tied with 2 (intervals overlap)
-        _row(g, "zoo:m", BASE, "ddim", 4, 9.0, 150.0),  # 4
+        dict(_row(g, "zoo:m", BASE, "ddim", 4, 9.0, 150.0), warnings=["N=64 is too small for KID: subsets of 32"]),  # 4
         _row(g, "zoo:m-pd4", STUDENT, "ddim", 4, 3.6, 200.0, parent=BASE, origin=BASE),  # 5: best <= 4
         _row(g, "zoo:m-pd4 > int8", STUDENT, "ddim", 4, 3.8, 330.0, runtime="ort-int8", parent=STUDENT,
              origin=BASE, mb=1.1),  # 6
@@ -133,7 +133,8 @@ def test_summary_names_the_best_rows_and_the_table_marks_them(rows, tmp_path):
     assert (1, fid) in page.best and not any((i, fid) in page.best for i in range(2, 9))
     assert page.cells[8][params].startswith("690,000") and "of 980,161" in page.cells[8][params]
     assert "nz" in page.cells[8][mmac] and (8, mmac) in page.best
-    assert "⚠" in page.cells[7][heads.index("img/s")]
+    assert "⚠" in page.cells[7][heads.index("img/s")] and "⚠" not in page.cells[6][heads.index("img/s")]
+    assert "⚠" in page.cells[4][heads.index("KID×1e3")] and "⚠" not in page.cells[3][heads.index("KID×1e3")]
     for src in page.imgs:
         assert (tmp_path / "report" / src).is_file(), src
     gallery = [s for s in page.imgs if s.startswith("grids/")]
