@@ -104,6 +104,16 @@ def append_row(path: str | Path, row: dict) -> None:
         raise UserError(f"cannot append to {path}: {e.strerror or e}") from None
 
 
+def write_rows(path: str | Path, rows: list[dict]) -> None:
+    """Replace a JSONL results file with ``rows`` (atomically; keys starting with '_' are not written)."""
+    import json
+
+    from ..io import write_text
+
+    write_text(path, "".join(json.dumps({k: v for k, v in r.items() if not k.startswith("_")},
+                                        default=_json_default, sort_keys=True) + "\n" for r in rows))
+
+
 def read_rows(paths) -> list[dict]:
     """Rows from one or more JSONL results files (blank lines skipped; a bad line is an error)."""
     import json
