@@ -117,12 +117,12 @@ def train(dataset, data_dir, model, init_ckpt, steps, batch_size, lr, warmup, lr
 
 @main.command()
 @click.argument("ckpt")
-@click.option("--solver", default=None, help="default: the checkpoint's recorded solver, else ddim")
-@click.option("--nfe", type=int, default=None, help="network evaluations per sample (default: the checkpoint's, else 50)")
+@click.option("--solver", default=None, help="default: the checkpoint's recorded sampler (a zoo base: the best its card measured), else dpmpp-3m-sde")
+@click.option("--nfe", type=int, default=None, help="network evaluations per sample (default: the checkpoint's, else 10)")
 @click.option("--runtime", default=None,
               help="eager, bf16, ... (leandiff.runtime.RUNTIMES; default: the checkpoint's, else eager)")
 @click.option("--spacing", default=None,
-              help="leading, trailing, quadratic, logsnr (default: the checkpoint's, else logsnr)")
+              help="leading, trailing, linspace, quadratic, logsnr (default: the checkpoint's, else logsnr for linear-β and trailing for cosine schedules)")
 @click.option("--eta", type=float, default=None, help="DDIM η (0 deterministic, 1 DDPM-like); the noise level of dpmpp-*-sde (1: the SDE, 0: the ODE)")
 @click.option("-n", "n", type=int, default=64, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -142,7 +142,7 @@ def sample(ckpt, solver, nfe, runtime, spacing, eta, n, seed, batch_size, no_cli
 
     ck = load_checkpoint(ckpt)
     solver, nfe, runtime = ck.sampling_defaults(solver, nfe, runtime)
-    spacing = ck.default_spacing(spacing)
+    spacing = ck.default_spacing(spacing, solver)
     ensure_writable_dir(out)
     opts = {} if eta is None else {"eta": eta}
     cfg = SampleConfig(solver=solver, nfe=nfe, spacing=spacing, n=n, seed=seed, batch_size=batch_size,

@@ -50,14 +50,14 @@ def classifier_train(dataset, data_dir, epochs, seed, out, reference):
 
 @click.command("eval")
 @click.argument("ckpt")
-@click.option("--solver", default=None, help="default: the checkpoint's recorded solver, else ddim")
+@click.option("--solver", default=None, help="default: the checkpoint's recorded sampler (a zoo base: the best its card measured), else dpmpp-3m-sde")
 @click.option("--nfe", type=int, default=None, callback=_positive,
-              help="network evaluations per sample (default: the checkpoint's, else 50)")
+              help="network evaluations per sample (default: the checkpoint's, else 10)")
 @click.option("-n", "n", type=int, default=2048, show_default=True, callback=_positive, help="generated samples")
 @click.option("--runtime", default=None,
               help="eager, bf16, ... (leandiff.runtime.RUNTIMES; default: the checkpoint's, else eager)")
 @click.option("--spacing", default=None,
-              help="leading, trailing, quadratic, logsnr (default: the checkpoint's, else logsnr)")
+              help="leading, trailing, linspace, quadratic, logsnr (default: the checkpoint's, else logsnr for linear-β and trailing for cosine schedules)")
 @click.option("--eta", type=float, default=None, help="DDIM η (0 deterministic, 1 DDPM-like); the noise level of dpmpp-*-sde (1: the SDE, 0: the ODE)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=256, show_default=True, callback=_positive)
@@ -77,7 +77,7 @@ def eval_cmd(ckpt, solver, nfe, n, runtime, spacing, eta, seed, batch_size, no_c
 
     ck = load_checkpoint(ckpt)
     solver, nfe, runtime = ck.sampling_defaults(solver, nfe, runtime)
-    spacing = ck.default_spacing(spacing)
+    spacing = ck.default_spacing(spacing, solver)
     cfg = EvalConfig(solver=solver, nfe=nfe, n=n, seed=seed, spacing=spacing, runtime=runtime, batch_size=batch_size,
                      clip_x0=not no_clip, opts={} if eta is None else {"eta": eta}, dataset=dataset,
                      data_dir=data_dir, classifier=classifier_path, latency=None if no_latency else LatencyConfig())
