@@ -120,13 +120,14 @@ def train(dataset, data_dir, model, init_ckpt, steps, batch_size, lr, warmup, lr
 
 @main.command()
 @click.argument("ckpt")
-@click.option("--solver", default=None, help="default: the checkpoint's recorded solver, else ddim")
-@click.option("--nfe", type=int, default=None, help="network evaluations per sample (default: the checkpoint's, else 50)")
+@click.option("--solver", default=None, help="default: the checkpoint's recorded sampler (a zoo base: the best its card measured), else dpmpp-3m-sde")
+@click.option("--nfe", type=int, default=None, help="network evaluations per sample (default: the checkpoint's, else 10)")
 @click.option("--runtime", default=None,
               help="eager, bf16, compile, ort, ort-int8, dynamic-int8, fake-quant or cache[-nu][-bf16]:K "
                    "(default: the checkpoint's, else eager)")
 @click.option("--spacing", default=None,
-              help="leading, trailing, linspace, quadratic or logsnr (default: the checkpoint's, else logsnr)")
+              help="leading, trailing, linspace, quadratic or logsnr (default: the checkpoint's, else logsnr for "
+                   "linear-β and trailing for cosine schedules)")
 @click.option("--eta", type=float, default=None, help="DDIM η (0 deterministic, 1 DDPM-like); the noise level of dpmpp-*-sde (1: the SDE, 0: the ODE)")
 @click.option("-n", "n", type=int, default=64, show_default=True, help="number of samples")
 @click.option("--seed", type=int, default=0, show_default=True, help="sampling seed (the same seed gives the same images)")
@@ -148,7 +149,7 @@ def sample(ckpt, solver, nfe, runtime, spacing, eta, n, seed, batch_size, no_cli
 
     ck = load_checkpoint(ckpt)
     solver, nfe, runtime = ck.sampling_defaults(solver, nfe, runtime)
-    spacing = ck.default_spacing(spacing)
+    spacing = ck.default_spacing(spacing, solver)
     ensure_writable_dir(out)
     opts = {} if eta is None else {"eta": eta}
     cfg = SampleConfig(solver=solver, nfe=nfe, spacing=spacing, n=n, seed=seed, batch_size=batch_size,
@@ -187,7 +188,7 @@ def info(ckpt, as_json):
            "image_shape": list(shape), **count_params(ck.net), "macs_per_image": macs_per_image(ck.net, shape),
            "schedule": ck.schedule.to_dict(), "parameterization": ck.parameterization,
            "runtime_recorded": ck.meta.get("runtime"),
-           "sampling_defaults": {"solver": solver, "nfe": nfe, "spacing": ck.default_spacing(), "runtime": runtime},
+           "sampling_defaults": {"solver": solver, "nfe": nfe, "spacing": ck.default_spacing(None, solver), "runtime": runtime},
            "lineage": ck.lineage, "metrics": ck.meta.get("metrics", {})}
     if as_json:
         click.echo(json.dumps(rec, indent=2))
@@ -207,7 +208,7 @@ def info(ckpt, as_json):
     click.echo(f"  MACs/image   {rec['macs_per_image'] / 1e9:.4f} G")
     click.echo(f"  schedule     {ck.schedule.kind}, T={ck.schedule.T}; predicts {ck.parameterization}")
     click.echo(f"  runtime      {runtime} ({recorded})")
-    click.echo(f"  samples by   {solver}, {nfe} NFE, {ck.default_spacing()} spacing (what sample/eval use when not told)")
+    click.echo(f"  samples by   {solver}, {nfe} NFE, {ck.default_spacing(None, solver)} spacing (what sample/eval use when not told)")
     times = _recorded_times(ck.meta)
     if times:
         click.echo(f"  time spent   {'; '.join(times)}")

@@ -128,7 +128,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log=print) -> Path:
         runtime = r.runtime or model.sampling_defaults()[2]
         name = r.model or cfg.model
         name = f"{name} > {r.label}" if r.recipe else name
-        spacing = r.spacing or model.default_spacing()
+        spacing = r.spacing or model.default_spacing(solver=r.solver)
         key = (r.solver, r.nfe, runtime, n, name, spacing)
         timed[(name, runtime)] = model
         if key in done:

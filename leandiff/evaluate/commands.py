@@ -52,15 +52,16 @@ def classifier_train(dataset, data_dir, epochs, seed, out, reference):
 
 @click.command("eval")
 @click.argument("ckpt")
-@click.option("--solver", default=None, help="default: the checkpoint's recorded solver, else ddim")
+@click.option("--solver", default=None, help="default: the checkpoint's recorded sampler (a zoo base: the best its card measured), else dpmpp-3m-sde")
 @click.option("--nfe", type=int, default=None, callback=_positive,
-              help="network evaluations per sample (default: the checkpoint's, else 50)")
+              help="network evaluations per sample (default: the checkpoint's, else 10)")
 @click.option("-n", "n", type=int, default=2048, show_default=True, callback=_positive, help="generated samples")
 @click.option("--runtime", default=None,
               help="eager, bf16, compile, ort, ort-int8, dynamic-int8, fake-quant or cache[-nu][-bf16]:K "
                    "(default: the checkpoint's, else eager)")
 @click.option("--spacing", default=None,
-              help="leading, trailing, linspace, quadratic or logsnr (default: the checkpoint's, else logsnr)")
+              help="leading, trailing, linspace, quadratic or logsnr (default: the checkpoint's, else logsnr for "
+                   "linear-β and trailing for cosine schedules)")
 @click.option("--eta", type=float, default=None, help="DDIM η (0 deterministic, 1 DDPM-like); the noise level of dpmpp-*-sde (1: the SDE, 0: the ODE)")
 @click.option("--seed", type=int, default=0, show_default=True, help="sampling seed; also seeds KID subsets, precision/recall subsampling and the MSE noise")
 @click.option("--batch-size", type=int, default=256, show_default=True, callback=_positive, help="images per solver call")
@@ -87,7 +88,7 @@ def eval_cmd(ckpt, solver, nfe, n, runtime, spacing, eta, seed, batch_size, no_c
     check_results_file(out)  # refuse a file that is not a results file before any work, and leave it as it is
     ck = load_checkpoint(ckpt)
     solver, nfe, runtime = ck.sampling_defaults(solver, nfe, runtime)
-    spacing = ck.default_spacing(spacing)
+    spacing = ck.default_spacing(spacing, solver)
     cfg = EvalConfig(solver=solver, nfe=nfe, n=n, seed=seed, spacing=spacing, runtime=runtime, batch_size=batch_size,
                      clip_x0=not no_clip, opts={} if eta is None else {"eta": eta}, dataset=dataset,
                      data_dir=data_dir, classifier=classifier_path, latency=None if no_latency else LatencyConfig(),
