@@ -126,7 +126,7 @@ def read_rows(paths) -> list[dict]:
         except OSError as e:
             raise UserError(f"{p}: cannot read results ({e.strerror or e})") from None
         except UnicodeDecodeError:
-            raise UserError(f"{p}: not a results file (not text)") from None
+            raise UserError(f"{p}: binary data, not JSON lines") from None
         for i, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -152,7 +152,10 @@ def check_results_file(path: str | Path) -> None:
     try:
         read_rows([p])
     except UserError as e:
-        raise UserError(f"{e}; refusing to append to it (give a new file or one written by leandiff eval)") from None
+        detail = str(e).removeprefix(str(p)).lstrip(":").strip()  # "1: not a JSON row (...)" -> "line 1: ..."
+        detail = f"line {detail}" if detail[:1].isdigit() else detail
+        raise UserError(f"{p} is not a leandiff results file ({detail}); refusing to append to it "
+                        "(give a new file or one written by leandiff eval)") from None
     data = p.read_bytes()
     if data and not data.endswith(b"\n"):
         raise UserError(f"{p}: its last row is cut off (no newline at the end); refusing to append to it")
