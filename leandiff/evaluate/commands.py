@@ -160,7 +160,10 @@ def report(results, out):
 
     index.html (recommendation, table, plots, gallery), report.md and results.csv."""
     from .harness import read_rows
-    from .report import write_report
+    from .report import summary_lines, write_report
 
-    index = write_report(read_rows(results), out)
+    rows = read_rows(results)
+    index = write_report(rows, out)
+    for line in summary_lines(rows):
+        click.echo(line)
     click.echo(f"report: {index}")

@@ -652,6 +652,19 @@ def _protocol_line(x: _Row) -> str:
             + (f"; {'; '.join(r['warnings'])}" if r.get("warnings") else ""))
 
 
+def _rows(rows: list[dict]) -> list[_Row]:
+    roots = root_references(rows)
+    parents = parent_rows(rows, roots)
+    ratio = lambda r, ref: (r["quality"]["fid_dom"] / ref["quality"]["fid_dom"]  # noqa: E731
+                            if ref and ref["quality"].get("fid_dom") else None)
+    return [_Row(i + 1, r, root, ratio(r, root), p, ratio(r, p)) for i, (r, root, p) in enumerate(zip(rows, roots, parents))]
+
+
+def summary_lines(rows: list[dict]) -> list[str]:
+    """The page's answers to "which one should I use?" as plain lines (what ``leandiff report`` prints)."""
+    return [f"{q}: " + (f"{label(x)} ({why})" if x else why) for q, x, why in recommendations(_rows(rows))]
+
+
 def write_report(rows: list[dict], out_dir: str | Path, title: str = "leandiff report") -> Path:
     """Write index.html, report.md, results.csv (and the plots and grids) to ``out_dir``; return index.html."""
     if not rows:
@@ -661,11 +674,7 @@ def write_report(rows: list[dict], out_dir: str | Path, title: str = "leandiff r
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create {out}: {e.strerror or e}") from None
-    roots = root_references(rows)
-    parents = parent_rows(rows, roots)
-    ratio = lambda r, ref: (r["quality"]["fid_dom"] / ref["quality"]["fid_dom"]  # noqa: E731
-                            if ref and ref["quality"].get("fid_dom") else None)
-    xs = [_Row(i + 1, r, root, ratio(r, root), p, ratio(r, p)) for i, (r, root, p) in enumerate(zip(rows, roots, parents))]
+    xs = _rows(rows)
     for x, g in zip(xs, _copy_grids(rows, out)):
         x.grid = g
     best = _best(xs)

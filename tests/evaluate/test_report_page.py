@@ -143,6 +143,20 @@ def test_summary_names_the_best_rows_and_the_table_marks_them(rows, tmp_path):
     assert svg.count("<title>") == len(rows) and "#6 zoo:m-pd4 &gt; int8" in svg
 
 
+def test_report_prints_the_same_answers_as_the_page(rows, tmp_path):
+    from click.testing import CliRunner
+
+    from leandiff.cli import main
+    from leandiff.evaluate.protocol import write_rows
+
+    write_rows(tmp_path / "r.jsonl", rows)
+    r = CliRunner().invoke(main, ["report", str(tmp_path / "r.jsonl"), "--out", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("Best quality at ≤ 4 NFE: #5 zoo:m-pd4 · ddim-4")
+    assert any(line.startswith("Fastest within 1.10× of the reference: #7 zoo:m > int8") for line in lines)
+
+
 def test_rows_from_before_the_new_fields_still_render(tmp_path):
     g = tmp_path / "grids"
     g.mkdir()
