@@ -309,10 +309,12 @@ def _text(col: Col, v) -> str:
 def _best(rows: list[_Row]) -> dict[str, set[int]]:
     """{column head: the row numbers holding the column's best value}."""
     out = {}
+    refs = {id(x.root) for x in rows if x.root is not None}
     for col in COLUMNS:
         if col.better is None:
             continue
-        vals = [(v, x.i) for x in rows if isinstance(v := _value(col, x), (int, float))]
+        vals = [(v, x.i) for x in rows if isinstance(v := _value(col, x), (int, float))
+                and not (col.head == "×ref" and id(x.r) in refs)]  # the reference's own 1.000 says nothing
         if vals:
             target = (min if col.better == "min" else max)(v for v, _ in vals)
             out[col.head] = {i for v, i in vals if v == target}
