@@ -51,9 +51,17 @@ def select_ema(run_dir: str | Path, cfg: ProxyConfig = ProxyConfig(), *, progres
     cands = ema_candidates(run_dir)
     ecfg = EvalConfig(solver=cfg.solver, nfe=cfg.nfe, spacing=cfg.spacing, n=cfg.n, seed=cfg.seed,
                       batch_size=cfg.batch_size, latency=None, inception=False)
-    scores = {}
+    scores, seen = {}, {}
     for decay, path in cands.items():
-        row = evaluate_checkpoint(load_checkpoint(path), ecfg, progress=progress, log=lambda *a, **k: None)
+        ck = load_checkpoint(path)
+        same = seen.setdefault(ck.hash(), decay)
+        if same != decay:  # e.g. 0.999 and 0.9995 in a run shorter than ~9,000 steps: the warm-up
+            # min(decay, (1 + step)/(10 + step)) stays below both decays, so both are the warm-up average
+            scores[decay] = scores[same]
+            log(f"EMA {decay}: the same weights as EMA {same} (the warm-up (1 + step)/(10 + step) never reached "
+                f"either decay in this run); not scored again")
+            continue
+        row = evaluate_checkpoint(ck, ecfg, progress=progress, log=lambda *a, **k: None)
         scores[decay] = float(row["quality"]["fid_dom"])
         log(f"EMA {decay}: FID-dom {scores[decay]:.4f} ({cfg.solver}, {cfg.nfe} NFE, {cfg.spacing}, N = {cfg.n})")
     return min(scores, key=scores.get), scores

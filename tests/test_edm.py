@@ -313,3 +313,30 @@ def test_every_runtime_runs_an_edm_model_close_to_eager(runtime, edm_ckpt):
     x = sample_all(runtime_denoiser(edm_ckpt, runtime), (1, 16, 16), cfg)
     assert torch.isfinite(x).all()
     assert (x - ref).abs().mean().item() < 0.1
+
+
+def test_ema_selection_scores_each_distinct_profile_once(tiny_ckpt, tmp_path, monkeypatch):
+    import copy
+
+    import leandiff.evaluate.harness as harness
+    from leandiff.ema import select_ema
+
+    run = tmp_path / "run"
+    save_checkpoint(tiny_ckpt, run)  # the main EMA
+    save_checkpoint(tiny_ckpt, run / "ema" / "0.9995")  # a profile the warm-up never let diverge from it
+    other = copy.deepcopy(tiny_ckpt)
+    with torch.no_grad():
+        next(other.net.parameters()).add_(0.1)
+    save_checkpoint(other, run / "ema" / "0.99")
+    calls = []
+
+    def fake_eval(ck, cfg, **kw):
+        calls.append(ck.hash())
+        return {"quality": {"fid_dom": 1.0 if ck.hash() == tiny_ckpt.hash() else 0.5}}
+
+    monkeypatch.setattr(harness, "evaluate_checkpoint", fake_eval)
+    lines = []
+    best, scores = select_ema(run, log=lines.append)
+    assert len(calls) == 2 and len(set(calls)) == 2  # the duplicate is not sampled again
+    assert best == "0.99" and scores["0.9995"] == 1.0 and len(scores) == 3
+    assert any("the same weights as EMA" in ln for ln in lines)
