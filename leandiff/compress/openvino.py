@@ -34,7 +34,6 @@ from ..checkpoint import Checkpoint
 from ..denoiser import Denoiser
 from ..errors import UserError
 from ..models import image_shape
-from ..spec import NoArgs
 from .calibration import COLLECTORS, CalibConfig, collect
 from .onnx import CACHE, FP32_NAME, _side_file, export_onnx, onnx_file
 
@@ -129,23 +128,47 @@ def quantize_openvino_int8(ckpt, ccfg: CalibConfig, out_dir: str | Path, images=
 
 
 class OvNetwork:
-    """A compiled OpenVINO model as a network ``(x, t) -> output`` (torch tensors in and out)."""
+    """An OpenVINO model as a network ``(x, t) -> output`` (torch tensors in and out). With ``static`` (the
+    default) the model is compiled once per input shape with that shape fixed (a sampler uses one or two
+    batch sizes; each compile takes well under a second for these models), else once with a dynamic batch
+    (measured slower per call: benchmarks/results/cpu_runtimes.md)."""
 
-    def __init__(self, path: str | Path, precision: str = "f32", threads: int | None = None,
+    def __init__(self, path: str | Path, precision: str = "f32", static: bool = True, threads: int | None = None,
                  hint: str = "LATENCY", streams: int = 1):
-        ov = require()
-        self.path, self.precision = str(path), precision
-        config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
-                  "PERFORMANCE_HINT": hint, "NUM_STREAMS": streams}
-        self.compiled = ov.Core().compile_model(self.path, "CPU", config)
-        self.request = self.compiled.create_infer_request()
-        self.output = self.compiled.output(0)
+        self.ov = require()
+        self.path, self.precision, self.static = str(path), precision, static
+        self.core = self.ov.Core()
+        self.config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
+                       "PERFORMANCE_HINT": hint, "NUM_STREAMS": streams}
+        self.model = self.core.read_model(self.path)
+        self.requests: dict[tuple, object] = {}  # input shape (or None: dynamic) -> infer request
+
+    def _request(self, shape: tuple):
+        key = shape if self.static else None
+        if key not in self.requests:
+            model = self.model
+            if self.static:
+                model = model.clone()
+                model.reshape({model.inputs[0]: self.ov.PartialShape(list(shape)), model.inputs[1]: self.ov.PartialShape([shape[0]])})
+            self.requests[key] = self.core.compile_model(model, "CPU", self.config).create_infer_request()
+        return self.requests[key]
 
     def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
         x = x.detach().float().contiguous()
         t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x.shape[0]).contiguous()
-        out = self.request.infer({"x": x.numpy(), "t": t.numpy()})
-        return torch.from_numpy(np.array(out[self.output], copy=True))
+        request = self._request(tuple(x.shape))
+        request.infer({"x": x.numpy(), "t": t.numpy()})
+        return torch.from_numpy(np.array(request.get_output_tensor(0).data, copy=True))
+
+
+@dataclass(frozen=True)
+class OvSpec:
+    """``openvino(static=B)``, ``openvino-bf16(static=B)``."""
+
+    static: bool = True  # compile per input shape with that shape fixed (else one dynamic-batch model)
+
+    def describe(self) -> str:
+        return "" if self.static else ", dynamic batch"
 
 
 @dataclass(frozen=True)
@@ -156,13 +179,14 @@ class OvInt8Spec:
 
     calib: str = ""  # collector for an on-the-fly calibration ("" = the checkpoint's own int8 model only)
     bf16: bool = False  # the operations left unquantized run in bf16 (mixed int8/bf16) instead of fp32
+    static: bool = True  # compile per input shape with that shape fixed (else one dynamic-batch model)
 
     def __post_init__(self):
         if self.calib and self.calib not in COLLECTORS:
             raise UserError(f"openvino-int8: unknown calib {self.calib!r}; known: {', '.join(COLLECTORS)}")
 
     def describe(self) -> str:
-        return ", unquantized operations in bf16" if self.bf16 else ""
+        return (", unquantized operations in bf16" if self.bf16 else "") + ("" if self.static else ", dynamic batch")
 
 
 def ir_file(ckpt, int8: OvInt8Spec | None = None) -> Path:
@@ -187,20 +211,20 @@ def ir_file(ckpt, int8: OvInt8Spec | None = None) -> Path:
     return quantize_ir_int8(onnx_file(ckpt), d / name, calib)
 
 
-def openvino_fp32(ckpt, _: NoArgs) -> OvNetwork:
+def openvino_fp32(ckpt, spec: OvSpec) -> OvNetwork:
     """OpenVINO fp32 (CPU)."""
-    return OvNetwork(ir_file(ckpt), "f32")
+    return OvNetwork(ir_file(ckpt), "f32", spec.static)
 
 
-def openvino_bf16(ckpt, _: NoArgs) -> OvNetwork:
+def openvino_bf16(ckpt, spec: OvSpec) -> OvNetwork:
     """OpenVINO with the bf16 precision hint (CPU with AVX-512 BF16 or AMX)."""
     if not has_bf16():
         raise UserError("runtime openvino-bf16: this CPU has no bf16 kernels in OpenVINO (use openvino)")
-    return OvNetwork(ir_file(ckpt), "bf16")
+    return OvNetwork(ir_file(ckpt), "bf16", spec.static)
 
 
 def openvino_int8(ckpt, spec: OvInt8Spec) -> OvNetwork:
     """OpenVINO int8 quantized by NNCF (real int8 kernels)."""
     if spec.bf16 and not has_bf16():
         raise UserError("runtime openvino-int8(bf16=true): this CPU has no bf16 kernels in OpenVINO")
-    return OvNetwork(ir_file(ckpt, spec), "bf16" if spec.bf16 else "f32")
+    return OvNetwork(ir_file(ckpt, spec), "bf16" if spec.bf16 else "f32", spec.static)

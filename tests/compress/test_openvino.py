@@ -73,6 +73,12 @@ def test_openvino_fp32_equals_torch(tiny, monkeypatch, tmp_path):
     torch.testing.assert_close(net(x, t), ref, atol=1e-4, rtol=0)
     assert net.path.startswith(str(tmp_path)) and net.path.endswith("openvino.xml")
     assert runtime_network(tiny, "openvino").path == net.path  # converted once, then read from the cache
+    torch.testing.assert_close(net(x[:3], t[:3]), ref[:3], atol=1e-4, rtol=0)
+    assert len(net.requests) == 2  # static shapes: one compiled model per input shape
+    dynamic = runtime_network(tiny, "openvino(static=false)")
+    torch.testing.assert_close(dynamic(x, t), ref, atol=1e-4, rtol=0)
+    dynamic(x[:3], t[:3])
+    assert list(dynamic.requests) == [None]  # one dynamic-batch model for every shape
 
 
 @needs_ov
