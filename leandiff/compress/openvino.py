@@ -10,11 +10,13 @@
   Runtime path (conv_in / conv_out, the time-embedding MLP); ``bf16=true`` runs the operations left
   unquantized in bf16 instead of fp32 (mixed int8/bf16).
 
-Every model is converted from the same ONNX export as the ONNX Runtime runtimes
-(:func:`leandiff.compress.onnx.onnx_file`) and saved as OpenVINO IR (``.xml`` + ``.bin``, weights kept
-in fp32): side files of the checkpoint (``openvino.int8.xml`` written by ``quant(runtime=openvino-int8)``),
-else converted (and, for int8 with a ``calib``, calibrated) once into the cache keyed by the weights
-hash. OpenVINO uses as many threads as torch (``torch.get_num_threads()``), one stream, the latency
+Models are converted directly from the PyTorch network by ``openvino.convert_model`` (``source=torch``,
+the default: GroupNorm, SiLU and attention stay whole OpenVINO ops, measured faster than converting the
+ONNX export, whose GroupNorm is a Reshape/InstanceNorm chain: benchmarks/results/cpu_runtimes.md), or
+from the same ONNX export as the ONNX Runtime runtimes (``source=onnx``), and saved as OpenVINO IR
+(``.xml`` + ``.bin``, weights kept in fp32): side files of the checkpoint (``openvino.int8.xml`` written
+by ``quant(runtime=openvino-int8)``), else converted (and, for int8 with a ``calib``, calibrated) once
+into the cache keyed by the weights hash. OpenVINO uses as many threads as torch (``torch.get_num_threads()``), one stream, the latency
 hint. ``openvino`` and ``nncf`` are an optional extra (``pip install 'leandiff[openvino]'``); without
 them these runtimes are one clear error.
 """
@@ -24,6 +26,7 @@ import copy
 import importlib
 import os
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,13 +38,16 @@ from ..denoiser import Denoiser
 from ..errors import UserError
 from ..models import image_shape
 from .calibration import COLLECTORS, CalibConfig, collect
-from .onnx import CACHE, FP32_NAME, _side_file, export_onnx, onnx_file
+from ..surgery.quant import QuantLayer
+from .onnx import CACHE, _Plain, _side_file, onnx_file
 
 OV_FP32_NAME = "openvino.xml"
 OV_INT8_NAME = "openvino.int8.xml"
 EXTRA = "pip install 'leandiff[openvino]'"
-# ONNX node-name fragments of the layers kept in full precision (as excluded_nodes does for ORT)
-_KEEP_FIRST_LAST, _KEEP_TIME = ("/conv_in/", "/conv_out/"), ("/time_embedding/",)
+SOURCES = ("torch", "onnx")
+# modules kept in full precision (as excluded_nodes does for ORT); OpenVINO op names hold the module path,
+# "__module.net.conv_in/aten::_convolution/..." from PyTorch, "/net/conv_in/Conv/..." from ONNX
+_KEEP_FIRST_LAST, _KEEP_TIME = ("conv_in", "conv_out"), ("time_embedding",)
 
 
 def require(module: str = "openvino", what: str = "runtime openvino"):
@@ -72,9 +78,27 @@ def _save_ir(model, out: Path) -> Path:
     return out
 
 
-def convert_onnx(onnx_path: str | Path, out: str | Path) -> Path:
-    """The ONNX model converted to OpenVINO IR (``ov.convert_model``), weights in fp32."""
-    return _save_ir(require().convert_model(str(onnx_path)), Path(out))
+def convert(ckpt, source: str = "torch"):
+    """The checkpoint's network as an OpenVINO model (inputs ``x`` [B, C, H, W], ``t`` [B], dynamic batch):
+    ``ov.convert_model`` of the PyTorch network itself, or of its ONNX export."""
+    ov = require()
+    if source not in SOURCES:
+        raise UserError(f"openvino: source must be one of {', '.join(SOURCES)}, got {source!r}")
+    if any(isinstance(m, QuantLayer) for m in ckpt.net.modules()):
+        raise UserError("openvino: fake-quant checkpoints are simulations; convert the full-precision checkpoint "
+                        "and use quant(runtime=openvino-int8) for real int8")
+    shape = image_shape(ckpt.arch)
+    if source == "onnx":
+        model = ov.convert_model(str(onnx_file(ckpt)))
+    else:
+        example = (torch.randn(2, *shape), torch.full((2,), 500.0))
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracing warnings of diffusers' shape checks
+            model = ov.convert_model(_Plain(copy.deepcopy(ckpt.net).float().eval()), example_input=example)
+        for port, name in zip(model.inputs, ("x", "t")):
+            port.get_tensor().set_names({name})
+    model.reshape({model.inputs[0]: ov.PartialShape([-1, *shape]), model.inputs[1]: ov.PartialShape([-1])})
+    return model
 
 
 # leandiff observer -> NNCF activation range estimator: min/max over the whole calibration set (as ORT's
@@ -82,12 +106,11 @@ def convert_onnx(onnx_path: str | Path, out: str | Path) -> Path:
 OV_OBSERVERS = ("minmax", "percentile")
 
 
-def quantize_ir_int8(fp32_onnx: str | Path, out: str | Path, calib: tuple[torch.Tensor, torch.Tensor],
+def quantize_ir_int8(model, out: str | Path, calib: tuple[torch.Tensor, torch.Tensor],
                      keep_first_last: bool = True, keep_time: bool = True, observer: str = "minmax") -> Path:
-    """NNCF post-training int8 of the ONNX model (converted to OpenVINO first), calibrated on ``calib``
-    (the network's inputs x [N, C, H, W] and t [N], fed one sample at a time: NNCF's subset is counted in
+    """NNCF post-training int8 of the OpenVINO ``model`` (:func:`convert`), calibrated on ``calib`` (the
+    network's inputs x [N, C, H, W] and t [N], fed one sample at a time: NNCF's subset is counted in
     dataset items), written as OpenVINO IR ``out``."""
-    ov = require()
     nncf = require("nncf", "quantization to openvino-int8")
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
@@ -99,10 +122,9 @@ def quantize_ir_int8(fp32_onnx: str | Path, out: str | Path, calib: tuple[torch.
              for i in range(xs.shape[0])]
     keep = (_KEEP_FIRST_LAST if keep_first_last else ()) + (_KEEP_TIME if keep_time else ())
     ranges = RangeEstimatorParametersSet.MINMAX if observer == "minmax" else RangeEstimatorParametersSet.MEAN_QUANTILE
-    model = ov.convert_model(str(fp32_onnx))
     nncf.set_log_level(40)  # errors only: NNCF logs every stage at INFO
     q = nncf.quantize(model, nncf.Dataset(items), preset=nncf.QuantizationPreset.MIXED, subset_size=len(items),
-                      ignored_scope=nncf.IgnoredScope(patterns=[f".*{k}.*" for k in keep], validate=False),
+                      ignored_scope=nncf.IgnoredScope(patterns=[f".*[./]{k}[./].*" for k in keep], validate=False),
                       advanced_parameters=AdvancedQuantizationParameters(activations_range_estimator_params=ranges))
     return _save_ir(q, Path(out))
 
@@ -114,13 +136,11 @@ def quantize_openvino_int8(ckpt, ccfg: CalibConfig, out_dir: str | Path, images=
     out_dir = Path(out_dir)
     fp = ckpt.net.float().eval()
     calib = collect(Denoiser(fp, ckpt.schedule, ckpt.parameterization), image_shape(ckpt.arch), ccfg, images)
-    with tempfile.TemporaryDirectory() as d:
-        fp32 = export_onnx(ckpt, Path(d) / FP32_NAME)
-        quantize_ir_int8(fp32, out_dir / OV_INT8_NAME, calib, keep_first_last, keep_time, observer)
+    quantize_ir_int8(convert(ckpt), out_dir / OV_INT8_NAME, calib, keep_first_last, keep_time, observer)
     meta = copy.deepcopy(ckpt.meta)
     meta["runtime"] = {"name": "openvino-int8", "args": {}}
     meta["quant"] = {"mode": "OpenVINO int8 from NNCF post-training quantization (real int8 kernels)", "w_bits": 8,
-                     "a_bits": 8, "preset": "mixed", "activations": "asymmetric 8-bit per tensor",
+                     "a_bits": 8, "source": "torch", "preset": "mixed", "activations": "asymmetric 8-bit per tensor",
                      "weights": "symmetric 8-bit per channel", "observer": observer, "fast_bias_correction": True,
                      "keep_first_last": keep_first_last, "keep_time": keep_time,
                      "files": [OV_INT8_NAME, Path(OV_INT8_NAME).with_suffix(".bin").name], "calibration": asdict(ccfg)}
@@ -163,12 +183,17 @@ class OvNetwork:
 
 @dataclass(frozen=True)
 class OvSpec:
-    """``openvino(static=B)``, ``openvino-bf16(static=B)``."""
+    """``openvino(static=B,source=S)``, ``openvino-bf16(...)``."""
 
     static: bool = True  # compile per input shape with that shape fixed (else one dynamic-batch model)
+    source: str = "torch"  # convert the PyTorch network (torch) or its ONNX export (onnx)
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise UserError(f"openvino: source must be one of {', '.join(SOURCES)}, got {self.source!r}")
 
     def describe(self) -> str:
-        return "" if self.static else ", dynamic batch"
+        return ("" if self.static else ", dynamic batch") + ("" if self.source == "torch" else f", from {self.source}")
 
 
 @dataclass(frozen=True)
@@ -180,51 +205,56 @@ class OvInt8Spec:
     calib: str = ""  # collector for an on-the-fly calibration ("" = the checkpoint's own int8 model only)
     bf16: bool = False  # the operations left unquantized run in bf16 (mixed int8/bf16) instead of fp32
     static: bool = True  # compile per input shape with that shape fixed (else one dynamic-batch model)
+    source: str = "torch"  # an on-the-fly calibration converts the PyTorch network (torch) or its ONNX export
 
     def __post_init__(self):
+        if self.source not in SOURCES:
+            raise UserError(f"openvino-int8: source must be one of {', '.join(SOURCES)}, got {self.source!r}")
         if self.calib and self.calib not in COLLECTORS:
             raise UserError(f"openvino-int8: unknown calib {self.calib!r}; known: {', '.join(COLLECTORS)}")
 
     def describe(self) -> str:
-        return (", unquantized operations in bf16" if self.bf16 else "") + ("" if self.static else ", dynamic batch")
+        return ((", unquantized operations in bf16" if self.bf16 else "") + ("" if self.static else ", dynamic batch")
+                + ("" if self.source == "torch" else f", from {self.source}"))
 
 
-def ir_file(ckpt, int8: OvInt8Spec | None = None) -> Path:
-    """The checkpoint's OpenVINO IR side file (fp32, or int8 when ``int8`` is given), else one converted from
-    the ONNX export (and, for int8 with a ``calib``, calibrated as ``ort-int8(calib=...)`` is) into the cache."""
+def ir_file(ckpt, source: str = "torch", int8: OvInt8Spec | None = None) -> Path:
+    """The checkpoint's OpenVINO IR side file (fp32, or int8 when ``int8`` is given), else one converted
+    from ``source`` (and, for int8 with a ``calib``, calibrated as ``ort-int8(calib=...)`` is) into the cache."""
     require()
     name = OV_INT8_NAME if int8 is not None else OV_FP32_NAME
-    found = _side_file(ckpt, name)
+    found = _side_file(ckpt, name) if source == "torch" else None
     if found is not None:
         return found
     if int8 is not None and not int8.calib:
         raise UserError("runtime openvino-int8: this checkpoint has no int8 model (make one with "
                         "quant(runtime=openvino-int8), or calibrate on the fly with --runtime \"openvino-int8(calib=qdiff)\")")
     d = CACHE / (ckpt.hash() + (f"-{int8.calib}" if int8 is not None else ""))
-    if (d / name).is_file():
-        return d / name
+    path = d / (name if source == "torch" else name.replace("openvino", f"openvino-{source}", 1))
+    if path.is_file():
+        return path
     if int8 is None:
-        return convert_onnx(onnx_file(ckpt), d / name)
+        return _save_ir(convert(ckpt, source), path)
     require("nncf", "runtime openvino-int8")
     calib = collect(Denoiser(ckpt.net.float().eval(), ckpt.schedule, ckpt.parameterization), image_shape(ckpt.arch),
                     CalibConfig(collector=int8.calib, n=128, steps=20))
-    return quantize_ir_int8(onnx_file(ckpt), d / name, calib)
+    return quantize_ir_int8(convert(ckpt, source), path, calib)
 
 
 def openvino_fp32(ckpt, spec: OvSpec) -> OvNetwork:
     """OpenVINO fp32 (CPU)."""
-    return OvNetwork(ir_file(ckpt), "f32", spec.static)
+    return OvNetwork(ir_file(ckpt, spec.source), "f32", spec.static)
 
 
 def openvino_bf16(ckpt, spec: OvSpec) -> OvNetwork:
     """OpenVINO with the bf16 precision hint (CPU with AVX-512 BF16 or AMX)."""
     if not has_bf16():
         raise UserError("runtime openvino-bf16: this CPU has no bf16 kernels in OpenVINO (use openvino)")
-    return OvNetwork(ir_file(ckpt), "bf16", spec.static)
+    return OvNetwork(ir_file(ckpt, spec.source), "bf16", spec.static)
 
 
 def openvino_int8(ckpt, spec: OvInt8Spec) -> OvNetwork:
     """OpenVINO int8 quantized by NNCF (real int8 kernels)."""
     if spec.bf16 and not has_bf16():
         raise UserError("runtime openvino-int8(bf16=true): this CPU has no bf16 kernels in OpenVINO")
-    return OvNetwork(ir_file(ckpt, spec), "bf16" if spec.bf16 else "f32", spec.static)
+    return OvNetwork(ir_file(ckpt, spec.source, spec), "bf16" if spec.bf16 else "f32", spec.static)

@@ -5,6 +5,7 @@ except the missing-install tests, which simulate the absence."""
 from __future__ import annotations
 
 import importlib
+import re
 import subprocess
 import sys
 
@@ -79,6 +80,9 @@ def test_openvino_fp32_equals_torch(tiny, monkeypatch, tmp_path):
     torch.testing.assert_close(dynamic(x, t), ref, atol=1e-4, rtol=0)
     dynamic(x[:3], t[:3])
     assert list(dynamic.requests) == [None]  # one dynamic-batch model for every shape
+    from_onnx = runtime_network(tiny, "openvino(source=onnx)")  # converted from the ONNX export instead
+    torch.testing.assert_close(from_onnx(x, t), ref, atol=1e-4, rtol=0)
+    assert from_onnx.path != net.path
 
 
 @needs_ov
@@ -111,7 +115,7 @@ def test_int8_model_is_quantized_except_the_kept_layers_and_close_to_fp32(int8_d
 
     convs = [op for op in ops if op.get_type_name() == "Convolution"]
     assert any(quantized_input(op) for op in convs)
-    kept = [op for op in convs if "/conv_in/" in op.get_friendly_name() or "/conv_out/" in op.get_friendly_name()]
+    kept = [op for op in convs if re.search(r"[./]conv_(in|out)[./]", op.get_friendly_name())]
     assert len(kept) == 2 and not any(quantized_input(op) for op in kept)  # keep_first_last
     net = runtime_network(ck, "openvino-int8")
     assert net.path.endswith("openvino.int8.xml")
@@ -145,6 +149,8 @@ def test_quant_recipe_checkpoint_reloads_and_samples_with_its_runtime_by_default
 def test_openvino_int8_spec_checks_its_arguments():
     with pytest.raises(UserError, match="unknown calib"):
         get_runtime("openvino-int8(calib=nope)")
+    with pytest.raises(UserError, match="source must be one of torch, onnx"):
+        get_runtime("openvino(source=tf)")
     from leandiff.recipe import parse_recipe
 
     for bad in ("w=4", "t_groups=2", "bias_correction=true", "observer=mse", "per_channel=false"):
