@@ -41,7 +41,7 @@ from leandiff.runtime import get_runtime, runtime_network  # noqa: E402
 BATCH = 64
 
 
-def variants(collectors, compile_: bool):
+def variants(collectors, ov_collectors, compile_: bool):
     """(row name, how to build its checkpoint: None | (backend, collector), runtime spec, FID-dom too?)."""
     yield "torch fp32 eager", None, "eager", True
     yield "torch bf16 autocast", None, "bf16", True
@@ -54,12 +54,12 @@ def variants(collectors, compile_: bool):
     yield "OpenVINO fp32, dynamic batch", None, "openvino(static=false)", False
     yield "OpenVINO fp32, converted from ONNX", None, "openvino(source=onnx)", False
     yield "OpenVINO bf16", None, "openvino-bf16", True
-    for c in collectors:
+    for c in ov_collectors:
         yield f"OpenVINO int8 (NNCF) [{c}]", ("openvino", c), "openvino-int8", True
-    yield f"OpenVINO int8 (NNCF) [{collectors[0]}], dynamic batch", ("openvino", collectors[0]), "openvino-int8(static=false)", False
-    yield (f"OpenVINO int8 (NNCF) [{collectors[0]}, n=128], converted from ONNX", None,
-           f"openvino-int8(calib={collectors[0]},source=onnx)", False)
-    yield f"OpenVINO int8+bf16 (NNCF) [{collectors[0]}]", ("openvino", collectors[0]), "openvino-int8(bf16=true)", True
+    c = ov_collectors[0]
+    yield f"OpenVINO int8 (NNCF) [{c}], dynamic batch", ("openvino", c), "openvino-int8(static=false)", False
+    yield f"OpenVINO int8 (NNCF) [{c}, n=128], converted from ONNX", None, f"openvino-int8(calib={c},source=onnx)", False
+    yield f"OpenVINO int8+bf16 (NNCF) [{c}]", ("openvino", c), "openvino-int8(bf16=true)", True
 
 
 def build(base, how, out: Path, n_calib: int, calib_steps: int):
@@ -105,12 +105,15 @@ def main():
     ap.add_argument("--ckpt", default="zoo:mnist-tiny")
     ap.add_argument("--out", default="runs/bench/cpu_runtimes")
     ap.add_argument("--n", type=int, default=2048, help="generated samples per FID-dom row")
-    ap.add_argument("--collectors", default="qdiff,ndtc,uniform", help="calibration collectors of the int8 variants")
+    ap.add_argument("--collectors", default="qdiff,ndtc,uniform", help="calibration collectors of the ORT int8 variants")
+    ap.add_argument("--ov-collectors", default="", help="those of the OpenVINO int8 variants (default: --collectors); "
+                                                        "the first also makes the speed-work rows")
     ap.add_argument("--n-calib", type=int, default=256)
     ap.add_argument("--calib-steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=7, help="alternating latency rounds")
     ap.add_argument("--compile", action="store_true", help="a torch.compile latency row (~25 s to compile)")
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--quality-only", action="store_true", help="stop after the FID-dom rows (time them in a later run)")
     ap.add_argument("--results-name", default="cpu_runtimes")
     a = ap.parse_args()
     out = Path(a.out)
@@ -119,8 +122,9 @@ def main():
     done = {r["bench_name"]: r for r in read_rows([rows_path])} if rows_path.exists() else {}
     base = load_checkpoint(a.ckpt)
     collectors = [c.strip() for c in a.collectors.split(",")]
+    ov_collectors = [c.strip() for c in (a.ov_collectors or a.collectors).split(",")]
     t_start, load_start = time.time(), os.getloadavg()
-    var = list(variants(collectors, a.compile))
+    var = list(variants(collectors, ov_collectors, a.compile))
     for _, _, rt, _ in var:
         get_runtime(rt)  # every spec checked before any work
 
@@ -137,6 +141,9 @@ def main():
         append_row(rows_path, row)
         done[name] = row
         print(f"{name:44s} FID-dom {row['quality']['fid_dom']:.4f}  ({row['wall_seconds']:.0f} s)", flush=True)
+
+    if a.quality_only:
+        return
 
     # --- speed: every variant in the same alternating rounds at batch 64 --------------------------------------------
     threads = torch.get_num_threads()
@@ -188,17 +195,17 @@ def main():
             else " (ONNX Runtime stays the recommended CPU runtime)." if rec_name and rec_name.startswith("ORT") else ".")
             if rec_name else "- No runtime is within 1.05× of fp32's FID-dom.")
     for static, dynamic in (("OpenVINO fp32", "OpenVINO fp32, dynamic batch"),
-                            (f"OpenVINO int8 (NNCF) [{collectors[0]}]", f"OpenVINO int8 (NNCF) [{collectors[0]}], dynamic batch")):
+                            (f"OpenVINO int8 (NNCF) [{ov_collectors[0]}]", f"OpenVINO int8 (NNCF) [{ov_collectors[0]}], dynamic batch")):
         if static in by and dynamic in by:
             verdict.append(f"- Static shapes (kept, the default): {static} {by[dynamic]['median_ms'] / by[static]['median_ms']:.2f}× "
                            f"the speed of the same model with a dynamic batch.")
     for direct, onnx_ in (("OpenVINO fp32", "OpenVINO fp32, converted from ONNX"),
-                          (f"OpenVINO int8 (NNCF) [{collectors[0]}]", f"OpenVINO int8 (NNCF) [{collectors[0]}, n=128], converted from ONNX")):
+                          (f"OpenVINO int8 (NNCF) [{ov_collectors[0]}]", f"OpenVINO int8 (NNCF) [{ov_collectors[0]}, n=128], converted from ONNX")):
         if direct in by and onnx_ in by:
             verdict.append(f"- Converted from PyTorch (kept, the default): {direct} {by[onnx_]['median_ms'] / by[direct]['median_ms']:.2f}× "
                            f"the speed of the model converted from the ONNX export.")
-    mixed = f"OpenVINO int8+bf16 (NNCF) [{collectors[0]}]"
-    plain = f"OpenVINO int8 (NNCF) [{collectors[0]}]"
+    mixed = f"OpenVINO int8+bf16 (NNCF) [{ov_collectors[0]}]"
+    plain = f"OpenVINO int8 (NNCF) [{ov_collectors[0]}]"
     if mixed in by and plain in by:
         verdict.append(f"- Mixed int8/bf16 (`openvino-int8(bf16=true)`, opt-in): {by[plain]['median_ms'] / by[mixed]['median_ms']:.2f}× "
                        f"the speed of int8 with fp32 for the unquantized operations"
