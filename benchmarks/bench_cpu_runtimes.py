@@ -212,13 +212,14 @@ def main():
                        + (f", FID-dom ÷ fp32 {by[mixed]['fid_ratio']:.3f} vs {by[plain]['fid_ratio']:.3f}." if by[mixed]["fid_ratio"] and by[plain]["fid_ratio"] else "."))
     if points:
         pareto_plot(points, RESULTS / f"{a.results_name}_pareto.png")
-    n_note = f"N={a.n}" + ("" if a.n >= 2048 else " (fewer than the issue's 2048, for time)")
+    n_note = (f"N={a.n}" + ("" if a.n >= 2048 else " (fewer than the issue's 2048, for time)")) if done else "no FID-dom rows"
     md = (f"# CPU runtimes side by side ({a.ckpt}, batch {BATCH}, {threads} thread(s))\n\n"
           + __doc__.split("\n\n", 2)[2].strip().replace("\n", " ") + f" This run: {n_note}, {a.rounds} latency rounds.\n\n"
           "| variant | runtime spec | format | FID-dom | ÷ fp32 | ms/eval | img-evals/s | speed-up vs eager | GOP/s (of peak) |\n"
           "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(table) + "\n\n" + "\n".join(verdict)
           + f"\n\nPeak at {threads} thread(s): fp32 {peak['fp32']['best']:.0f}, bf16 {peak['bf16']['best']:.0f}, int8 "
-          f"{peak['int8']['best']:.0f} GOP/s. Pareto plot (speed vs FID-dom): `{a.results_name}_pareto.png`.\n\n"
+          f"{peak['int8']['best']:.0f} GOP/s." + (f" Pareto plot (speed vs FID-dom): `{a.results_name}_pareto.png`." if points else "")
+          + "\n\n"
           f"Wall time {wall:.0f} s. Load average (1/5/15 min) at the start {', '.join(f'{x:.2f}' for x in load_start)}, at the end "
           f"{', '.join(f'{x:.2f}' for x in load_end)} (this 2-core machine is shared with other processes).")
     print(md)
