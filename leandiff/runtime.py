@@ -4,6 +4,7 @@ A runtime is a function ``(checkpoint, config) -> network``, where the network i
 ``(x, t) -> output`` that a :class:`~leandiff.denoiser.Denoiser` can wrap, and ``config`` is the
 runtime's frozen config dataclass (:class:`~leandiff.spec.NoArgs` when it takes none). A runtime is
 named by a *spec* in the recipe grammar (:mod:`leandiff.spec`): ``eager``, ``ort-int8(calib=qdiff)``,
+``openvino-int8(calib=ndtc)``,
 ``cache(interval=3,schedule=nonuniform,bf16=true)``. Checkpoints store theirs as ``{name, args}``;
 the old names ``cache:K``, ``cache-nu:K``, ``cache-bf16:K`` and ``cache-nu-bf16:K`` still read.
 
@@ -19,7 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .compress import cache, onnx, quant
+from .compress import cache, onnx, openvino, quant
 from .denoiser import Denoiser
 from .errors import UserError
 from .precision import Autocast  # noqa: F401  (re-exported: the bf16 wrapper)
@@ -43,6 +44,10 @@ RUNTIMES: dict[str, Spec] = {
     "compile": Spec(onnx.compiled, NoArgs, "torch.compile, fp32 (compiles per input shape)"),
     "ort": Spec(onnx.ort_fp32, NoArgs, "ONNX Runtime fp32 (CPU)"),
     "ort-int8": Spec(onnx.ort_int8, onnx.OrtInt8Spec, "ONNX Runtime static int8 (QDQ, real int8 kernels)"),
+    "openvino": Spec(openvino.openvino_fp32, openvino.OvSpec, "OpenVINO fp32 (CPU; optional extra leandiff[openvino])"),
+    "openvino-bf16": Spec(openvino.openvino_bf16, openvino.OvSpec, "OpenVINO bf16 precision hint (CPU with bf16)"),
+    "openvino-int8": Spec(openvino.openvino_int8, openvino.OvInt8Spec,
+                          "OpenVINO int8 from NNCF post-training quantization (real int8 kernels)"),
     "dynamic-int8": Spec(quant.dynamic_int8, NoArgs, "PyTorch dynamic int8 (Linear layers only; L-Diff's baseline)"),
     "fake-quant": Spec(quant.fake_quant_runtime, NoArgs,
                        "fake-quant SIMULATION in fp32 (measures quality of low-bit arithmetic; no speed-up)"),

@@ -8,14 +8,15 @@ from leandiff.runtime import RUNTIMES, get_runtime, parse_runtime, runtime_denoi
 from leandiff.sample import SampleConfig, sample_all
 
 # how close each runtime's samples stay to eager fp32's (mean |difference| over a 4-step DDIM run) (fake-quant is a simulation of a quantized model:
-# on an unquantized checkpoint it is refused; ORT needs an ONNX export, covered by test_quant)
+# on an unquantized checkpoint it is refused; ORT needs an ONNX export, covered by test_quant; OpenVINO is
+# an optional extra, covered by tests/compress/test_openvino.py)
 TOLERANCE = {"eager": 1e-6, "bf16": 0.05, "compile": 1e-4, "dynamic-int8": 0.05, "cache": None}
 
 
 def test_every_runtime_is_described_and_has_a_tolerance_or_a_reason():
     for name, spec in RUNTIMES.items():
         assert spec.description, name
-    assert set(TOLERANCE) | {"ort", "ort-int8", "fake-quant"} == set(RUNTIMES)
+    assert set(TOLERANCE) | {"ort", "ort-int8", "fake-quant", "openvino", "openvino-bf16", "openvino-int8"} == set(RUNTIMES)
 
 
 @pytest.mark.parametrize("name", ["eager", "bf16", "dynamic-int8", "cache"])

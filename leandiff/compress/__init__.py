@@ -7,8 +7,9 @@ recipes`` and the contract tests read it from this dict.
 
 - ``finetune``: the training loop on the checkpoint's dataset, optionally distilling from the
   checkpoint as it was before the recipe;
-- ``quant``: post-training quantization (fake-quant research path, ONNX Runtime int8);
-  calibration collectors in :mod:`.calibration`, ONNX export and int8 in :mod:`.onnx`;
+- ``quant``: post-training quantization (fake-quant research path, ONNX Runtime int8, OpenVINO int8 by
+  NNCF); calibration collectors in :mod:`.calibration`, ONNX export and int8 in :mod:`.onnx`, OpenVINO in
+  :mod:`.openvino`;
 - ``prune``: unstructured and structured pruning;
 - ``kd``: the KD loss and teacher of every KD-using step, KD into narrower students (:mod:`.kd`);
 - ``lowrank``, ``lora``: SVD factors and LoRA adapters (:mod:`.lowrank`);
@@ -33,6 +34,6 @@ STEPS: dict[str, Spec] = {
     "oneshot": Spec(progressive.oneshot_step, progressive.OneShotConfig),
     "cd": Spec(consistency.cd_step, consistency.CDConfig),
     "quant": Spec(quant.quant_step, quant.QuantStep,
-                  "post-training quantization: fake-quant simulation (any bits) or real int8 via ONNX Runtime"),
+                  "post-training quantization: fake-quant simulation (any bits) or real int8 via ONNX Runtime or OpenVINO"),
     "cache": Spec(cache.cache_step, cache.CacheSpec),
 }

@@ -40,6 +40,7 @@ from ..surgery.quant import (OBSERVERS, QuantConfig, QuantLayer, affine_params, 
 from .adaround import adaround, adaround_layer, correct_bias, layer_inputs  # noqa: F401
 from .calibration import COLLECTORS, CalibConfig, collect  # noqa: F401
 from .onnx import quantize_ort_int8
+from .openvino import OV_OBSERVERS, quantize_openvino_int8, require
 
 
 
@@ -126,7 +127,7 @@ def dynamic_int8(ckpt, _=None) -> nn.Module:
 
 # --- the recipe step --------------------------------------------------------------------------------------------------
 
-QUANT_RUNTIMES = ("fake", "ort-int8")
+QUANT_RUNTIMES = ("fake", "ort-int8", "openvino-int8")
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ class QuantStep:
     w: int = 8  # weight bits
     a: int = 8  # activation bits
     calib: str = "ndtc"  # calibration collector: uniform | qdiff | ndtc | real
-    runtime: str = "fake"  # fake (simulation, any bits) | ort-int8 (real int8 kernels, W8A8)
+    runtime: str = "fake"  # fake (simulation, any bits) | ort-int8 | openvino-int8 (real int8 kernels, W8A8)
     n: int = 256  # calibration samples
     steps: int = 0  # DDIM steps of the calibration trajectories (0: the checkpoint's own NFE, else 50)
     spacing: str = "leading"  # their timestep spacing (uniform, qdiff)
@@ -173,6 +174,18 @@ class QuantStep:
                 raise UserError(f"quant: runtime=ort-int8 calibrates activations with observer=minmax|percentile "
                                 f"(ONNX Runtime's calibrators) and weights with minmax; got observer={self.observer}, "
                                 f"w_observer={self.w_observer}")
+        elif self.runtime == "openvino-int8":
+            if (self.w, self.a) != (8, 8) or self.t_groups != 1 or self.w_round != "nearest" or self.bias_correction \
+                    or not self.per_channel:
+                raise UserError("quant: runtime=openvino-int8 is W8A8, per-channel weights, one activation scale "
+                                "(t_groups=1) and NNCF's own rounding and bias correction (w_round=nearest, "
+                                "bias_correction=false)")
+            if self.observer not in OV_OBSERVERS or self.w_observer != "minmax":
+                raise UserError(f"quant: runtime=openvino-int8 calibrates activations with observer="
+                                f"{'|'.join(OV_OBSERVERS)} and weights with minmax; got observer={self.observer}, "
+                                f"w_observer={self.w_observer}")
+            require("openvino", "quant(runtime=openvino-int8)")  # before earlier steps spend their time
+            require("nncf", "quant(runtime=openvino-int8)")
         else:
             self.quant_config()
 
@@ -191,7 +204,8 @@ def deployed_steps(ckpt, fallback: int = 50) -> int:
 
 
 def quant_step(ckpt, cfg: QuantStep, ctx):
-    """Post-training quantization: fake-quant simulation (any bits) or real int8 via ONNX Runtime."""
+    """Post-training quantization: fake-quant simulation (any bits) or real int8 via ONNX Runtime or
+    OpenVINO (NNCF)."""
     # steps=0: calibrate on as many DDIM steps as the model is deployed with (a distilled student
     # records its few steps; every step of so short a trajectory is used by qdiff), else 50. A sampler
     # a model card recommends (source "card") is not a property of the network and does not count.
@@ -212,5 +226,8 @@ def quant_step(ckpt, cfg: QuantStep, ctx):
         return quantize_ort_int8(ckpt, ccfg, ctx.step_dir, images=images, per_channel=cfg.per_channel,
                                  keep_first_last=cfg.keep_first_last, keep_time=cfg.keep_time,
                                  observer=cfg.observer)
+    if cfg.runtime == "openvino-int8":
+        return quantize_openvino_int8(ckpt, ccfg, ctx.step_dir, images=images, keep_first_last=cfg.keep_first_last,
+                                      keep_time=cfg.keep_time, observer=cfg.observer)
     return fake_quantize(ckpt, cfg.quant_config(), ccfg, images)
 

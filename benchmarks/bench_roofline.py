@@ -1,0 +1,194 @@
+"""Roofline (issue 21): this machine's peak GEMM throughput per number format, and what each runtime
+achieves of it per network evaluation.
+
+    .venv/bin/python benchmarks/bench_roofline.py --out runs/bench/roofline
+
+Peak: large matrix products through torch's own kernels (oneDNN / MKL): fp32 ``torch.mm``, bf16
+``torch.mm`` (AMX / AVX-512 BF16 where the CPU has them), int8 the faster of ``torch._int_mm`` and the
+oneDNN quantized linear (``torch.ops.quantized.linear``, u8 × s8 → the AMX / VNNI int8 path), each at
+every thread count, the best of several calls (a ceiling: noise only lowers it). Achieved: 2 × the MACs
+of one evaluation (:func:`leandiff.cost.macs_per_image`, FlopCounterMode) × batch / median latency of
+the alternating rounds (:func:`leandiff.cost.measure_latency`), as a fraction of the peak of the
+runtime's number format. int8 runtimes keep some operations in fp32 (GroupNorm, SiLU, softmax,
+conv_in/conv_out, the time MLP): their fraction is against the int8 peak, the format of the bulk of
+their MACs. Models other than the zoo's are random-weight configurations (latency only), int8 models
+calibrated on 16 samples (the calibration changes scale values, not the graph or its cost).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_results  # noqa: E402
+
+from leandiff.checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
+from leandiff.compress.calibration import CalibConfig  # noqa: E402
+from leandiff.compress.onnx import quantize_ort_int8  # noqa: E402
+from leandiff.compress.openvino import quantize_openvino_int8  # noqa: E402
+from leandiff.cost import LatencyConfig, macs_per_image, measure_latency  # noqa: E402
+from leandiff.models import architecture, build_network, image_shape  # noqa: E402
+from leandiff.runtime import runtime_network  # noqa: E402
+
+RUNTIMES = ("eager", "bf16", "ort", "ort-int8", "openvino", "openvino-bf16", "openvino-int8")
+FORMAT = {"eager": "fp32", "compile": "fp32", "ort": "fp32", "openvino": "fp32", "bf16": "bf16",
+          "openvino-bf16": "bf16", "ort-int8": "int8", "openvino-int8": "int8"}
+
+
+def _best_gops(fn, ops: float, calls: int = 5) -> float:
+    fn(), fn()  # warm-up (packing, thread pool)
+    best = float("inf")
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return ops / best / 1e9
+
+
+def peaks(threads: int) -> dict:
+    """GOP/s of the fastest matrix product per format at ``threads`` threads (several sizes, the best)."""
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    out = {"fp32": {}, "bf16": {}, "int8": {}}
+    for n in (1024, 2048):
+        a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+        out["fp32"][f"mm n={n}"] = _best_gops(lambda: torch.mm(a, b), 2 * n ** 3)
+    for n in (2048, 4096):
+        a, b = torch.randn(n, n, generator=g).bfloat16(), torch.randn(n, n, generator=g).bfloat16()
+        out["bf16"][f"mm n={n}"] = _best_gops(lambda: torch.mm(a, b), 2 * n ** 3)
+        ai = torch.randint(-128, 128, (n, n), dtype=torch.int8, generator=g)
+        bi = torch.randint(-128, 128, (n, n), dtype=torch.int8, generator=g)
+        out["int8"][f"_int_mm n={n}"] = _best_gops(lambda: torch._int_mm(ai, bi), 2 * n ** 3)
+        engine = torch.backends.quantized.engine
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # quantized tensors are deprecated in torch; the kernels are oneDNN's
+            try:
+                torch.backends.quantized.engine = "onednn"
+                w = torch.quantize_per_tensor(torch.randn(n, n, generator=g), 0.01, 0, torch.qint8)
+                packed = torch.ops.quantized.linear_prepack(w, None)
+                x = torch.quantize_per_tensor(torch.randn(n, n, generator=g), 0.05, 128, torch.quint8)
+                out["int8"][f"onednn qlinear n={n}"] = _best_gops(lambda: torch.ops.quantized.linear(x, packed, 0.1, 128),
+                                                                  2 * n ** 3)
+            except RuntimeError as e:  # a torch build without the onednn engine
+                out["int8"][f"onednn qlinear n={n}"] = f"unavailable: {str(e).splitlines()[0]}"
+            finally:
+                torch.backends.quantized.engine = engine
+    return {fmt: {"best": max(v for v in d.values() if isinstance(v, float)), "kernels": d} for fmt, d in out.items()}
+
+
+def prepare(name: str, work: Path):
+    """The model's checkpoint directory with its ORT and OpenVINO int8 side files (built once)."""
+    d = work / name
+    if (d / "leandiff.json").is_file() and (d / "openvino.int8.xml").is_file():
+        return load_checkpoint(d)
+    if name == "mnist-tiny":
+        base = load_checkpoint("zoo:mnist-tiny")
+        ck = Checkpoint(base.net, base.arch, base.schedule, base.parameterization, {"dataset": "mnist"})
+    else:
+        arch = architecture(name)
+        torch.manual_seed(0)
+        ck = Checkpoint(build_network(arch).eval(), arch, load_checkpoint("zoo:mnist-tiny").schedule, "eps", {})
+    cc = CalibConfig(collector="uniform", n=16, steps=2, batch_size=16)
+    quantize_openvino_int8(ck, cc, d)
+    q = quantize_ort_int8(ck, cc, d)
+    save_checkpoint(q, d)
+    return load_checkpoint(d)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/bench/roofline")
+    ap.add_argument("--models", default="mnist-tiny,mnist-small,cifar10-ddpm")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--large-batches", default="1,16", help="batch sizes for cifar10-ddpm (6 GMAC per image)")
+    ap.add_argument("--runtimes", default=",".join(RUNTIMES))
+    ap.add_argument("--rounds", type=int, default=3, help="alternating latency rounds")
+    ap.add_argument("--results-name", default="roofline")
+    a = ap.parse_args()
+    work = Path(a.out)
+    work.mkdir(parents=True, exist_ok=True)
+    threads = [int(x) for x in a.threads.split(",")]
+    runtimes = [r.strip() for r in a.runtimes.split(",")]
+    t_start, load_start = time.time(), os.getloadavg()
+
+    peak = {}
+    for th in threads:
+        peak[th] = peaks(th)
+        print(f"peak, {th} thread(s): " + ", ".join(f"{f} {v['best']:.0f} GOP/s" for f, v in peak[th].items()), flush=True)
+
+    rows = []
+    for name in a.models.split(","):
+        ck = prepare(name, work)
+        shape = image_shape(ck.arch)
+        macs = macs_per_image(ck.net, shape)
+        batches = tuple(int(b) for b in (a.large_batches if name == "cifar10-ddpm" else a.batches).split(","))
+        for th in threads:
+            torch.set_num_threads(th)  # ORT and OpenVINO take their thread count from torch when built
+            nets = {r: runtime_network(ck, r) for r in runtimes}
+            lat = measure_latency(nets, shape, LatencyConfig(batch_sizes=batches, rounds=a.rounds, warmup=1))
+            for r in runtimes:
+                for b in batches:
+                    ms = lat[r][b]["median_ms"]
+                    gops = 2 * macs * b / (ms / 1e3) / 1e9
+                    fmt = FORMAT[r]
+                    rows.append({"model": name, "macs_per_image": macs, "runtime": r, "format": fmt, "threads": th,
+                                 "batch": b, "median_ms": ms, "gops": gops, "fraction_of_peak": gops / peak[th][fmt]["best"]})
+            print(name, f"{th} thread(s), batch {batches[-1]}, fraction of peak:",
+                  {r["runtime"]: f"{r['fraction_of_peak']:.1%}" for r in rows[-len(runtimes) * len(batches):]
+                   if r["batch"] == batches[-1]}, flush=True)
+            del nets
+    load_end, wall = os.getloadavg(), time.time() - t_start
+
+    md = [f"# Roofline: achieved throughput per network evaluation as a fraction of this machine's peak\n",
+          __doc__.split("\n\n", 2)[2].strip().replace("\n", " ") + "\n",
+          "## Peak (GOP/s; 1 MAC = 2 ops)\n", "| threads | fp32 | bf16 | int8 |", "|---|---|---|---|"]
+    for th in threads:
+        md.append(f"| {th} | " + " | ".join(f"{peak[th][f]['best']:.0f}" for f in ("fp32", "bf16", "int8")) + " |")
+    md.append("\nKernels: " + "; ".join(f"{th} thread(s) {f}: " + ", ".join(
+        f"{k} {v:.0f}" if isinstance(v, float) else f"{k} {v}" for k, v in peak[th][f]["kernels"].items())
+        for th in threads for f in ("fp32", "bf16", "int8")) + ".\n")
+    for name in a.models.split(","):
+        sel = [r for r in rows if r["model"] == name]
+        if not sel:
+            continue
+        batches = sorted({r["batch"] for r in sel})
+        md += [f"## {name} ({sel[0]['macs_per_image'] / 1e9:.3f} GMAC per image)\n",
+               "| threads | runtime | format | " + " | ".join(f"GOP/s @{b} (of peak)" for b in batches) + " | ms/eval @" + str(batches[-1]) + " |",
+               "|---|---|---|" + "---|" * (len(batches) + 1)]
+        for th in threads:
+            for r in runtimes:
+                cells = {x["batch"]: x for x in sel if x["threads"] == th and x["runtime"] == r}
+                md.append(f"| {th} | {r} | {FORMAT[r]} | " + " | ".join(
+                    f"{cells[b]['gops']:.0f} ({cells[b]['fraction_of_peak']:.1%})" for b in batches)
+                    + f" | {cells[batches[-1]]['median_ms']:.2f} |")
+        md.append("")
+    best = {}
+    for name in a.models.split(","):
+        sel = [r for r in rows if r["model"] == name and r["batch"] == max(x["batch"] for x in rows if x["model"] == name)]
+        for th in threads:
+            s = [r for r in sel if r["threads"] == th]
+            if s:
+                top = min(s, key=lambda r: r["median_ms"])
+                best[f"{name}, {th} thread(s), batch {top['batch']}"] = top
+    md.append("Fastest runtime per model at its largest batch: " + "; ".join(
+        f"{k}: {v['runtime']} {v['gops']:.0f} GOP/s = {v['fraction_of_peak']:.1%} of the {v['format']} peak" for k, v in best.items())
+        + " (target of issue 21: ≥ 50 % of the peak of its format on the largest shipped base at batch 64).\n")
+    md.append(f"Wall time {wall:.0f} s. Load average (1/5/15 min) at the start {', '.join(f'{x:.2f}' for x in load_start)}, "
+              f"at the end {', '.join(f'{x:.2f}' for x in load_end)} (this 2-core machine is shared: other processes "
+              f"lower the figures at 2 threads most).")
+    text = "\n".join(md)
+    print(text)
+    write_results(a.results_name, {"peak": {str(k): v for k, v in peak.items()}, "rows": rows, "fastest": best,
+                                   "loadavg_start": load_start, "loadavg_end": load_end, "wall_seconds": wall,
+                                   "settings": vars(a)}, text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""OpenVINO runtimes and NNCF post-training int8: the tool a CPU user would pick first, on equal terms.
+
+- runtime ``openvino``: the OpenVINO CPU plugin in fp32 (its precision hint pinned to f32: on a CPU
+  with bf16 the plugin otherwise runs fp32 models in bf16 by default);
+- runtime ``openvino-bf16``: the same model with the bf16 precision hint (refused on a CPU without bf16);
+- runtime ``openvino-int8``: the model quantized by NNCF's post-training quantization
+  (``nncf.quantize``: MIXED preset = asymmetric 8-bit activations, symmetric per-channel 8-bit weights;
+  NNCF's fast bias correction on, as by default) from leandiff's own calibration collectors
+  (:mod:`leandiff.compress.calibration`), with the same layers kept in full precision as the ONNX
+  Runtime path (conv_in / conv_out, the time-embedding MLP); ``bf16=true`` runs the operations left
+  unquantized in bf16 instead of fp32 (mixed int8/bf16).
+
+Models are converted directly from the PyTorch network by ``openvino.convert_model`` (``source=torch``,
+the default: GroupNorm, SiLU and attention stay whole OpenVINO ops, measured faster than converting the
+ONNX export, whose GroupNorm is a Reshape/InstanceNorm chain: benchmarks/results/cpu_runtimes.md), or
+from the same ONNX export as the ONNX Runtime runtimes (``source=onnx``), and saved as OpenVINO IR
+(``.xml`` + ``.bin``, weights kept in fp32): side files of the checkpoint (``openvino.int8.xml`` written
+by ``quant(runtime=openvino-int8)``), else converted (and, for int8 with a ``calib``, calibrated) once
+into the cache keyed by the weights hash. OpenVINO uses as many threads as torch (``torch.get_num_threads()``), one stream, the latency
+hint. ``openvino`` and ``nncf`` are an optional extra (``pip install 'leandiff[openvino]'``); without
+them these runtimes are one clear error.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import os
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoint import Checkpoint
+from ..denoiser import Denoiser
+from ..errors import UserError
+from ..models import image_shape
+from .calibration import COLLECTORS, CalibConfig, collect
+from ..surgery.quant import QuantLayer
+from .onnx import CACHE, _Plain, _side_file, onnx_file
+
+OV_FP32_NAME = "openvino.xml"
+OV_INT8_NAME = "openvino.int8.xml"
+EXTRA = "pip install 'leandiff[openvino]'"
+SOURCES = ("torch", "onnx")
+# modules kept in full precision (as excluded_nodes does for ORT); OpenVINO op names hold the module path,
+# "__module.net.conv_in/aten::_convolution/..." from PyTorch, "/net/conv_in/Conv/..." from ONNX
+_KEEP_FIRST_LAST, _KEEP_TIME = ("conv_in", "conv_out"), ("time_embedding",)
+
+
+def require(module: str = "openvino", what: str = "runtime openvino"):
+    """Import ``openvino`` or ``nncf``; when it is missing, one line naming the extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"{what} needs the {module} package, which is not installed: {EXTRA}") from None
+
+
+def has_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin has bf16 kernels on this machine (AVX-512 BF16 or AMX)."""
+    ov = require()
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def _save_ir(model, out: Path) -> Path:
+    """Write an OpenVINO model as IR ``out`` (.xml) + its .bin, fp32 weights, atomically: both files are
+    written in a temp dir beside it under their final names (the .xml finds its .bin by name), then the
+    .bin and last the .xml are renamed into place (a reader checks for the .xml)."""
+    ov = require()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".ov-") as d:
+        tmp = Path(d) / out.name
+        ov.save_model(model, str(tmp), compress_to_fp16=False)
+        os.replace(tmp.with_suffix(".bin"), out.with_suffix(".bin"))
+        os.replace(tmp, out)
+    return out
+
+
+def convert(ckpt, source: str = "torch"):
+    """The checkpoint's network as an OpenVINO model (inputs ``x`` [B, C, H, W], ``t`` [B], dynamic batch):
+    ``ov.convert_model`` of the PyTorch network itself, or of its ONNX export."""
+    ov = require()
+    if source not in SOURCES:
+        raise UserError(f"openvino: source must be one of {', '.join(SOURCES)}, got {source!r}")
+    if any(isinstance(m, QuantLayer) for m in ckpt.net.modules()):
+        raise UserError("openvino: fake-quant checkpoints are simulations; convert the full-precision checkpoint "
+                        "and use quant(runtime=openvino-int8) for real int8")
+    shape = image_shape(ckpt.arch)
+    if source == "onnx":
+        model = ov.convert_model(str(onnx_file(ckpt)))
+    else:
+        example = (torch.randn(2, *shape), torch.full((2,), 500.0))
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracing warnings of diffusers' shape checks
+            model = ov.convert_model(_Plain(copy.deepcopy(ckpt.net).float().eval()), example_input=example)
+        for port, name in zip(model.inputs, ("x", "t")):
+            port.get_tensor().set_names({name})
+    model.reshape({model.inputs[0]: ov.PartialShape([-1, *shape]), model.inputs[1]: ov.PartialShape([-1])})
+    return model
+
+
+# leandiff observer -> NNCF activation range estimator: min/max over the whole calibration set (as ORT's
+# MinMax), or NNCF's quantile estimator cutting the same 0.01 % from each side as the fake-quant percentile.
+OV_OBSERVERS = ("minmax", "percentile")
+
+
+def quantize_ir_int8(model, out: str | Path, calib: tuple[torch.Tensor, torch.Tensor],
+                     keep_first_last: bool = True, keep_time: bool = True, observer: str = "minmax") -> Path:
+    """NNCF post-training int8 of the OpenVINO ``model`` (:func:`convert`), calibrated on ``calib`` (the
+    network's inputs x [N, C, H, W] and t [N], fed one sample at a time: NNCF's subset is counted in
+    dataset items), written as OpenVINO IR ``out``."""
+    nncf = require("nncf", "quantization to openvino-int8")
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    if observer not in OV_OBSERVERS:
+        raise UserError(f"openvino-int8: observer must be one of {', '.join(OV_OBSERVERS)}, got {observer!r}")
+    xs, ts = calib
+    items = [{"x": xs[i:i + 1].numpy().astype(np.float32), "t": ts[i:i + 1].numpy().astype(np.float32)}
+             for i in range(xs.shape[0])]
+    keep = (_KEEP_FIRST_LAST if keep_first_last else ()) + (_KEEP_TIME if keep_time else ())
+    ranges = RangeEstimatorParametersSet.MINMAX if observer == "minmax" else RangeEstimatorParametersSet.MEAN_QUANTILE
+    nncf.set_log_level(40)  # errors only: NNCF logs every stage at INFO
+    q = nncf.quantize(model, nncf.Dataset(items), preset=nncf.QuantizationPreset.MIXED, subset_size=len(items),
+                      ignored_scope=nncf.IgnoredScope(patterns=[f".*[./]{k}[./].*" for k in keep], validate=False),
+                      advanced_parameters=AdvancedQuantizationParameters(activations_range_estimator_params=ranges))
+    return _save_ir(q, Path(out))
+
+
+def quantize_openvino_int8(ckpt, ccfg: CalibConfig, out_dir: str | Path, images=None, keep_first_last: bool = True,
+                           keep_time: bool = True, observer: str = "minmax"):
+    """The quant(runtime=openvino-int8) step: export, calibrate on collector ``ccfg``, quantize with NNCF, write
+    ``openvino.int8.xml/.bin`` into ``out_dir``; the returned checkpoint (same weights) records its runtime."""
+    out_dir = Path(out_dir)
+    fp = ckpt.net.float().eval()
+    calib = collect(Denoiser(fp, ckpt.schedule, ckpt.parameterization), image_shape(ckpt.arch), ccfg, images)
+    quantize_ir_int8(convert(ckpt), out_dir / OV_INT8_NAME, calib, keep_first_last, keep_time, observer)
+    meta = copy.deepcopy(ckpt.meta)
+    meta["runtime"] = {"name": "openvino-int8", "args": {}}
+    meta["quant"] = {"mode": "OpenVINO int8 from NNCF post-training quantization (real int8 kernels)", "w_bits": 8,
+                     "a_bits": 8, "source": "torch", "preset": "mixed", "activations": "asymmetric 8-bit per tensor",
+                     "weights": "symmetric 8-bit per channel", "observer": observer, "fast_bias_correction": True,
+                     "keep_first_last": keep_first_last, "keep_time": keep_time,
+                     "files": [OV_INT8_NAME, Path(OV_INT8_NAME).with_suffix(".bin").name], "calibration": asdict(ccfg)}
+    return Checkpoint(ckpt.net, copy.deepcopy(ckpt.arch), ckpt.schedule, ckpt.parameterization, meta)
+
+
+class OvNetwork:
+    """An OpenVINO model as a network ``(x, t) -> output`` (torch tensors in and out). With ``static`` (the
+    default) the model is compiled once per input shape with that shape fixed (a sampler uses one or two
+    batch sizes; each compile takes well under a second for these models), else once with a dynamic batch
+    (measured slower per call: benchmarks/results/cpu_runtimes.md)."""
+
+    def __init__(self, path: str | Path, precision: str = "f32", static: bool = True, threads: int | None = None,
+                 hint: str = "LATENCY", streams: int = 1):
+        self.ov = require()
+        self.path, self.precision, self.static = str(path), precision, static
+        self.core = self.ov.Core()
+        self.config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
+                       "PERFORMANCE_HINT": hint, "NUM_STREAMS": streams}
+        self.model = self.core.read_model(self.path)
+        self.requests: dict[tuple, object] = {}  # input shape (or None: dynamic) -> infer request
+
+    def _request(self, shape: tuple):
+        key = shape if self.static else None
+        if key not in self.requests:
+            model = self.model
+            if self.static:
+                model = model.clone()
+                model.reshape({model.inputs[0]: self.ov.PartialShape(list(shape)), model.inputs[1]: self.ov.PartialShape([shape[0]])})
+            self.requests[key] = self.core.compile_model(model, "CPU", self.config).create_infer_request()
+        return self.requests[key]
+
+    def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
+        x = x.detach().float().contiguous()
+        t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x.shape[0]).contiguous()
+        request = self._request(tuple(x.shape))
+        request.infer({"x": x.numpy(), "t": t.numpy()})
+        return torch.from_numpy(np.array(request.get_output_tensor(0).data, copy=True))
+
+
+@dataclass(frozen=True)
+class OvSpec:
+    """``openvino(static=B,source=S)``, ``openvino-bf16(...)``."""
+
+    static: bool = True  # compile per input shape with that shape fixed (else one dynamic-batch model)
+    source: str = "torch"  # convert the PyTorch network (torch) or its ONNX export (onnx)
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise UserError(f"openvino: source must be one of {', '.join(SOURCES)}, got {self.source!r}")
+
+    def describe(self) -> str:
+        return ("" if self.static else ", dynamic batch") + ("" if self.source == "torch" else f", from {self.source}")
+
+
+@dataclass(frozen=True)
+class OvInt8Spec:
+    """``openvino-int8(calib=C,bf16=B)``: the checkpoint's own int8 model (written by
+    ``quant(runtime=openvino-int8)``); with ``calib`` a collector name, one calibrated on the fly by that
+    collector (cached by weights hash) where the checkpoint has none. Without either it is an error."""
+
+    calib: str = ""  # collector for an on-the-fly calibration ("" = the checkpoint's own int8 model only)
+    bf16: bool = False  # the operations left unquantized run in bf16 (mixed int8/bf16) instead of fp32
+    static: bool = True  # compile per input shape with that shape fixed (else one dynamic-batch model)
+    source: str = "torch"  # an on-the-fly calibration converts the PyTorch network (torch) or its ONNX export
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise UserError(f"openvino-int8: source must be one of {', '.join(SOURCES)}, got {self.source!r}")
+        if self.calib and self.calib not in COLLECTORS:
+            raise UserError(f"openvino-int8: unknown calib {self.calib!r}; known: {', '.join(COLLECTORS)}")
+
+    def describe(self) -> str:
+        return ((", unquantized operations in bf16" if self.bf16 else "") + ("" if self.static else ", dynamic batch")
+                + ("" if self.source == "torch" else f", from {self.source}"))
+
+
+def ir_file(ckpt, source: str = "torch", int8: OvInt8Spec | None = None) -> Path:
+    """The checkpoint's OpenVINO IR side file (fp32, or int8 when ``int8`` is given), else one converted
+    from ``source`` (and, for int8 with a ``calib``, calibrated as ``ort-int8(calib=...)`` is) into the cache."""
+    require()
+    name = OV_INT8_NAME if int8 is not None else OV_FP32_NAME
+    found = _side_file(ckpt, name) if source == "torch" else None
+    if found is not None:
+        return found
+    if int8 is not None and not int8.calib:
+        raise UserError("runtime openvino-int8: this checkpoint has no int8 model (make one with "
+                        "quant(runtime=openvino-int8), or calibrate on the fly with --runtime \"openvino-int8(calib=qdiff)\")")
+    d = CACHE / (ckpt.hash() + (f"-{int8.calib}" if int8 is not None else ""))
+    path = d / (name if source == "torch" else name.replace("openvino", f"openvino-{source}", 1))
+    if path.is_file():
+        return path
+    if int8 is None:
+        return _save_ir(convert(ckpt, source), path)
+    require("nncf", "runtime openvino-int8")
+    calib = collect(Denoiser(ckpt.net.float().eval(), ckpt.schedule, ckpt.parameterization), image_shape(ckpt.arch),
+                    CalibConfig(collector=int8.calib, n=128, steps=20))
+    return quantize_ir_int8(convert(ckpt, source), path, calib)
+
+
+def openvino_fp32(ckpt, spec: OvSpec) -> OvNetwork:
+    """OpenVINO fp32 (CPU)."""
+    return OvNetwork(ir_file(ckpt, spec.source), "f32", spec.static)
+
+
+def openvino_bf16(ckpt, spec: OvSpec) -> OvNetwork:
+    """OpenVINO with the bf16 precision hint (CPU with AVX-512 BF16 or AMX)."""
+    if not has_bf16():
+        raise UserError("runtime openvino-bf16: this CPU has no bf16 kernels in OpenVINO (use openvino)")
+    return OvNetwork(ir_file(ckpt, spec.source), "bf16", spec.static)
+
+
+def openvino_int8(ckpt, spec: OvInt8Spec) -> OvNetwork:
+    """OpenVINO int8 quantized by NNCF (real int8 kernels)."""
+    if spec.bf16 and not has_bf16():
+        raise UserError("runtime openvino-int8(bf16=true): this CPU has no bf16 kernels in OpenVINO")
+    return OvNetwork(ir_file(ckpt, spec.source, spec), "bf16" if spec.bf16 else "f32", spec.static)
