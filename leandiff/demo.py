@@ -17,6 +17,7 @@ from pathlib import Path
 from .checkpoint import load_checkpoint, resolve
 from .cost import LatencyConfig
 from .errors import UserError
+from .runtime import row_device
 from .io import ensure_writable_dir
 
 
@@ -68,6 +69,7 @@ class DemoConfig:
     seed: int = 0  # one seed for every row
     fast: bool = False  # a few tiny rows: for tests and a first look
     batch_size: int = 500  # images per solver call
+    device: str = "cpu"  # leandiff.device spec; rows whose runtime runs only on the CPU (int8) run there
 
     @property
     def rows(self):
@@ -120,7 +122,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log=print) -> Path:
         if start is None:
             continue
         if (r.model, r.recipe) not in models:
-            models[(r.model, r.recipe)] = _compressed(start, r, out / "ckpts" / _tag(r), log)
+            models[(r.model, r.recipe)] = _compressed(start, r, out / "ckpts" / _tag(r), log, cfg.device)
         model = models[(r.model, r.recipe)]
         runtime = r.runtime or model.sampling_defaults()[2]
         name = r.model or cfg.model
@@ -131,7 +133,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log=print) -> Path:
             continue
         ecfg = EvalConfig(solver=r.solver, nfe=r.nfe, n=n, seed=cfg.seed, runtime=runtime,
                           spacing=spacing, batch_size=min(cfg.batch_size, n), latency=latency, inception=False,
-                          mse_n=min(n, 1000))
+                          mse_n=min(n, 1000), device=str(row_device(runtime, cfg.device)))
         # no ':' in file names (cache:2): a relative link "a-cache:2.png" would read as a URL scheme
         grid = out / "grids" / f"{_tag(r)}-{r.solver}-{r.nfe}-{runtime.replace(':', '')}.png"
         row = evaluate_checkpoint(model, ecfg, classifier=clf, reference=ref, grid_path=grid, progress=True,
@@ -156,9 +158,9 @@ def _tag(row: Row) -> str:
     return "-".join(p for p in (model, row.label or ("" if model else "base")) if p)
 
 
-def _compressed(base, row: Row, ckpt_dir: Path, log):
+def _compressed(base, row: Row, ckpt_dir: Path, log, device: str = "cpu"):
     """The base model after ``row.recipe``, made once (resumable) and cached in ``ckpt_dir``."""
     from .recipe import apply_recipe
 
     log(f"compress: {row.label} = {row.recipe}")
-    return apply_recipe(base, row.recipe, ckpt_dir, log=lambda m: log(f"  {m}"))
+    return apply_recipe(base, row.recipe, ckpt_dir, log=lambda m: log(f"  {m}"), device=device)

@@ -73,8 +73,8 @@ class KDLoss:
                             "none of the teacher channels its layers kept")
 
     def __call__(self, student: Denoiser, x0: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        t = torch.randint(0, student.schedule.T, (x0.shape[0],), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, student.schedule.T, (x0.shape[0],), generator=g, device=g.device)
+        noise = torch.randn(x0.shape, generator=g, device=x0.device)
         xt = q_sample(student.schedule, x0, t, noise)
         hooks = _Features(student.net, self.kept) if self.feat_weight else None
         try:

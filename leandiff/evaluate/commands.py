@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ..device import device_option, resolve_device
 from ..errors import UserError
 
 
@@ -67,18 +68,20 @@ def classifier_train(dataset, data_dir, epochs, seed, out, reference):
 @click.option("--classifier", "classifier_path", default=None, help="classifier directory (default: the shipped one)")
 @click.option("--no-latency", is_flag=True, help="skip the per-evaluation latency measurement")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="results JSONL file to append to")
+@device_option
 def eval_cmd(ckpt, solver, nfe, n, runtime, spacing, eta, seed, batch_size, no_clip, dataset, data_dir,
-             classifier_path, no_latency, out):
+             classifier_path, no_latency, out, device):
     """Sample, embed and score a checkpoint; appends one JSON row to --out and prints a Markdown row."""
     from ..cost import LatencyConfig
     from ..io import ensure_writable_dir
     from ..checkpoint import load_checkpoint
     from .harness import EvalConfig, append_row, evaluate_checkpoint, markdown_header, markdown_row
 
+    dev = resolve_device(device)
     ck = load_checkpoint(ckpt)
     solver, nfe, runtime = ck.sampling_defaults(solver, nfe, runtime)
     spacing = ck.default_spacing(spacing)
-    cfg = EvalConfig(solver=solver, nfe=nfe, n=n, seed=seed, spacing=spacing, runtime=runtime, batch_size=batch_size,
+    cfg = EvalConfig(device=str(dev), solver=solver, nfe=nfe, n=n, seed=seed, spacing=spacing, runtime=runtime, batch_size=batch_size,
                      clip_x0=not no_clip, opts={} if eta is None else {"eta": eta}, dataset=dataset,
                      data_dir=data_dir, classifier=classifier_path, latency=None if no_latency else LatencyConfig())
     out = Path(out)
@@ -113,7 +116,8 @@ def _grid_path(out: Path, ckpt: str, cfg) -> Path:
 @click.option("--out", default=None, type=click.Path(dir_okay=False),
               help="write the Markdown table here and the JSON record beside it (.json); "
                    "without --out the table is printed and nothing is written")
-def bench(ckpts, runtimes, batch_sizes, rounds, solver, nfe, n, out):
+@device_option
+def bench(ckpts, runtimes, batch_sizes, rounds, solver, nfe, n, out, device):
     """Cost table: parameters, MACs, bytes, latency per evaluation (batch 1/16/64), peak memory."""
     from ..cost import LatencyConfig
     from .bench import BenchConfig, bench_markdown, run_bench
@@ -128,7 +132,7 @@ def bench(ckpts, runtimes, batch_sizes, rounds, solver, nfe, n, out):
     if out is not None:
         ensure_writable_dir(Path(out).parent)
     cfg = BenchConfig(runtimes=tuple(runtimes), latency=LatencyConfig(batch_sizes=sizes, rounds=rounds),
-                      solver=solver, nfe=nfe, n=n)
+                      solver=solver, nfe=nfe, n=n, device=str(resolve_device(device)))
     record = run_bench(list(ckpts), cfg, progress=True)
     md = bench_markdown(record)
     if out is not None:
