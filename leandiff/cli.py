@@ -323,12 +323,9 @@ def study_cmd(study_toml, out_dir, device):
     """Run a study grid (issue 9): cells appended to OUT/results.jsonl, resumable; report + findings at the end."""
     from .study import load_study, run_study
 
-    run_study(load_study(study_toml), out_dir, progress=False, log=click.echo, device=str(resolve_device(device)))
+    dev = resolve_device(device)  # a missing device fails before the study is read
+    run_study(load_study(study_toml), out_dir, progress=False, log=click.echo, device=str(dev))
     click.echo(f"{out_dir}/report/index.html, {out_dir}/findings.md")
-
-
-if __name__ == "__main__":
-    main()
 
 
 @main.command("ema")
@@ -352,3 +349,7 @@ def ema_cmd(run_dir, solver, nfe, spacing, n, out, device):
     click.echo(f"best EMA: {best} (FID-dom {scores[best]:.4f})")
     if out:
         click.echo(f"checkpoint: {write_selected(run_dir, best, scores, cfg, out)}")
+
+
+if __name__ == "__main__":  # last: `python -m leandiff.cli` (torchrun) must see every command, ema included
+    main()
