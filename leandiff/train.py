@@ -333,7 +333,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, init: Checkpoint, images: to
     # Several EMA decays side by side (the profile is chosen after training: `leandiff ema`)
     extra = {d: copy.deepcopy(net).eval().requires_grad_(False) for d in cfg.ema_decays if d != cfg.ema_decay}
     model = net
-    if world > 1:
+    # DDP under torchrun, and in any process group a caller set up (one GPU, world size 1, included)
+    if world > 1 or (torch.distributed.is_available() and torch.distributed.is_initialized()):
         model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     denoiser = Denoiser(model, init.schedule, init.parameterization)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

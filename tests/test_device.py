@@ -218,6 +218,47 @@ def test_results_rows_record_the_device_and_the_noise_rule(tmp_path):
     assert row["machine"]["device"] == "cpu"
 
 
+def test_device_batches_are_the_cpu_batches(tiny_ckpt):
+    """On an accelerator the step's indices come from per-epoch permutations kept on the device: the same
+    indices as the CPU's _batch_indices (checked here with the device class on the CPU)."""
+    from leandiff.train import TrainConfig, _batch_indices, _DeviceBatches
+
+    for world, B in ((1, 8), (2, 8), (4, 12)):
+        cfg = TrainConfig(batch_size=B, seed=3)
+        for rank in range(world):
+            dev = _DeviceBatches(20, cfg, rank, world, torch.device("cpu"))
+            for step in range(12):  # several epochs of 20 images, batches straddling them
+                assert torch.equal(dev(step), _batch_indices(20, step, cfg, rank, world)), (world, rank, step)
+
+
+def test_training_inside_a_process_group_of_one_uses_ddp_and_changes_nothing(tiny_ckpt, tmp_path, monkeypatch):
+    """The one-GPU DDP case of test_gpu_ddp_training_with_one_gpu_over_nccl, on the CPU over gloo: the loop
+    wraps the network in DDP when a process group exists, and with one process the weights are the plain run's."""
+    import copy
+
+    import torch.distributed as dist
+
+    from leandiff.train import TrainConfig, train
+
+    images = torch.rand(32, 1, 16, 16, generator=generator(0)) * 2 - 1
+    cfg = TrainConfig(steps=3, batch_size=8, warmup=1, sample_every=0, checkpoint_every=3, device="cpu")
+    start = copy.deepcopy(tiny_ckpt)
+    plain = train(cfg, tmp_path / "plain", init=tiny_ckpt, images=images, progress=False)
+    wrapped = []
+    real_ddp = torch.nn.parallel.DistributedDataParallel
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel",
+                        lambda *a, **k: wrapped.append(k) or real_ddp(*a, **k))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(29600 + os.getpid() % 1000))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        ddp = train(cfg, tmp_path / "ddp", init=start, images=images, progress=False)
+    finally:
+        dist.destroy_process_group()
+    assert wrapped == [{"device_ids": None}]
+    assert ddp.hash() == plain.hash()
+
+
 # --- on a GPU (marked; benchmarks/device_check.sh runs these) ------------------------------------------------------
 
 @pytest.mark.gpu
@@ -243,8 +284,10 @@ def test_gpu_fp16_and_bf16_sampling_within_tolerance_of_fp32(tiny_ckpt):
     for rt in ("eager", "fp16", "bf16", "channels-last"):
         d = Denoiser(runtime_network(tiny_ckpt, rt, "cuda"), tiny_ckpt.schedule, tiny_ckpt.parameterization)
         out[rt] = sample_all(d, (1, 16, 16), SampleConfig(solver="dpmpp-2m", nfe=8, n=8, batch_size=8, device="cuda"))
-    for rt, tol in (("fp16", 0.05), ("bf16", 0.15), ("channels-last", 1e-3)):
-        err = (out[rt] - out["eager"]).abs().max().item()
+    # mean |difference| (a pixel near the clipping boundary can flip far): on the CPU, bf16 vs fp32 on this
+    # model and solver is 0.0013 (max 0.40), channels-last 7e-8; fp16 has 3 more mantissa bits than bf16
+    for rt, tol in (("fp16", 0.005), ("bf16", 0.02), ("channels-last", 1e-4)):
+        err = (out[rt] - out["eager"]).abs().mean().item()
         assert err < tol, (rt, err)
 
 
