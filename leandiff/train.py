@@ -391,7 +391,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, init: Checkpoint, images: to
             group["lr"] = lr_at(cfg, step)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             loss = loss_fn(denoiser, x0, g)
-        if not torch.isfinite(loss):
+        if on_device is None and not torch.isfinite(loss):  # on an accelerator: checked with the gradient, below
             raise UserError(f"training diverged: loss is {loss.item()} at step {step}{_first_nonfinite(net, 'weight')}; "
                             f"the last good checkpoint in {out_dir} is left as it was")
         opt.zero_grad(set_to_none=True)
@@ -399,6 +399,14 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, init: Checkpoint, images: to
         # The global gradient norm (clipped when grad_clip > 0) also guards the update: a NaN/Inf
         # gradient must not reach the weights, the EMA or the next checkpoint.
         gnorm = nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if on_device is not None:
+            # One host read per step on an accelerator (the loss, for the guard and the progress line): a
+            # NaN loss gives a NaN gradient norm, so checking both here still stops before the update.
+            loss_value, gnorm_value = torch.stack([loss.detach().float(), gnorm.detach().float()]).tolist()
+            if not math.isfinite(loss_value):
+                raise UserError(f"training diverged: loss is {loss_value} at step {step}{_first_nonfinite(net, 'weight')}; "
+                                f"the last good checkpoint in {out_dir} is left as it was")
+            gnorm = torch.tensor(gnorm_value)
         if not torch.isfinite(gnorm):
             raise UserError(f"training diverged: gradient is NaN/Inf at step {step}{_first_nonfinite(net, 'gradient')}; "
                             f"the last good checkpoint in {out_dir} is left as it was")
@@ -410,7 +418,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, init: Checkpoint, images: to
 
         done = step + 1
         seen += x0.shape[0] * world
-        smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
+        loss_now = loss.item() if on_device is None else loss_value
+        smooth = loss_now if smooth is None else 0.98 * smooth + 0.02 * loss_now
         if bar is not None and (done % cfg.log_every == 0 or done == cfg.steps):
             now = time.perf_counter()
             bar.set_postfix(loss=f"{smooth:.4f}", img_s=f"{seen / (now - t_mark):.0f}", lr=f"{lr_at(cfg, step):.1e}")
