@@ -440,14 +440,14 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, init: Checkpoint, images: to
     if world > 1:
         torch.distributed.barrier()
         if rank != 0:  # every rank returns what rank 0 wrote (its metadata included)
-            ck = load_checkpoint(out_dir)
+            ck = load_checkpoint(out_dir, device)
         # rank 0 may write out_dir again next (a recipe saves its step's checkpoint there): not before every
         # rank has read it (rank 1 once read a new weights file beside the old metadata and stopped)
         torch.distributed.barrier()
     if ck is None and (out_dir / META_NAME).is_file():
         # resumed a run that had already finished: what it wrote (its train record and lineage
         # included), not the init's metadata
-        ck = load_checkpoint(out_dir)
+        ck = load_checkpoint(out_dir, device)
     if ck is None:
         ck = Checkpoint(net=ema, arch=init.arch, schedule=init.schedule,
                         parameterization=init.parameterization, meta=copy.deepcopy(init.meta), path=out_dir)

@@ -186,7 +186,7 @@ def consistency_distill(ckpt: Checkpoint, out_dir, cfg: CDConfig, *, dataset: st
     loss = CDLoss(teacher, student.net, ts, cfg, dim)
     train(tcfg, out_dir, init=student, images=training_images(tcfg, student), loss_fn=loss, resume=True,
           progress=progress is not False)
-    out = load_checkpoint(out_dir)
+    out = load_checkpoint(out_dir, next(student.net.parameters()).device)  # stays where the recipe computes
     if out.lineage and out.lineage[-1].get("step") == "train":
         out.lineage.pop()
     out.meta["sampler"] = {"solver": "consistency", "nfe": cfg.nfe, "spacing": "trailing"}

@@ -121,7 +121,7 @@ class OneShotLoss:
     def __call__(self, student: Denoiser, pair: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         c = pair.shape[1] // 2
         xT, target = pair[:, :c], pair[:, c:]
-        t = torch.full((pair.shape[0],), student.schedule.T - 1)
+        t = torch.full((pair.shape[0],), student.schedule.T - 1, device=pair.device)
         _, x_hat = student.convert(student(xT, t).float(), xT, t)
         return F.mse_loss(x_hat, target)
 
