@@ -1,12 +1,14 @@
 """Ship a trained checkpoint into the zoo with its model card.
 
     python benchmarks/zoo_card.py runs/mnist-tiny --name mnist-tiny --train-command "leandiff train ..." [-n 2048]
+        [--rows ddim:50,ddpm:1000] [--reference ddpm-1000] [--default-max-nfe 20]
 
-Copies the weights and metadata into leandiff/zoo/NAME/, evaluates the 1000-step DDPM and DDIM-50
-rows with the evaluation harness (N samples, seed 0, eager fp32), reads the real-vs-real floor of
-the same N from benchmarks/results/metrics.json when present, and writes card.json, CARD.md and
-grid.png (64 DDIM-50 samples) beside the weights. Resumable: finished rows are kept in
-leandiff/zoo/NAME/card_rows.jsonl and skipped on a rerun.
+Copies the weights and metadata into leandiff/zoo/NAME/, evaluates the --rows (SOLVER:NFE[:SPACING[:RUNTIME]])
+with the evaluation harness (N samples, seed 0), reads the real-vs-real floor from
+benchmarks/results/metrics.json when present, and writes card.json, CARD.md and grid.png beside the
+weights. The best row at <= --default-max-nfe NFE is recorded in the checkpoint as its default sampler
+(meta["sampler"], what `leandiff sample`/`eval` use when the user names none). Resumable: finished rows
+are kept in leandiff/zoo/NAME/card_rows.jsonl and skipped on a rerun.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import sys
 from pathlib import Path
 
 from _common import RESULTS, command, machine
-from leandiff.checkpoint import META_NAME, WEIGHTS_NAME, ZOO_DIR, load_checkpoint
+from leandiff.checkpoint import META_NAME, WEIGHTS_NAME, ZOO_DIR, load_checkpoint, save_checkpoint
 from leandiff.evaluate.harness import EvalConfig, append_row, evaluate_checkpoint, read_rows
 from leandiff.io import write_json, write_text
 
@@ -71,6 +73,31 @@ def refresh_floor(name: str) -> None:
     print(f"{name}: " + floor_line(floor, card["n"], fid, what))
 
 
+def parse_rows(text: str) -> list[tuple[str, int, str | None, str]]:
+    """``SOLVER:NFE[:SPACING[:RUNTIME]]`` comma-separated -> [(solver, nfe, spacing or None, runtime)]."""
+    rows = []
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        parts = item.split(":")
+        if len(parts) < 2 or not parts[1].isdigit():
+            raise SystemExit(f"--rows: {item!r} is not SOLVER:NFE[:SPACING[:RUNTIME]]")
+        rows.append((parts[0], int(parts[1]), (parts[2] or None) if len(parts) > 2 else None,
+                     parts[3] if len(parts) > 3 else "eager"))
+    return rows
+
+
+def row_key(solver: str, nfe: int, spacing: str | None) -> str:
+    """The card's name of a row: ``ddpm-1000``; with a spacing ``dpmpp-2m-20 (trailing)``."""
+    return f"{solver}-{nfe}" + (f" ({spacing})" if spacing else "")
+
+
+def pick_default(rows: dict, max_nfe: int) -> str:
+    """The key of the best row (lowest FID-dom) at <= max_nfe evaluations: what sample/eval use by default."""
+    fit = {k: r for k, r in rows.items() if r["protocol"]["nfe"] <= max_nfe}
+    if not fit:
+        raise SystemExit(f"no card row at <= {max_nfe} NFE to record as the default sampler")
+    return min(fit, key=lambda k: fit[k]["quality"]["fid_dom"])
+
+
 def main():
     if sys.argv[1:2] == ["--refresh-floor"]:  # zoo_card.py --refresh-floor NAME...: floors only, no sampling
         for name in sys.argv[2:]:
@@ -84,6 +111,13 @@ def main():
     ap.add_argument("--batch-size", type=int, default=512)
     ap.add_argument("--ddpm-runtime", default="eager",
                     help="runtime of the 1000-step DDPM row (bf16: about 2x faster on this CPU); labelled in the card")
+    ap.add_argument("--rows", default="ddim:50,ddpm:1000",
+                    help="rows to measure, SOLVER:NFE[:SPACING[:RUNTIME]] comma-separated")
+    ap.add_argument("--reference", default="ddpm-1000",
+                    help="the row (by its card name) that the others are compared with, e.g. the model's best sampler")
+    ap.add_argument("--default-max-nfe", type=int, default=20,
+                    help="record the best row at <= this NFE as the checkpoint's default sampler (0: record none)")
+    ap.add_argument("--trained-on", default="", help="where it was trained, when not this machine")
     args = ap.parse_args()
 
     src = Path(args.ckpt)
@@ -92,46 +126,80 @@ def main():
     for f in (WEIGHTS_NAME, META_NAME):
         shutil.copyfile(src / f, dst / f)
     ck = load_checkpoint(dst)
+    ck.meta.pop("sampler", None)  # measure with explicit settings; the default is recorded at the end
     rows_path = dst / "card_rows.jsonl"
-    done = {(r["protocol"]["solver"], r["protocol"]["nfe"]) for r in read_rows([rows_path])} if rows_path.is_file() else set()
-    for solver, nfe in (("ddim", 50), ("ddpm", 1000)):
-        if (solver, nfe) in done:
+    done = {r.get("card_key") or row_key(r["protocol"]["solver"], r["protocol"]["nfe"], None)
+            for r in read_rows([rows_path])} if rows_path.is_file() else set()
+    for solver, nfe, spacing, runtime in parse_rows(args.rows):
+        key = row_key(solver, nfe, spacing)
+        if key in done:
             continue
-        runtime = args.ddpm_runtime if solver == "ddpm" else "eager"
-        cfg = EvalConfig(solver=solver, nfe=nfe, n=args.n, seed=0, batch_size=args.batch_size, runtime=runtime)
-        row = evaluate_checkpoint(ck, cfg, grid_path=dst / f"grid_{solver}{nfe}.png", progress=True)
+        runtime = args.ddpm_runtime if solver == "ddpm" else runtime
+        extra = {"spacing": spacing} if spacing else {}
+        cfg = EvalConfig(solver=solver, nfe=nfe, n=args.n, seed=0, batch_size=args.batch_size, runtime=runtime, **extra)
+        slug = key.replace(" (", "_").replace(")", "")
+        row = evaluate_checkpoint(ck, cfg, grid_path=dst / f"grid_{slug}.png", progress=True)
         row["checkpoint"] = f"zoo:{args.name}"
+        row["card_key"] = key
         append_row(rows_path, row)
-        print(f"{solver}-{nfe}: FID-dom {row['quality']['fid_dom']:.3f}  ({row['seconds']:.0f} s)", flush=True)
-    rows = {f"{r['protocol']['solver']}-{r['protocol']['nfe']}": r for r in read_rows([rows_path])}
-    if (dst / "grid_ddim50.png").is_file():  # the card shows the DDIM-50 grid as grid.png; keep one copy
-        (dst / "grid_ddim50.png").replace(dst / "grid.png")
+        print(f"{key}: FID-dom {row['quality']['fid_dom']:.3f}  ({row['seconds']:.0f} s)", flush=True)
+    rows = {r.get("card_key") or row_key(r["protocol"]["solver"], r["protocol"]["nfe"], None): r
+            for r in read_rows([rows_path])}
+    default = pick_default(rows, args.default_max_nfe) if args.default_max_nfe else None
+    shown = default or ("ddim-50" if "ddim-50" in rows else next(iter(rows)))
+    grids = {k: dst / f"grid_{k.replace(' (', '_').replace(')', '')}.png" for k in rows}
+    if grids[shown].is_file():  # the card shows one grid as grid.png; keep one copy of it
+        grids[shown].replace(dst / "grid.png")
+    for k, g in grids.items():  # the other rows' grids are not shipped (the repo stays lean), but DDPM-1000's
+        if k != shown and not k.startswith("ddpm-1000") and g.is_file():
+            g.unlink()
+    if default:  # sample/eval use it when the user names no sampler (Checkpoint.sampling_defaults)
+        p = rows[default]["protocol"]
+        ck.meta["sampler"] = {"solver": p["solver"], "nfe": p["nfe"], "spacing": p["spacing"], "source": "card",
+                              "why": f"best FID-dom at <= {args.default_max_nfe} NFE on this card (N={args.n})"}
+        save_checkpoint(ck, dst)
 
     tr = ck.meta.get("train", {})
     dataset = ck.meta.get("dataset") or tr.get("dataset")
     floor = floor_for(dataset, args.n)
     q = {k: {m: r["quality"][m] for m in ("fid_dom", "kid", "kid_std", "precision", "recall", "is")}
          for k, r in rows.items()}
+    ref = q.get(args.reference, {}).get("fid_dom")
     card = {"name": args.name, "dataset": dataset, "train_command": args.train_command,
+            "trained_on": args.trained_on or f"{machine()['cpu']} ({machine()['cpu_count']} cores)",
             "train": {k: tr.get(k) for k in ("steps", "completed_steps", "batch_size", "lr", "seed", "bf16",
-                                             "wall_seconds", "num_images", "ema_decay", "schedule", "parameterization")},
-            "weights": ck.hash(), "quality": q, "n": args.n, "real_vs_real_floor": floor,
-            "ddpm1000_over_floor": (q["ddpm-1000"]["fid_dom"] / floor["fid_dom"]) if floor else None,
+                                             "wall_seconds", "cpu_seconds", "num_images", "ema_decay", "ema",
+                                             "schedule", "parameterization", "weighting", "min_snr_gamma")},
+            "weights": ck.hash(), "quality": q, "n": args.n, "real_vs_real_floor": floor, "reference": args.reference,
+            "over_reference": {k: v["fid_dom"] / ref for k, v in q.items()} if ref else None,
+            "ddpm1000_over_floor": (q["ddpm-1000"]["fid_dom"] / floor["fid_dom"]) if floor and "ddpm-1000" in q else None,
+            "sampler": ck.meta.get("sampler"),
             "rows": list(rows.values()), "card_command": command(), "machine": machine(),
-            "summary": f"FID-dom {q['ddpm-1000']['fid_dom']:.2f} (DDPM-1000), {q['ddim-50']['fid_dom']:.2f} (DDIM-50), N={args.n}"}
+            "summary": ", ".join(f"{k} {v['fid_dom']:.2f}" for k, v in q.items()) + f" (FID-dom, N={args.n})"}
     write_json(dst / "card.json", card)
+    cpu_s = tr.get("cpu_seconds")
     lines = [f"# zoo:{args.name}", "",
              f"Trained by leandiff on `{dataset}`: `{args.train_command}`", "",
              f"- steps {tr.get('completed_steps')} × batch {tr.get('batch_size')}, seed {tr.get('seed')}, "
-             f"bf16 {tr.get('bf16')}, wall time {tr.get('wall_seconds')} s on {machine()['cpu']} ({machine()['cpu_count']} cores)",
+             f"bf16 {tr.get('bf16')}, wall time {tr.get('wall_seconds')} s"
+             + (f", {cpu_s:.0f} core-seconds ({cpu_s / 3600:.2f} core-hours)" if cpu_s else "")
+             + f" on {card['trained_on']}",
+             f"- predicts {ck.parameterization}, {ck.schedule.kind} schedule"
+             + (f", weighting {tr.get('weighting')}" if tr.get("weighting") else ""),
              f"- weights {ck.hash()}", "",
-             "| sampler | runtime | N | FID-dom | KID×1e3 | precision | recall |", "|---|---|---|---|---|---|---|"]
+             f"| sampler | runtime | N | FID-dom | ×{args.reference} | KID×1e3 | precision | recall |",
+             "|---|---|---|---|---|---|---|---|"]
     for k, v in q.items():
-        lines.append(f"| {k} | {rows[k]['protocol']['runtime']} | {args.n} | {v['fid_dom']:.3f} | "
+        rel = f"{v['fid_dom'] / ref:.2f}" if ref else "–"
+        lines.append(f"| {k} | {rows[k]['protocol']['runtime']} | {args.n} | {v['fid_dom']:.3f} | {rel} | "
                      f"{v['kid'] * 1e3:.3f} ± {v['kid_std'] * 1e3:.3f} | {v['precision']:.3f} | {v['recall']:.3f} |")
+    if default:
+        lines += ["", f"Default sampler (what `leandiff sample`/`eval` use when none is named): **{default}**, "
+                      f"the best row at ≤ {args.default_max_nfe} NFE."]
     if floor:
-        lines += ["", floor_line(floor, args.n, q["ddpm-1000"]["fid_dom"])]
-    lines += ["", "![DDIM-50 samples](grid.png)", "", f"Card written by `{command()}`."]
+        what = args.reference if ref else shown
+        lines += ["", floor_line(floor, args.n, q[what]["fid_dom"], what)]
+    lines += ["", f"![{shown} samples](grid.png)", "", f"Card written by `{command()}`."]
     write_text(dst / "CARD.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -29,7 +29,8 @@ from .device import resolve_device
 from .errors import UserError
 from .io import atomic_path, read_json, write_json
 from .models import UNET, build_network
-from .schedule import DEFAULT_SPACING, Schedule
+from .schedule import Schedule
+from .solvers import DEFAULT_NFE, DEFAULT_SOLVER
 from .spec import Step
 
 FORMAT = "leandiff-checkpoint"
@@ -65,25 +66,40 @@ class Checkpoint:
     def sampling_defaults(self, solver: str | None = None, nfe: int | None = None,
                           runtime: str | None = None) -> tuple[str, int, str]:
         """(solver, NFE, runtime) to use when the user names none: what the checkpoint records
-        (a distilled model its intended NFE, a quantized one its runtime), else DDIM-50 on eager."""
+        (a distilled model its intended NFE, a shipped base the best sampler its card measured at a
+        modest NFE, a quantized model its runtime), else solvers.DEFAULT_SOLVER/DEFAULT_NFE on eager."""
         rec = self._sampler()
         rt = self.meta.get("runtime")
         if isinstance(rt, dict):  # {name, args} (older checkpoints hold a name string)
             rt = str(Step(str(rt.get("name")), dict(rt.get("args") or {}), 0)) if rt.get("args") else rt.get("name")
         # `is None`, not `or`: an explicit NFE 0 or solver "" is the user's, to be refused downstream
-        return (solver if solver is not None else rec.get("solver") or "ddim",
-                int(nfe if nfe is not None else rec.get("nfe") or 50),
+        return (solver if solver is not None else rec.get("solver") or DEFAULT_SOLVER,
+                int(nfe if nfe is not None else rec.get("nfe") or DEFAULT_NFE),
                 runtime if runtime is not None else (rt if isinstance(rt, str) else None) or "eager")
 
-    def default_spacing(self, spacing: str | None = None) -> str:
+    def default_spacing(self, spacing: str | None = None, solver: str | None = None) -> str:
         """Timestep spacing when the user names none: the recorded one (a progressively distilled
-        student is trained on trailing steps and is only right on them), else schedule.DEFAULT_SPACING."""
-        return spacing if spacing is not None else str(self._sampler().get("spacing") or DEFAULT_SPACING)
+        student is trained on trailing steps and is only right on them), else the schedule's default
+        (schedule.DEFAULT_SPACINGS: logsnr for linear β, trailing for cosine). A sampler a model card
+        recommends (source "card") brings its spacing only to its own solver: ``solver`` is the one
+        that will run (None: the recorded one)."""
+        if spacing is not None:
+            return spacing
+        rec = self._sampler()
+        if rec.get("source") == "card" and solver is not None and solver != rec.get("solver"):
+            rec = {}
+        return str(rec.get("spacing") or self.schedule.default_spacing)
 
     def _sampler(self) -> dict:
         """The sampler a compression step recorded (meta["sampler"]: solver, nfe, spacing), or {}."""
         rec = self.meta.get("sampler")
         return rec if isinstance(rec, dict) else {}
+
+    @property
+    def name(self) -> str:
+        """The one name shown for this checkpoint everywhere: ``zoo:NAME`` for a shipped model, else its
+        path as given (``(in memory)`` when it was never saved)."""
+        return display_name(self.path) if self.path is not None else "(in memory)"
 
     def hash(self) -> str:
         """Short content hash of the weights (sha256 over names, shapes and bytes)."""
@@ -112,6 +128,18 @@ def save_checkpoint(ckpt: Checkpoint, out_dir: str | Path) -> Path:
     write_json(out_dir / META_NAME, meta)
     ckpt.path = out_dir
     return out_dir
+
+
+def display_name(path: str | Path) -> str:
+    """``zoo:NAME`` for a shipped model's directory (or a file in it), else the path as given."""
+    p = Path(path)
+    try:
+        zoo = ZOO_DIR.resolve()
+        r = p.resolve()
+        rel = r.relative_to(zoo)
+    except (OSError, ValueError):
+        return str(path)
+    return f"zoo:{rel.parts[0]}" if rel.parts else str(path)
 
 
 def resolve(path: str | Path) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import textwrap
 from pathlib import Path
 
 import click
@@ -68,20 +69,20 @@ def _floats(text: str, what: str) -> tuple[float, ...]:
 @click.option("--data-dir", default=None, help="directory with the dataset's files (IDX, CIFAR batches)")
 @click.option("--model", default="mnist-tiny", show_default=True, help="a named config (see leandiff.models)")
 @click.option("--init", "init_ckpt", default=None, help="start from this checkpoint instead of a fresh --model")
-@click.option("--steps", type=int, default=10_000, show_default=True, callback=_positive)
-@click.option("--batch-size", type=int, default=128, show_default=True, callback=_positive)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--warmup", type=int, default=200, show_default=True)
-@click.option("--lr-schedule", type=click.Choice(["cosine", "constant", "cosine-restarts"]), default="cosine", show_default=True)
-@click.option("--restart-period", type=int, default=1000, show_default=True)
-@click.option("--ema-decay", type=float, default=0.999, show_default=True)
-@click.option("--grad-clip", type=float, default=1.0, show_default=True)
-@click.option("--schedule", type=click.Choice(["linear", "cosine"]), default="linear", show_default=True)
+@click.option("--steps", type=int, default=10_000, show_default=True, callback=_positive, help="optimizer steps")
+@click.option("--batch-size", type=int, default=128, show_default=True, callback=_positive, help="images per step (global, split across DDP processes)")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="peak AdamW learning rate")
+@click.option("--warmup", type=int, default=200, show_default=True, help="linear warm-up steps")
+@click.option("--lr-schedule", type=click.Choice(["cosine", "constant", "cosine-restarts"]), default="cosine", show_default=True, help="learning-rate schedule after the warm-up")
+@click.option("--restart-period", type=int, default=1000, show_default=True, help="cosine-restarts: steps per cycle")
+@click.option("--ema-decay", type=float, default=0.999, show_default=True, help="decay of the EMA weights the checkpoint holds")
+@click.option("--grad-clip", type=float, default=1.0, show_default=True, help="clip the gradient norm to this (0: off)")
+@click.option("--schedule", type=click.Choice(["linear", "cosine"]), default="linear", show_default=True, help="forward-process β schedule")
 @click.option("--parameterization", default="eps", show_default=True,
               help="eps, v, x0, or edm (Karras et al. 2022 preconditioning; edm(sigma_data=S), default 0.5)")
 @click.option("--weighting", type=click.Choice(["plain", "truncated-snr", "snr+1", "min-snr"]), default="plain",
               show_default=True, help="loss weighting (min-snr: Hang et al. 2023, with --min-snr-gamma)")
-@click.option("--min-snr-gamma", type=float, default=5.0, show_default=True)
+@click.option("--min-snr-gamma", type=float, default=5.0, show_default=True, help="γ of min-snr weighting")
 @click.option("--noise-levels", type=click.Choice(["auto", "uniform", "lognormal"]), default="auto", show_default=True,
               help="training t: uniform integers, or EDM's lognormal sigma (auto: lognormal for edm)")
 @click.option("--p-mean", type=float, default=-1.2, show_default=True, help="lognormal: mean of ln sigma")
@@ -89,17 +90,19 @@ def _floats(text: str, what: str) -> tuple[float, ...]:
 @click.option("--ema-decays", default="", help="more EMA decays kept side by side, e.g. 0.99,0.9999 (pick: leandiff ema)")
 @click.option("--snapshot-every", type=int, default=0, show_default=True,
               help="keep a copy of the checkpoint every N steps in OUT/snapshots/ (0: never)")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the initial weights, data order and noise")
 @click.option("--bf16", is_flag=True, help="bf16 autocast (faster on CPUs with AMX/AVX512-bf16)")
-@click.option("--sample-every", type=int, default=1000, show_default=True)
-@click.option("--checkpoint-every", type=int, default=500, show_default=True, callback=_positive)
+@click.option("--sample-every", type=int, default=1000, show_default=True, help="write a sample grid every N steps (0: never)")
+@click.option("--checkpoint-every", type=int, default=500, show_default=True, callback=_positive, help="save the checkpoint and training state every N steps")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="output checkpoint directory")
 @click.option("--resume", is_flag=True, help="continue a killed run from its last saved state")
 @device_option
 def train(dataset, data_dir, model, init_ckpt, steps, batch_size, lr, warmup, lr_schedule, restart_period,
           ema_decay, grad_clip, schedule, parameterization, weighting, min_snr_gamma, noise_levels, p_mean, p_std,
           ema_decays, snapshot_every, seed, bf16, sample_every, checkpoint_every, out, resume, device):
-    """Train a diffusion model; writes a checkpoint (EMA weights) to --out."""
+    """Train a diffusion model into a checkpoint.
+
+    Writes the checkpoint (EMA weights), its training state and sample grids to --out."""
     from .io import ensure_writable_dir
     from .train import TrainConfig, train as run, init_checkpoint, training_images
 
@@ -120,21 +123,26 @@ def train(dataset, data_dir, model, init_ckpt, steps, batch_size, lr, warmup, lr
 
 @main.command()
 @click.argument("ckpt")
-@click.option("--solver", default=None, help="default: the checkpoint's recorded solver, else ddim")
-@click.option("--nfe", type=int, default=None, help="network evaluations per sample (default: the checkpoint's, else 50)")
+@click.option("--solver", default=None, help="default: the checkpoint's recorded sampler (a zoo base: the best its card measured), else dpmpp-3m-sde")
+@click.option("--nfe", type=int, default=None, help="network evaluations per sample (default: the checkpoint's, else 10)")
 @click.option("--runtime", default=None,
-              help="eager, bf16, ... (leandiff.runtime.RUNTIMES; default: the checkpoint's, else eager)")
+              help="eager, bf16, fp16, channels-last, compile, ort, ort-int8, dynamic-int8, fake-quant or cache[-nu][-bf16]:K; "
+                   "leandiff runtimes says where each runs "
+                   "(default: the checkpoint's, else eager)")
 @click.option("--spacing", default=None,
-              help="leading, trailing, quadratic, logsnr (default: the checkpoint's, else logsnr)")
+              help="leading, trailing, linspace, quadratic or logsnr (default: the checkpoint's, else logsnr for "
+                   "linear-β and trailing for cosine schedules)")
 @click.option("--eta", type=float, default=None, help="DDIM η (0 deterministic, 1 DDPM-like); the noise level of dpmpp-*-sde (1: the SDE, 0: the ODE)")
-@click.option("-n", "n", type=int, default=64, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("-n", "n", type=int, default=64, show_default=True, help="number of samples")
+@click.option("--seed", type=int, default=0, show_default=True, help="sampling seed (the same seed gives the same images)")
+@click.option("--batch-size", type=int, default=256, show_default=True, help="images per solver call")
 @click.option("--no-clip", is_flag=True, help="do not clamp x̂₀ to [-1, 1] inside the solver")
-@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="output directory (grid.png, samples.npz)")
 @device_option
 def sample(ckpt, solver, nfe, runtime, spacing, eta, n, seed, batch_size, no_clip, out, device):
-    """Sample from a checkpoint; writes grid.png and samples.npz (uint8) to --out."""
+    """Sample images from a checkpoint.
+
+    Writes grid.png and samples.npz (uint8) to --out."""
     from .checkpoint import load_checkpoint
     from .io import save_grid, save_npz, to_uint8
     from .models import image_shape
@@ -147,7 +155,7 @@ def sample(ckpt, solver, nfe, runtime, spacing, eta, n, seed, batch_size, no_cli
     dev = resolve_device(device)
     ck = load_checkpoint(ckpt)
     solver, nfe, runtime = ck.sampling_defaults(solver, nfe, runtime)
-    spacing = ck.default_spacing(spacing)
+    spacing = ck.default_spacing(spacing, solver)
     ensure_writable_dir(out)
     opts = {} if eta is None else {"eta": eta}
     cfg = SampleConfig(solver=solver, nfe=nfe, spacing=spacing, n=n, seed=seed, batch_size=batch_size,
@@ -169,7 +177,10 @@ def sample(ckpt, solver, nfe, runtime, spacing, eta, n, seed, batch_size, no_cli
 @click.argument("ckpt")
 @click.option("--json", "as_json", is_flag=True, help="print the whole record as JSON")
 def info(ckpt, as_json):
-    """Architecture, parameters, MACs per image and lineage of a checkpoint."""
+    """Show a checkpoint: size, MACs, runtime, lineage.
+
+    Architecture, parameters (total and non-zero), MACs per image, schedule, the runtime and sampler
+    sample/eval use by default, recorded training time and the whole lineage."""
     import torch
 
     from .checkpoint import load_checkpoint
@@ -178,9 +189,12 @@ def info(ckpt, as_json):
 
     ck = load_checkpoint(ckpt)
     shape = image_shape(ck.arch)
-    rec = {"path": str(ck.path), "weights": ck.hash(), "architecture": ck.arch, "image_shape": list(shape),
-           **count_params(ck.net), "macs_per_image": macs_per_image(ck.net, shape),
+    solver, nfe, runtime = ck.sampling_defaults()
+    rec = {"name": ck.name, "path": str(ck.path), "weights": ck.hash(), "architecture": ck.arch,
+           "image_shape": list(shape), **count_params(ck.net), "macs_per_image": macs_per_image(ck.net, shape),
            "schedule": ck.schedule.to_dict(), "parameterization": ck.parameterization,
+           "runtime_recorded": ck.meta.get("runtime"),
+           "sampling_defaults": {"solver": solver, "nfe": nfe, "spacing": ck.default_spacing(None, solver), "runtime": runtime},
            "lineage": ck.lineage, "metrics": ck.meta.get("metrics", {})}
     if as_json:
         click.echo(json.dumps(rec, indent=2))
@@ -191,16 +205,46 @@ def info(ckpt, as_json):
     if surgery and hasattr(ck.net, "down_blocks"):  # pruned: the widths the network has now, per block
         channels = [max((m.out_channels for m in b.modules() if isinstance(m, torch.nn.Conv2d)), default=0)
                     for b in ck.net.down_blocks]
-    click.echo(f"{ck.path}  weights {rec['weights']}")
+    recorded = "recorded by the checkpoint" if ck.meta.get("runtime") else "none recorded: the default"
+    click.echo(f"{ck.name}  weights {rec['weights']}")
     click.echo(f"  network      {ck.arch['type']} channels {channels} "
                f"layers/block {cfg.get('layers_per_block')} image {shape}"
                + (f"; surgery: {', '.join(surgery)}" if surgery else ""))
     click.echo(f"  parameters   {rec['params']:,} ({rec['params_nonzero']:,} non-zero)")
     click.echo(f"  MACs/image   {rec['macs_per_image'] / 1e9:.4f} G")
     click.echo(f"  schedule     {ck.schedule.kind}, T={ck.schedule.T}; predicts {ck.parameterization}")
+    click.echo(f"  runtime      {runtime} ({recorded})")
+    click.echo(f"  samples by   {solver}, {nfe} NFE, {ck.default_spacing(None, solver)} spacing (what sample/eval use when not told)")
+    times = _recorded_times(ck.meta)
+    if times:
+        click.echo(f"  time spent   {'; '.join(times)}")
     for i, step in enumerate(ck.lineage):
         settings = step.get("settings", step.get("args", {}))  # train records settings, recipe steps args
-        click.echo(f"  lineage[{i}]   {step.get('step')} {json.dumps(settings, sort_keys=True)[:160]}")
+        items = [f"{json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(settings.items())] if isinstance(
+            settings, dict) else [json.dumps(settings)]
+        lines, cur = [], f"{step.get('step')} {{"
+        for j, item in enumerate(items):  # whole, wrapped between items, never cut
+            item += "," if j < len(items) - 1 else ""
+            if len(cur) + len(item) > 84 and cur.strip():
+                lines.append(cur)
+                cur = ""
+            cur += ("" if not cur or cur.endswith("{") else " ") + item
+        lines.append(cur + "}")
+        for k, line in enumerate(lines):
+            click.echo((f"  lineage[{i}]   " if k == 0 else " " * 16) + line)
+
+
+def _recorded_times(meta: dict) -> list[str]:
+    """What the checkpoint's making cost, as recorded: training wall/CPU seconds, a step's train seconds."""
+    out = []
+    for key, rec in meta.items():
+        if not isinstance(rec, dict):
+            continue
+        wall = rec.get("wall_seconds", rec.get("train_seconds"))
+        if isinstance(wall, (int, float)):
+            cpu = rec.get("cpu_seconds")
+            out.append(f"{key} {wall:,.1f} s wall" + (f" ({cpu:,.1f} CPU-s)" if isinstance(cpu, (int, float)) else ""))
+    return out
 
 
 @main.command()
@@ -221,13 +265,15 @@ def zoo():
 
 
 @main.command()
-@click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False))
+@click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False), help="output directory (results.jsonl, grids/, ckpts/, report/)")
 @click.option("--model", default="zoo:mnist-tiny", show_default=True, help="checkpoint to run the demo on")
 @click.option("-n", "n", type=int, default=1000, show_default=True, help="samples per row")
 @click.option("--fast", is_flag=True, help="three tiny rows (N=32): a smoke test of the whole flow")
 @device_option
 def demo(out, model, n, fast, device):
-    """The main job: sample, compress and evaluate the shipped MNIST model; write the HTML report."""
+    """The main job: compress, evaluate, report.
+
+    Samples, compresses and evaluates the shipped MNIST model with one protocol; writes the HTML report."""
     from .demo import DemoConfig, run_demo
 
     if n <= 0:
@@ -241,11 +287,13 @@ def demo(out, model, n, fast, device):
 @click.option("--recipe", required=True, help='e.g. "prune(method=diff,ratio=0.5) > finetune(steps=600)"')
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="output checkpoint directory")
 @click.option("--dataset", default=None, help="training/calibration data (default: the checkpoint's)")
-@click.option("--data-dir", default=None)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--data-dir", default=None, help="directory with the dataset's files (IDX, CIFAR batches)")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of calibration, fine-tuning and data order")
 @device_option
 def compress(ckpt, recipe, out, dataset, data_dir, seed, device):
-    """Apply a compression recipe; a killed run resumes after its last finished step."""
+    """Apply a compression recipe to a checkpoint.
+
+    A killed run resumes after its last finished step."""
     from .checkpoint import load_checkpoint
     from .io import ensure_writable_dir
     from .recipe import apply_recipe, parse_recipe
@@ -297,7 +345,7 @@ def recipes_cmd():
 
 
 # --- commands from the other stages register here -------------------------------------------
-from .evaluate.commands import bench, classifier, eval_cmd, report  # noqa: E402  (issue 3: evaluation)
+from .evaluate.commands import bench, classifier, eval_cmd, report  # noqa: E402  (the evaluation verbs)
 main.add_command(classifier)
 main.add_command(eval_cmd)
 main.add_command(bench)
@@ -308,7 +356,7 @@ main.add_command(report)
 @click.argument("ckpt")
 @click.option("--onnx", "onnx_out", required=True, type=click.Path(dir_okay=False), help="output .onnx file (dynamic batch)")
 def export_cmd(ckpt, onnx_out):
-    """Export a checkpoint's network to ONNX (issue 6: quantization / deployment)."""
+    """Export a checkpoint's network to ONNX (dynamic batch)."""
     from .checkpoint import load_checkpoint
     from .compress.onnx import export_onnx
 
@@ -320,7 +368,10 @@ def export_cmd(ckpt, onnx_out):
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="study directory (results.jsonl, ckpts/, report/)")
 @device_option
 def study_cmd(study_toml, out_dir, device):
-    """Run a study grid (issue 9): cells appended to OUT/results.jsonl, resumable; report + findings at the end."""
+    """Run a study grid (resumable).
+
+    The grid: models × recipes × solvers × NFE × runtimes.
+    Cells are appended to OUT/results.jsonl; the report and findings are written at the end."""
     from .study import load_study, run_study
 
     dev = resolve_device(device)  # a missing device fails before the study is read
@@ -331,14 +382,16 @@ def study_cmd(study_toml, out_dir, device):
 @main.command("ema")
 @click.argument("run_dir")
 @click.option("--solver", default="dpmpp-3m-sde", show_default=True, help="the proxy's solver")
-@click.option("--nfe", type=int, default=10, show_default=True, callback=_positive)
-@click.option("--spacing", default="trailing", show_default=True)
+@click.option("--nfe", type=int, default=10, show_default=True, callback=_positive, help="the proxy's network evaluations per sample")
+@click.option("--spacing", default="trailing", show_default=True, help="the proxy's timestep spacing: leading, trailing, linspace, quadratic or logsnr")
 @click.option("-n", "n", type=int, default=512, show_default=True, callback=_positive, help="samples per EMA")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="write the best EMA's checkpoint here (default: only print the scores)")
 @device_option
 def ema_cmd(run_dir, solver, nfe, spacing, n, out, device):
-    """Score a run's EMA profiles (train --ema-decays) by a cheap FID-dom proxy and pick the best."""
+    """Pick a run's best EMA by an FID-dom proxy.
+
+    Scores the EMA profiles kept by train --ema-decays with a cheap FID-dom proxy."""
     from .ema import ProxyConfig, select_ema, write_selected
     from .io import ensure_writable_dir
 

@@ -17,8 +17,8 @@ from pathlib import Path
 from .checkpoint import load_checkpoint, resolve
 from .cost import LatencyConfig
 from .errors import UserError
+from .io import ensure_writable_dir, heartbeat
 from .runtime import row_device
-from .io import ensure_writable_dir
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log=print) -> Path:
     A rerun skips the rows already in results.jsonl."""
     from .evaluate.classifier import load_classifier
     from .evaluate.harness import EvalConfig, append_row, evaluate_checkpoint, markdown_header, markdown_row, read_rows
+    from .evaluate.protocol import write_rows
     from .evaluate.harness import resolve_dataset
     from .evaluate.reference import reference_stats
     from .evaluate.report import write_report
@@ -111,7 +112,8 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log=print) -> Path:
     log(f"demo: {cfg.model} ({dataset}), {len(cfg.rows)} rows × N={n}, results in {results}")
     log(markdown_header())
     models = {("", ""): ck}
-    for r in cfg.rows:
+    timed: dict[tuple[str, str], object] = {}  # (row name, runtime) -> model: the networks of the latency pass
+    for i, r in enumerate(cfg.rows, 1):
         if (r.model, "") not in models:  # another shipped checkpoint, used only if made from the demo's model
             other = load_checkpoint(r.model)
             made_from_base = ck.hash() in {st.get("parent") for st in other.lineage}
@@ -122,34 +124,77 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log=print) -> Path:
         if start is None:
             continue
         if (r.model, r.recipe) not in models:
-            models[(r.model, r.recipe)] = _compressed(start, r, out / "ckpts" / _tag(r), log, cfg.device)
+            with heartbeat(f"row {i}/{len(cfg.rows)}: making {r.label}", log):
+                models[(r.model, r.recipe)] = _compressed(start, r, out / "ckpts" / _tag(r), log, cfg.device)
         model = models[(r.model, r.recipe)]
         runtime = r.runtime or model.sampling_defaults()[2]
         name = r.model or cfg.model
         name = f"{name} > {r.label}" if r.recipe else name
-        spacing = r.spacing or model.default_spacing()
+        spacing = r.spacing or model.default_spacing(solver=r.solver)
         key = (r.solver, r.nfe, runtime, n, name, spacing)
+        timed[(name, runtime)] = model
         if key in done:
             continue
+        # latency=None: every row's network is timed afterwards in one pass (see _latency_pass)
         ecfg = EvalConfig(solver=r.solver, nfe=r.nfe, n=n, seed=cfg.seed, runtime=runtime,
-                          spacing=spacing, batch_size=min(cfg.batch_size, n), latency=latency, inception=False,
+                          spacing=spacing, batch_size=min(cfg.batch_size, n), latency=None, inception=False,
                           mse_n=min(n, 1000), device=str(row_device(runtime, cfg.device)))
         # no ':' in file names (cache:2): a relative link "a-cache:2.png" would read as a URL scheme
         grid = out / "grids" / f"{_tag(r)}-{r.solver}-{r.nfe}-{runtime.replace(':', '')}.png"
-        row = evaluate_checkpoint(model, ecfg, classifier=clf, reference=ref, grid_path=grid, progress=True,
-                                  log=lambda *_: None)
-        row["checkpoint"] = name
-        if r.recipe:
-            row["recipe"] = r.recipe
+        with heartbeat(f"row {i}/{len(cfg.rows)}: {name} {r.solver}-{r.nfe} on {runtime}", log):
+            row = evaluate_checkpoint(model, ecfg, classifier=clf, reference=ref, grid_path=grid, progress=True,
+                                      log=lambda *_: None)
+        row["checkpoint"] = name  # the row's recipe, origin and parent come from the model's lineage
         append_row(results, row)
         rows.append(row)
         log(markdown_row(row))
+    if any("latency_ms" not in r["cost"] for r in rows):
+        with heartbeat("latency of every row's network, one pass", log):
+            _latency_pass(rows, timed, latency, log, cfg.device)
+        write_rows(results, rows)
     reference = card_rows(resolve(cfg.model), cfg.model)
     if not reference:
         log(f"note: {cfg.model} has no model card; the report has no 1000-step reference row")
     index = write_report(reference + rows, out / "report", title=f"leandiff demo: {cfg.model}")
     log(f"demo finished in {time.perf_counter() - t0:.0f} s; report: {index}")
     return index
+
+
+def _latency_pass(rows: list[dict], timed: dict, latency: LatencyConfig, log, device: str = "cpu") -> None:
+    """Time every (model, runtime) of the rows in one pass, all networks in the same alternating rounds
+    (as ``leandiff bench`` does), so that a busy moment does not fall on one row alone; write the figures,
+    and the load during the pass, into each row's cost. Each network is timed on its row's device (one
+    pass per device: a CPU-only runtime's rows on the CPU)."""
+    from dataclasses import asdict
+
+    from .cost import machine_load, measure_latency
+    from .models import image_shape
+    from .runtime import get_runtime
+
+    if not timed:
+        return
+    shape = image_shape(next(iter(timed.values())).arch)
+    by_device: dict = {}
+    for (name, rt), model in timed.items():
+        by_device.setdefault(row_device(rt, device), []).append((name, rt, model))
+    lat, count = {}, len(timed)
+    for dev, items in by_device.items():  # networks of one device built together (a model moves with them)
+        nets = {f"{name} [{rt}]": get_runtime(rt, dev)(model) for name, rt, model in items}
+        log(f"latency: {len(nets)} networks on {dev} × batch {', '.join(map(str, latency.batch_sizes))}, "
+            f"{latency.rounds} alternating rounds")
+        lat.update(measure_latency(nets, shape, latency, progress=True, device=dev))
+    load = machine_load()
+    for r in rows:
+        got = lat.get(f"{r['checkpoint']} [{r['protocol']['runtime']}]")
+        if got is None:
+            continue
+        r["cost"]["latency_ms"] = {str(b): v["median_ms"] for b, v in got.items()}
+        r["cost"]["latency_ms_per_image"] = {str(b): v["ms_per_image"] for b, v in got.items()}
+        r["cost"].setdefault("load", {})["latency"] = load
+        r["protocol"]["latency"] = {**asdict(latency), "pass": f"one pass over the {count} networks of the demo"}
+    for key, got in lat.items():
+        b = max(got)
+        log(f"  {key}: {got[b]['median_ms']:.2f} ms per evaluation at batch {b}")
 
 
 def _tag(row: Row) -> str:

@@ -4,7 +4,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -133,3 +136,29 @@ def ensure_writable_dir(path) -> Path:
     except OSError as e:
         raise UserError(f"cannot write to {path}: {e.strerror or e}") from None
     return path
+
+
+@contextmanager
+def heartbeat(what: str, log, every: float = 30.0, enabled: bool | None = None):
+    """While the body runs, ``log`` a line saying it still runs every ``every`` seconds. For output that
+    goes to a log file: there the progress bars (on a terminal only) are silent. ``enabled`` None: only
+    when stdout is not a terminal."""
+    if enabled is None:
+        enabled = not (hasattr(sys.stdout, "isatty") and sys.stdout.isatty())
+    if not enabled:
+        yield
+        return
+    done = threading.Event()
+    t0 = time.monotonic()
+
+    def beat():
+        while not done.wait(every):
+            log(f"  ... {what}: {time.monotonic() - t0:.0f} s so far")
+
+    thread = threading.Thread(target=beat, name="leandiff-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()

@@ -18,10 +18,15 @@ from .errors import UserError
 
 SCHEDULE_KINDS = ("linear", "cosine")
 SPACINGS = ("leading", "trailing", "linspace", "quadratic", "logsnr")
-# Spacing for a checkpoint that records none. Measured on zoo:mnist-tiny (N=512, seed 0, FID-dom):
-# DDIM-50 logsnr 5.455 / leading 6.376 / trailing 6.740; dpmpp-3m-sde NFE 20 0.511 / 0.620 / 0.643; on the
-# Gaussian contract problem (tests/test_solvers.py) DDIM's std error is lowest on logsnr at NFE 10-100.
-DEFAULT_SPACING = "logsnr"
+# Spacing for a checkpoint that records none, by schedule kind (Schedule.default_spacing).
+# linear β: logsnr. Measured on zoo:mnist-tiny (N=512, seed 0, FID-dom): DDIM-50 logsnr 5.455 / leading
+# 6.376 / trailing 6.740; dpmpp-3m-sde NFE 20 0.511 / 0.620 / 0.643; on the Gaussian contract problem
+# (tests/test_solvers.py) DDIM's std error is lowest on logsnr at NFE 10-100.
+# cosine: trailing. The cosine schedule's log-SNR runs to about ±20 at its ends, so steps uniform in λ
+# crowd where nothing changes: dpmpp-3m-sde at 10 NFE read FID-dom 51 (logsnr) against 1.3 (trailing)
+# on v-prediction cosine models (benchmarks/results/default_sampler.md has the measurement).
+DEFAULT_SPACINGS = {"linear": "logsnr", "cosine": "trailing"}
+DEFAULT_SPACING = DEFAULT_SPACINGS["linear"]  # where no schedule is known (SampleConfig, EvalConfig fields)
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,11 @@ class Schedule:
     def alphas_cumprod(self) -> torch.Tensor:
         """ᾱ_t for t = 0..T-1 in float64 (computed on demand; it is cheap)."""
         return alphas_cumprod(self)
+
+    @property
+    def default_spacing(self) -> str:
+        """The timestep spacing to use when neither the user nor the checkpoint names one."""
+        return DEFAULT_SPACINGS[self.kind]
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "num_timesteps": self.num_timesteps,

@@ -195,7 +195,7 @@ def run_study(study: Study, out_dir: str | Path, *, progress: bool = True, log=p
         ck = ckpts[c["model"]]
         rt = runtime_label(ck.sampling_defaults()[2]) if c["runtime"] == "ckpt" else c["runtime"]
         cfg = EvalConfig(solver=c["solver"], nfe=c["nfe"], n=c["n"], seed=c["seed"], batch_size=study.batch_size,
-                         runtime=rt, spacing=ck.default_spacing(), inception=False, device=str(row_device(rt, device)),
+                         runtime=rt, spacing=ck.default_spacing(solver=c["solver"]), inception=False, device=str(row_device(rt, device)),
                          **({} if study.latency else {"latency": None}))
         ds = resolve_dataset(ck, None)
         if ds not in shared:  # the classifier and reference statistics, loaded once per dataset

@@ -112,3 +112,40 @@ def test_shape_mismatch_is_a_clear_error(tiny_ckpt, tmp_path):
     (tmp_path / "ck" / "leandiff.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="do not fit"):
         load_checkpoint(tmp_path / "ck")
+
+
+def test_default_sampler_without_a_record_is_the_measured_best_not_ddim50(tiny_ckpt):
+    from leandiff.solvers import DEFAULT_NFE, DEFAULT_SOLVER, SOLVERS
+
+    assert DEFAULT_SOLVER in SOLVERS and (DEFAULT_SOLVER, DEFAULT_NFE) != ("ddim", 50)
+    assert tiny_ckpt.sampling_defaults() == (DEFAULT_SOLVER, DEFAULT_NFE, "eager")
+    assert tiny_ckpt.sampling_defaults("ddim", 20, "bf16") == ("ddim", 20, "bf16")  # the user's choice wins
+
+
+def test_default_spacing_follows_the_schedule(tiny_ckpt):
+    import dataclasses
+
+    from leandiff.schedule import Schedule
+
+    assert tiny_ckpt.default_spacing() == "logsnr"  # linear β
+    cosine = dataclasses.replace(tiny_ckpt, schedule=Schedule("cosine"))
+    assert cosine.default_spacing() == "trailing" and cosine.default_spacing("leading") == "leading"
+
+
+def test_a_card_recommendation_brings_its_spacing_only_to_its_solver(tiny_ckpt):
+    from leandiff.compress.quant import deployed_steps
+
+    tiny_ckpt.meta["sampler"] = {"solver": "dpmpp-3m-sde", "nfe": 10, "spacing": "trailing", "source": "card"}
+    assert tiny_ckpt.sampling_defaults() == ("dpmpp-3m-sde", 10, "eager")
+    assert tiny_ckpt.default_spacing(solver="dpmpp-3m-sde") == "trailing" == tiny_ckpt.default_spacing()
+    assert tiny_ckpt.default_spacing(solver="ddim") == "logsnr"  # another solver: the schedule's default
+    assert deployed_steps(tiny_ckpt) == 50  # a recommendation does not bind the network to 10 steps
+    # a distilled student's record is a property of the network: its spacing and NFE hold for any solver
+    tiny_ckpt.meta["sampler"] = {"solver": "ddim", "nfe": 4, "spacing": "trailing"}
+    assert tiny_ckpt.default_spacing(solver="dpmpp-2m") == "trailing" and deployed_steps(tiny_ckpt) == 4
+
+
+def test_shipped_base_defaults_to_the_sampler_its_card_measured_best():
+    ck = load_checkpoint("zoo:mnist-tiny")
+    assert ck.sampling_defaults() == ("dpmpp-3m-sde", 10, "eager") and ck.default_spacing(solver="ddim") == "logsnr"
+    assert ck.default_spacing(solver="dpmpp-3m-sde") == "trailing"

@@ -116,3 +116,26 @@ def test_runtime_registry():
             register_runtime("test-half", lambda ck: ck.net)
     finally:
         RUNTIMES.pop("test-half")
+
+
+def test_nonzero_macs_count_what_unstructured_pruning_removes():
+    """Zeroing half of one conv's weights removes half of that conv's MACs and nothing else."""
+    from torch import nn
+
+    from leandiff.cost import macs_per_image, macs_per_image_nonzero
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x, t):
+            return self.b(self.a(x))
+
+    net = Net()
+    assert macs_per_image_nonzero(net, (1, 8, 8)) == macs_per_image(net, (1, 8, 8))
+    with torch.no_grad():
+        net.a.weight.view(-1)[:18] = 0  # 18 of 36 weights
+    dense = macs_per_image(net, (1, 8, 8))
+    assert dense == 8 * 8 * (36 + 8)
+    assert macs_per_image_nonzero(net, (1, 8, 8)) == dense - 8 * 8 * 18

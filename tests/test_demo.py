@@ -26,6 +26,11 @@ def test_demo_fast_mode_writes_report_with_all_rows(tmp_path):
     assert rows[-1]["checkpoint"] == "zoo:mnist-tiny-pd4" and rows[-1]["protocol"]["spacing"] == "trailing"
     assert rows[-1]["quality"]["fid_dom"] < rows[0]["quality"]["fid_dom"]  # 4 steps: the student beats DDIM
     assert [x["checkpoint"] for x in rows].count("zoo:mnist-tiny > int8") == 1
+    # latency: one pass over every row's network after the sampling, with the load during it
+    assert all(set(x["cost"]["latency_ms"]) == {"1", "16"} and "one pass" in x["protocol"]["latency"]["pass"]
+               and x["cost"]["load"]["latency"]["cores"] >= 1 for x in rows)
+    # every row knows the model its lineage started from: the base
+    assert {x["origin"] for x in rows} == {rows[0]["weights"]} and rows[3]["parent"] == rows[0]["weights"]
     # the caching row prices what it ran: 2 full + 2 shallow evaluations, fewer MACs than the full net
     cached = rows[4]["cost"]
     assert cached["cache_calls"] == {"full": 2, "shallow": 2}
@@ -38,7 +43,7 @@ def test_demo_fast_mode_writes_report_with_all_rows(tmp_path):
     page = (report / "index.html").read_text()
     p = _Refs()
     p.feed(page)
-    assert p.refs and all((report / ref).is_file() for ref in p.refs), p.refs
+    assert p.refs and all(ref.startswith("#") or (report / ref).is_file() for ref in p.refs), p.refs
     md = (report / "report.md").read_text()
     assert "model card" in md  # the 1000-step reference row, read from the card and labelled
     assert md.count("| zoo:mnist-tiny |") == 4 and md.count("| zoo:mnist-tiny > int8 |") == 1

@@ -257,6 +257,8 @@ def test_ort_int8_checkpoint_knows_runtime_and_calibration(int8_dir):
     assert ck.meta["runtime"] == {"name": "ort-int8", "args": {}} and ck.sampling_defaults()[2] == "ort-int8"
     assert ck.meta["quant"]["calibration"]["collector"] == "real"
     assert (int8_dir / "model.int8.onnx").is_file()
+    assert not (int8_dir / "model.onnx").exists()  # the fp32 graph was only the quantizer's input
+    assert ck.meta["quant"]["files"] == ["model.int8.onnx"] and "safetensors" in ck.meta["quant"]["files_note"]
     import onnx  # conv_in / conv_out / time MLP stay fp32 (keep_first_last, keep_time): no quantized weight feeds them
     g = onnx.load(str(int8_dir / "model.int8.onnx")).graph
     dq_out = {o for n in g.node if n.op_type == "DequantizeLinear" for o in n.output}

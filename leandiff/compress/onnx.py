@@ -8,7 +8,8 @@
   :mod:`leandiff.compress.calibration`.
 - runtime ``compile``: ``torch.compile`` of the eager fp32 network.
 
-ONNX files are side files of the checkpoint directory (``model.onnx``, ``model.int8.onnx``); when a
+ONNX files are side files of the checkpoint directory (``model.int8.onnx``; ``model.onnx`` where one was
+exported there); when a
 checkpoint has none, ``ort`` exports on the fly into a cache directory keyed by the weights hash, and
 ``ort-int8`` is an error unless it names a collector to calibrate with (``ort-int8(calib=qdiff)``). ONNX Runtime uses as many threads as
 torch (``torch.get_num_threads()``), so ``OMP_NUM_THREADS=1`` comparisons are fair.
@@ -181,19 +182,28 @@ def quantize_onnx_int8(fp32: str | Path, out: str | Path, calib: tuple[torch.Ten
 
 def quantize_ort_int8(ckpt, ccfg, out_dir: str | Path, images=None, per_channel: bool = True,
                       keep_first_last: bool = True, keep_time: bool = True, observer: str = "minmax"):
-    """The quant(runtime=ort-int8) step: export, calibrate on collector ``ccfg``, write both ONNX
-    files into ``out_dir``; the returned checkpoint (same weights) records its runtime and calibration."""
+    """The quant(runtime=ort-int8) step: export, calibrate on collector ``ccfg``, write the int8 ONNX model
+    into ``out_dir``; the returned checkpoint (same weights) records its runtime and calibration.
+
+    The fp32 ONNX graph is only the input of the quantizer: it is made in a temporary directory and not
+    kept (the ``ort`` runtime exports one on the fly when asked). The fp32 safetensors weights stay:
+    they are the checkpoint (eager/bf16 runtimes, later recipe steps, the weights hash of the lineage)."""
     out_dir = Path(out_dir)
     fp = ckpt.net.float().eval()
     calib = collect(Denoiser(fp, ckpt.schedule, ckpt.parameterization), image_shape(ckpt.arch), ccfg, images)
-    fp32 = export_onnx(ckpt, out_dir / FP32_NAME)
-    quantize_onnx_int8(fp32, out_dir / INT8_NAME, calib, per_channel, keep_first_last, keep_time, observer)
+    (out_dir / FP32_NAME).unlink(missing_ok=True)  # left by an older version of this step
+    with tempfile.TemporaryDirectory(prefix="leandiff-fp32-") as d:
+        fp32 = export_onnx(ckpt, Path(d) / FP32_NAME)
+        quantize_onnx_int8(fp32, out_dir / INT8_NAME, calib, per_channel, keep_first_last, keep_time, observer)
     meta = copy.deepcopy(ckpt.meta)
     meta["runtime"] = {"name": "ort-int8", "args": {}}
     meta["quant"] = {"mode": "ONNX Runtime static int8 (real int8 kernels)", "w_bits": 8, "a_bits": 8,
                      "format": "QDQ", "activations": "QUInt8 per tensor", "weights": "QInt8 per channel" if per_channel else "QInt8 per tensor",
                      "op_types": ["Conv", "MatMul", "Gemm"],
-                     "keep_first_last": keep_first_last, "keep_time": keep_time, "files": [FP32_NAME, INT8_NAME], "calibration": asdict(ccfg)}
+                     "keep_first_last": keep_first_last, "keep_time": keep_time, "files": [INT8_NAME], "calibration": asdict(ccfg),
+                     "files_note": f"{INT8_NAME} is what the ort-int8 runtime runs; model.safetensors keeps the "
+                                   "fp32 weights for the eager/bf16 runtimes and later recipe steps; no fp32 ONNX "
+                                   "is kept (runtime ort exports one into a cache when asked)"}
     return Checkpoint(ckpt.net, copy.deepcopy(ckpt.arch), ckpt.schedule, ckpt.parameterization, meta)
 
 

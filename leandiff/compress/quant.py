@@ -184,15 +184,23 @@ class QuantStep:
                            bias_correction=self.bias_correction)
 
 
+def deployed_steps(ckpt, fallback: int = 50) -> int:
+    """The NFE a few-step model is bound to (a distilled student records it in meta["sampler"]), else
+    ``fallback``. A sampler a model card recommends (source "card") is not a property of the network."""
+    rec = ckpt.meta.get("sampler") if isinstance(ckpt.meta.get("sampler"), dict) else {}
+    return int(rec["nfe"]) if rec.get("nfe") and rec.get("source") != "card" else fallback
+
+
 def quant_step(ckpt, cfg: QuantStep, ctx):
     """Post-training quantization: fake-quant simulation (any bits) or real int8 via ONNX Runtime."""
     # steps=0: calibrate on as many DDIM steps as the model is deployed with (a distilled student
-    # records its few steps; every step of so short a trajectory is used by qdiff), else 50.
+    # records its few steps; every step of so short a trajectory is used by qdiff), else 50. A sampler
+    # a model card recommends (source "card") is not a property of the network and does not count.
     # The spacing defaults to leading even for a trailing-spaced student: the trailing grid's t=999
     # step (pure noise) stretches the min-max activation ranges (measured in docs/quantization.md).
     steps, interval = cfg.steps, cfg.interval
     if steps == 0:
-        steps = ckpt.sampling_defaults()[1]  # the recorded NFE, else 50
+        steps = deployed_steps(ckpt)
         interval = min(interval, max(1, steps // 4))
     ccfg = CalibConfig(collector=cfg.calib, n=cfg.n, steps=steps, spacing=cfg.spacing, interval=interval,
                        mu=cfg.mu, sigma=cfg.sigma, seed=ctx.seed)

@@ -34,7 +34,7 @@ def run_bench(ckpts: list, cfg: BenchConfig = BenchConfig(), progress: bool = Fa
     device = resolve_device(cfg.device)
     for r in cfg.runtimes:
         get_runtime(r, device)  # unknown runtimes and runtimes that do not run on the device fail first
-    loaded = [(str(c), load_checkpoint(c, device)) for c in ckpts]
+    loaded = [(ck.name, ck) for ck in (load_checkpoint(c, device) for c in ckpts)]  # zoo:NAME for a shipped model, as eval names it
     rows, nets, by_shape = [], {}, {}
     for label, ck in loaded:
         shape = image_shape(ck.arch)

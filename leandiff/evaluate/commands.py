@@ -19,14 +19,16 @@ def _positive(ctx, param, value):
 
 @click.group()
 def classifier():
-    """The per-dataset feature network behind FID-dom, KID, IS and precision/recall."""
+    """The feature network behind FID-dom and KID.
+
+    One small classifier per dataset; FID-dom, KID, IS and precision/recall use its features."""
 
 
 @classifier.command("train")
 @click.option("--dataset", required=True, help="mnist, fashion-mnist or cifar10")
 @click.option("--data-dir", default=None, help="directory with the dataset's files (IDX, CIFAR batches)")
 @click.option("--epochs", type=int, default=None, callback=_positive, help="default: the shipped classifier's")
-@click.option("--seed", type=int, default=None)
+@click.option("--seed", type=int, default=None, help="training seed (default: the shipped classifier's)")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="output directory (default: the package's zoo/classifiers/DATASET)")
 @click.option("--reference/--no-reference", default=True, show_default=True,
@@ -51,43 +53,55 @@ def classifier_train(dataset, data_dir, epochs, seed, out, reference):
 
 @click.command("eval")
 @click.argument("ckpt")
-@click.option("--solver", default=None, help="default: the checkpoint's recorded solver, else ddim")
+@click.option("--solver", default=None, help="default: the checkpoint's recorded sampler (a zoo base: the best its card measured), else dpmpp-3m-sde")
 @click.option("--nfe", type=int, default=None, callback=_positive,
-              help="network evaluations per sample (default: the checkpoint's, else 50)")
+              help="network evaluations per sample (default: the checkpoint's, else 10)")
 @click.option("-n", "n", type=int, default=2048, show_default=True, callback=_positive, help="generated samples")
 @click.option("--runtime", default=None,
-              help="eager, bf16, ... (leandiff.runtime.RUNTIMES; default: the checkpoint's, else eager)")
+              help="eager, bf16, fp16, channels-last, compile, ort, ort-int8, dynamic-int8, fake-quant or cache[-nu][-bf16]:K; "
+                   "leandiff runtimes says where each runs "
+                   "(default: the checkpoint's, else eager)")
 @click.option("--spacing", default=None,
-              help="leading, trailing, quadratic, logsnr (default: the checkpoint's, else logsnr)")
+              help="leading, trailing, linspace, quadratic or logsnr (default: the checkpoint's, else logsnr for "
+                   "linear-β and trailing for cosine schedules)")
 @click.option("--eta", type=float, default=None, help="DDIM η (0 deterministic, 1 DDPM-like); the noise level of dpmpp-*-sde (1: the SDE, 0: the ODE)")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=int, default=256, show_default=True, callback=_positive)
+@click.option("--seed", type=int, default=0, show_default=True, help="sampling seed; also seeds KID subsets, precision/recall subsampling and the MSE noise")
+@click.option("--batch-size", type=int, default=256, show_default=True, callback=_positive, help="images per solver call")
 @click.option("--no-clip", is_flag=True, help="do not clamp x̂₀ to [-1, 1] inside the solver")
 @click.option("--dataset", default=None, help="reference dataset (default: the checkpoint's)")
-@click.option("--data-dir", default=None)
+@click.option("--data-dir", default=None, help="directory with the dataset's files (IDX, CIFAR batches)")
 @click.option("--classifier", "classifier_path", default=None, help="classifier directory (default: the shipped one)")
 @click.option("--no-latency", is_flag=True, help="skip the per-evaluation latency measurement")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="results JSONL file to append to")
+@click.option("--inception", is_flag=True,
+              help="also standard Inception FID (needs torch-fidelity and its weights on this machine)")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="results file (JSONL of eval rows) to append to; a new file is created")
 @device_option
 def eval_cmd(ckpt, solver, nfe, n, runtime, spacing, eta, seed, batch_size, no_clip, dataset, data_dir,
-             classifier_path, no_latency, out, device):
-    """Sample, embed and score a checkpoint; appends one JSON row to --out and prints a Markdown row."""
+             classifier_path, no_latency, inception, out, device):
+    """Score a checkpoint; append one row to --out.
+
+    Samples, embeds and scores; appends one JSON row to the results file --out and prints a Markdown row."""
     from ..cost import LatencyConfig
-    from ..io import ensure_writable_dir
+    from ..io import ensure_writable_dir, heartbeat
     from ..checkpoint import load_checkpoint
     from .harness import EvalConfig, append_row, evaluate_checkpoint, markdown_header, markdown_row
+    from .protocol import check_results_file
 
+    check_results_file(out)  # refuse a file that is not a results file before any work, and leave it as it is
     dev = resolve_device(device)
     ck = load_checkpoint(ckpt)
     solver, nfe, runtime = ck.sampling_defaults(solver, nfe, runtime)
-    spacing = ck.default_spacing(spacing)
+    spacing = ck.default_spacing(spacing, solver)
     cfg = EvalConfig(device=str(dev), solver=solver, nfe=nfe, n=n, seed=seed, spacing=spacing, runtime=runtime, batch_size=batch_size,
                      clip_x0=not no_clip, opts={} if eta is None else {"eta": eta}, dataset=dataset,
-                     data_dir=data_dir, classifier=classifier_path, latency=None if no_latency else LatencyConfig())
+                     data_dir=data_dir, classifier=classifier_path, latency=None if no_latency else LatencyConfig(),
+                     inception=inception)
     out = Path(out)
     grid = _grid_path(out, ckpt, cfg)
     ensure_writable_dir(grid.parent)  # fail before the sampling, not after
-    row = evaluate_checkpoint(ck, cfg, grid_path=grid, progress=True, log=lambda m: click.echo(m, err=True))
+    with heartbeat(f"eval {ck.name} {solver}-{nfe} on {runtime}, N={n}", click.echo):  # logs have no progress bar
+        row = evaluate_checkpoint(ck, cfg, grid_path=grid, progress=True, log=lambda m: click.echo(m, err=True))
     if row is None:  # a torchrun process other than rank 0: rank 0 writes the row
         return
     row["grid"] = str(grid.relative_to(out.parent)) if row["grid"] else None  # relative to the results file
@@ -108,17 +122,19 @@ def _grid_path(out: Path, ckpt: str, cfg) -> Path:
 @click.argument("ckpts", nargs=-1, required=True)
 @click.option("--runtime", "runtimes", multiple=True, default=("eager",), show_default=True,
               help="repeat to compare runtimes in the same alternating rounds")
-@click.option("--batch-sizes", default="1,16,64", show_default=True)
-@click.option("--rounds", type=int, default=5, show_default=True, callback=_positive)
+@click.option("--batch-sizes", default="1,16,64", show_default=True, help="comma-separated batch sizes to time")
+@click.option("--rounds", type=int, default=5, show_default=True, callback=_positive, help="alternating timing rounds (the median is reported)")
 @click.option("--solver", default=None, help="with --nfe: also measure end-to-end images/s for this solver")
-@click.option("--nfe", type=int, default=None, callback=_positive)
+@click.option("--nfe", type=int, default=None, callback=_positive, help="network evaluations per sample (with --solver)")
 @click.option("-n", "n", type=int, default=64, show_default=True, callback=_positive, help="images for end-to-end images/s")
 @click.option("--out", default=None, type=click.Path(dir_okay=False),
               help="write the Markdown table here and the JSON record beside it (.json); "
                    "without --out the table is printed and nothing is written")
 @device_option
 def bench(ckpts, runtimes, batch_sizes, rounds, solver, nfe, n, out, device):
-    """Cost table: parameters, MACs, bytes, latency per evaluation (batch 1/16/64), peak memory."""
+    """Cost table of checkpoints under runtimes.
+
+    Parameters, MACs, bytes, latency per evaluation (batch 1/16/64), peak memory."""
     from ..cost import LatencyConfig
     from .bench import BenchConfig, bench_markdown, run_bench
     from ..io import ensure_writable_dir, write_json, write_text
@@ -145,9 +161,14 @@ def bench(ckpts, runtimes, batch_sizes, rounds, solver, nfe, n, out, device):
 @click.argument("results", nargs=-1, required=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="report directory")
 def report(results, out):
-    """index.html (tables, sample grids, FID-vs-NFE, FID-vs-latency Pareto front), report.md, results.csv."""
-    from .harness import read_rows
-    from .report import write_report
+    """Write the HTML report of results files.
 
-    index = write_report(read_rows(results), out)
+    index.html (recommendation, table, plots, gallery), report.md and results.csv."""
+    from .harness import read_rows
+    from .report import summary_lines, write_report
+
+    rows = read_rows(results)
+    index = write_report(rows, out)
+    for line in summary_lines(rows):
+        click.echo(line)
     click.echo(f"report: {index}")

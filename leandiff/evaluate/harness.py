@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_checkpoint
-from ..cost import LatencyConfig, checkpoint_bytes, count_params, machine_info, macs_per_image, measure_latency
+from ..cost import (LatencyConfig, checkpoint_bytes, count_params, machine_info, machine_load, macs_per_image,
+                    macs_per_image_nonzero, measure_latency)
 from ..data import load_dataset
 from ..denoiser import Denoiser
 from ..device import device_of, noise_rule, resolve_device
@@ -29,7 +30,7 @@ from ..schedule import DEFAULT_SPACING
 from .classifier import Classifier, load_classifier
 from .metrics import KIDConfig, kid_subset_size
 from .protocol import SCHEMA, append_row, flatten, markdown_header, markdown_row, read_rows  # noqa: F401
-from .quality import QualityInputs, pr_size, quality
+from .quality import QualityInputs, pr_size, quality, small_sample_warnings
 from .reference import ReferenceStats, reference_stats
 from .sampling import Sampled, sample_and_embed
 
@@ -54,7 +55,7 @@ class EvalConfig:
     mse_n: int = 1000  # held-out images for the MiniDiff MSE (capped at the split's size)
     latency: LatencyConfig | None = LatencyConfig()  # per-evaluation latency; None skips it
     grid_n: int = 64  # samples in the saved grid
-    inception: bool = True  # standard Inception FID when torch-fidelity's weights are present
+    inception: bool = False  # also standard Inception FID (only when asked: needs torch-fidelity and its weights)
     device: str | None = None  # leandiff.device spec (auto, cpu, cuda[:N], mps); None: where the checkpoint's network is
 
     def __post_init__(self):
@@ -67,7 +68,7 @@ class EvalConfig:
 def resolve_dataset(ckpt, override: str | None) -> str:
     ds = override or ckpt.meta.get("dataset") or (ckpt.meta.get("train") or {}).get("dataset")
     if not ds:
-        raise UserError(f"{ckpt.path}: the checkpoint does not say which dataset it models; give --dataset")
+        raise UserError(f"{ckpt.name}: the checkpoint does not say which dataset it models; give --dataset")
     return ds
 
 
@@ -80,9 +81,9 @@ def evaluate_checkpoint(ckpt, cfg: EvalConfig, *, classifier: Classifier | None 
     Under torchrun (WORLD_SIZE > 1) the sampling is sharded across the processes
     (:func:`leandiff.evaluate.sharding.evaluate_shard`); rank 0 computes the metrics and returns the row,
     other ranks return None."""
-    label = str(ckpt) if isinstance(ckpt, (str, Path)) else str(ckpt.path)
     if isinstance(ckpt, (str, Path)):
         ckpt = load_checkpoint(ckpt)
+    label = ckpt.name  # zoo:NAME for a shipped model, as bench, the demo and info name it
     t_start = time.perf_counter()
     device = resolve_device(cfg.device) if cfg.device is not None else device_of(ckpt.net)
     dataset = resolve_dataset(ckpt, cfg.dataset)
@@ -117,6 +118,9 @@ def evaluate_checkpoint(ckpt, cfg: EvalConfig, *, classifier: Classifier | None 
     mse_images = held.images[pick.sort().values]  # a seeded subset: splits may be sorted by class
     q_in = QualityInputs(s.acc, ref, cfg, denoiser, mse_images)
     qual = {**quality(q_in), "fid_inception": None}
+    warnings = small_sample_warnings(q_in)
+    for w in warnings:
+        log(f"warning: {w}")
     if inc is not None:
         for i in range(0, len(held), 256):
             inc.add_real(held.images[i:i + 256])
@@ -141,9 +145,11 @@ def evaluate_checkpoint(ckpt, cfg: EvalConfig, *, classifier: Classifier | None 
                 "fid_inception": inc_note or ("torch-fidelity Inception, reference = held-out split" if inc else "off"),
                 "latency": asdict(cfg.latency) if cfg.latency else None, "processes": s.world,
                 "device": str(device), "noise": noise_rule(device)}
+    origin, parent = lineage_origin(ckpt)
     return {"schema": SCHEMA, "checkpoint": label, "weights": ckpt.hash(), "dataset": dataset,
-            "lineage": [st.get("step") for st in ckpt.lineage], "protocol": protocol, "quality": qual,
-            "cost": cost, "grid": grid_file, "seconds": time.perf_counter() - t_start,
+            "lineage": [st.get("step") for st in ckpt.lineage], "origin": origin, "parent": parent,
+            "recipe": " > ".join(st["recipe"] for st in ckpt.lineage if st.get("recipe")) or None, "protocol": protocol, "quality": qual,
+            "cost": cost, "grid": grid_file, "warnings": warnings, "seconds": time.perf_counter() - t_start,
             "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(device)}
 
 
@@ -163,10 +169,15 @@ def _inception(cfg: EvalConfig, log):
 def cost_of(ckpt, net, shape, s: Sampled, cfg: EvalConfig, progress: bool = False) -> dict:
     """The row's cost: parameters, MACs, bytes, sampling throughput, peak memory, and (unless
     ``cfg.latency`` is None) the runtime network's latency per evaluation."""
-    cost = {**count_params(ckpt.net), "macs_per_image": macs_per_image(ckpt.net, shape),
-            "weights_bytes": checkpoint_bytes(ckpt), "nfe_used": s.stats.nfe,
-            "sampling_images_per_s": s.stats.images_per_s, "sampling_seconds": s.stats.seconds,
-            "embed_seconds": s.embed_seconds, **s.memory}
+    load_sampling = machine_load()  # the last minute of the sampling
+    params = count_params(ckpt.net)
+    cost = {**params, "macs_per_image": macs_per_image(ckpt.net, shape),
+            "weights_bytes": checkpoint_bytes(ckpt), "runtime_bytes": _runtime_bytes(ckpt, net),
+            "nfe_used": s.stats.nfe, "sampling_images_per_s": s.stats.images_per_s,
+            "sampling_seconds": s.stats.seconds, "embed_seconds": s.embed_seconds, **s.memory,
+            "load": {"sampling": load_sampling}}
+    if params["params_nonzero"] < params["params"]:  # unstructured sparsity: what a sparse kernel would spend
+        cost["macs_per_image_nonzero"] = macs_per_image_nonzero(ckpt.net, shape)
     if s.spent is not None:  # what the sampling really spent per network evaluation, not the full net's MACs
         cost["macs_per_eval_spent"] = s.spent["macs_per_call_mean"]
         cost["cache_calls"] = {"full": s.spent["full_calls"], "shallow": s.spent["shallow_calls"]}
@@ -175,4 +186,23 @@ def cost_of(ckpt, net, shape, s: Sampled, cfg: EvalConfig, progress: bool = Fals
                               device=device_of(ckpt.net))[cfg.runtime]
         cost["latency_ms"] = {str(b): v["median_ms"] for b, v in lat.items()}
         cost["latency_ms_per_image"] = {str(b): v["ms_per_image"] for b, v in lat.items()}
+        cost["load"]["latency"] = machine_load()
     return cost
+
+
+def _runtime_bytes(ckpt, net) -> int:
+    """Bytes of what the runtime loads: its own model file where it has one (the int8 ONNX graph of
+    ort-int8), else the checkpoint's weights file."""
+    p = getattr(net, "path", None)
+    if isinstance(p, (str, Path)) and Path(p).is_file():
+        return Path(p).stat().st_size
+    return checkpoint_bytes(ckpt)
+
+
+def lineage_origin(ckpt) -> tuple[str, str | None]:
+    """(origin, parent): the weights hash of the model the checkpoint's recipe started from (its own hash
+    when it was only trained) and of the model just before its last recipe step (None when it has none)."""
+    recipe = [st for st in ckpt.lineage if st.get("step") != "train" and st.get("parent")]
+    if not recipe:
+        return ckpt.hash(), None
+    return recipe[0]["parent"], recipe[-1]["parent"]

@@ -104,6 +104,16 @@ def append_row(path: str | Path, row: dict) -> None:
         raise UserError(f"cannot append to {path}: {e.strerror or e}") from None
 
 
+def write_rows(path: str | Path, rows: list[dict]) -> None:
+    """Replace a JSONL results file with ``rows`` (atomically; keys starting with '_' are not written)."""
+    import json
+
+    from ..io import write_text
+
+    write_text(path, "".join(json.dumps({k: v for k, v in r.items() if not k.startswith("_")},
+                                        default=_json_default, sort_keys=True) + "\n" for r in rows))
+
+
 def read_rows(paths) -> list[dict]:
     """Rows from one or more JSONL results files (blank lines skipped; a bad line is an error)."""
     import json
@@ -115,6 +125,8 @@ def read_rows(paths) -> list[dict]:
             lines = p.read_text().splitlines()
         except OSError as e:
             raise UserError(f"{p}: cannot read results ({e.strerror or e})") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{p}: binary data, not JSON lines") from None
         for i, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -127,3 +139,23 @@ def read_rows(paths) -> list[dict]:
             row.setdefault("_source", str(p))
             rows.append(row)
     return rows
+
+
+def check_results_file(path: str | Path) -> None:
+    """Refuse, before any work, a results file to append to that exists but is not one: every line must be
+    a leandiff eval row and the last must be complete. A missing or empty file is fine (a new one)."""
+    p = Path(path)
+    if not p.exists():
+        return
+    if not p.is_file():
+        raise UserError(f"{p}: not a results file (not a regular file)")
+    try:
+        read_rows([p])
+    except UserError as e:
+        detail = str(e).removeprefix(str(p)).lstrip(":").strip()  # "1: not a JSON row (...)" -> "line 1: ..."
+        detail = f"line {detail}" if detail[:1].isdigit() else detail
+        raise UserError(f"{p} is not a leandiff results file ({detail}); refusing to append to it "
+                        "(give a new file or one written by leandiff eval)") from None
+    data = p.read_bytes()
+    if data and not data.endswith(b"\n"):
+        raise UserError(f"{p}: its last row is cut off (no newline at the end); refusing to append to it")

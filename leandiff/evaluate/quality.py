@@ -9,8 +9,12 @@ from typing import Callable
 
 import torch
 
-from .metrics import (FeatureAccumulator, confidence, denoising_mse, frechet_distance, inception_score, kid,
-                      label_spread, precision_recall, subsample)
+from .metrics import (FeatureAccumulator, confidence, denoising_mse, fid_bootstrap_se, frechet_distance,
+                      inception_score, kid, kid_subset_size, label_spread, precision_recall, subsample)
+
+FID_CI_ROUNDS = 200  # bootstrap resamples of the generated features for FID-dom's 95 % interval
+KID_MIN_SUBSET = 100  # below this many images per KID subset, KID is mostly noise (Bińkowski et al. use 1000)
+PR_MIN_POINTS = 500  # below this many points per k-NN manifold, precision/recall is mostly noise
 
 
 @dataclass
@@ -31,8 +35,12 @@ def pr_size(inputs: QualityInputs) -> int:
 
 
 def _fid_dom(q: QualityInputs) -> dict:
-    """FID on the domain classifier's features (Heusel et al. 2017)."""
-    return {"fid_dom": frechet_distance(q.acc.mean, q.acc.cov, q.ref.mean, q.ref.cov)}
+    """FID on the domain classifier's features (Heusel et al. 2017), with its bootstrap standard error over
+    the generated features and the normal 95 % interval FID ± 1.96·se (clipped at 0)."""
+    d = frechet_distance(q.acc.mean, q.acc.cov, q.ref.mean, q.ref.cov)
+    se = fid_bootstrap_se(q.acc.features, q.ref.mean, q.ref.cov, rounds=FID_CI_ROUNDS, seed=q.cfg.seed)
+    return {"fid_dom": d, "fid_dom_se": se, "fid_dom_ci": [max(d - 1.96 * se, 0.0), d + 1.96 * se],
+            "fid_dom_ci_rounds": FID_CI_ROUNDS}
 
 
 def _kid(q: QualityInputs) -> dict:
@@ -87,4 +95,19 @@ def quality(inputs: QualityInputs) -> dict:
     out = {}
     for fn in METRICS.values():
         out.update(fn(inputs))
+    return out
+
+
+def small_sample_warnings(inputs: QualityInputs) -> list[str]:
+    """One line per metric whose sample is too small to mean much (KID subsets, precision/recall manifolds)."""
+    n = inputs.acc.features.shape[0]
+    out = []
+    size = kid_subset_size(inputs.cfg.kid, inputs.ref.features.shape[0], n)
+    if size < KID_MIN_SUBSET:
+        out.append(f"N={n} is too small for KID: subsets of {size} images (use N >= {2 * KID_MIN_SUBSET}); "
+                   "read KID as noise")
+    pr = pr_size(inputs)
+    if pr < PR_MIN_POINTS:
+        out.append(f"N={n} is too small for precision/recall: k-NN manifolds of {pr} points (use N >= {PR_MIN_POINTS}); "
+                   "read them as noise")
     return out

@@ -65,3 +65,40 @@ def test_metric_known_value(name, same):
 def test_quality_holds_every_metrics_fields(same):
     fields = set().union(*(METRICS[m](same).keys() for m in METRICS))
     assert set(quality(same)) == fields
+
+
+def test_fid_dom_interval_holds_the_estimate_and_narrows_with_n():
+    """The bootstrap interval contains FID-dom and shrinks as the generated sample grows (se ~ 1/sqrt(N))."""
+    from leandiff.evaluate.metrics import mean_cov
+
+    g = np.random.default_rng(0)
+    ref = g.normal(size=(2000, 6))
+    ref_mean, ref_cov = mean_cov(ref)
+    ses = []
+    for n in (100, 1600):
+        fake = g.normal(loc=0.3, size=(n, 6))
+        acc = FeatureAccumulator()
+        acc.update(fake)
+        q = QualityInputs(acc, SimpleNamespace(features=ref, mean=ref_mean, cov=ref_cov), SimpleNamespace(seed=0))
+        out = METRICS["fid_dom"](q)
+        lo, hi = out["fid_dom_ci"]
+        assert lo <= out["fid_dom"] <= hi and out["fid_dom_se"] > 0
+        ses.append(out["fid_dom_se"])
+    assert ses[1] < ses[0] / 2
+
+
+def test_small_samples_are_flagged_for_kid_and_precision_recall():
+    from leandiff.evaluate.quality import small_sample_warnings
+
+    g = np.random.default_rng(0)
+    ref = g.normal(size=(1000, 6))
+    cfg = SimpleNamespace(seed=0, kid=KIDConfig(), pr_k=3, pr_max=10_000)
+
+    def warnings(n):
+        acc = FeatureAccumulator()
+        acc.update(g.normal(size=(n, 6)))
+        return small_sample_warnings(QualityInputs(acc, SimpleNamespace(features=ref), cfg))
+
+    small = warnings(16)
+    assert len(small) == 2 and "KID" in small[0] and "precision/recall" in small[1]
+    assert warnings(1000) == []
