@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .denoiser import Denoiser, canonical_parameterization
+from .device import resolve_device
 from .errors import UserError
 from .io import atomic_path, read_json, write_json
 from .models import UNET, build_network
@@ -154,8 +155,16 @@ def resolve(path: str | Path) -> Path:
     return Path(path)
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Load any supported checkpoint form (see module docstring); user errors raise UserError."""
+def load_checkpoint(path: str | Path, device: str | torch.device | None = None) -> Checkpoint:
+    """Load any supported checkpoint form (see module docstring) onto ``device`` (None: the CPU; the files
+    are device-free); user errors raise UserError."""
+    ck = _load_any(path)
+    if device is not None:
+        ck.net.to(resolve_device(device))
+    return ck
+
+
+def _load_any(path: str | Path) -> Checkpoint:
     p = resolve(path)
     if not p.exists():
         raise UserError(f"{p}: no such checkpoint file or directory")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from .device import device_option, resolve_device
 from .errors import UserError
 
 
@@ -95,9 +96,10 @@ def _floats(text: str, what: str) -> tuple[float, ...]:
 @click.option("--checkpoint-every", type=int, default=500, show_default=True, callback=_positive, help="save the checkpoint and training state every N steps")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="output checkpoint directory")
 @click.option("--resume", is_flag=True, help="continue a killed run from its last saved state")
+@device_option
 def train(dataset, data_dir, model, init_ckpt, steps, batch_size, lr, warmup, lr_schedule, restart_period,
           ema_decay, grad_clip, schedule, parameterization, weighting, min_snr_gamma, noise_levels, p_mean, p_std,
-          ema_decays, snapshot_every, seed, bf16, sample_every, checkpoint_every, out, resume):
+          ema_decays, snapshot_every, seed, bf16, sample_every, checkpoint_every, out, resume, device):
     """Train a diffusion model into a checkpoint.
 
     Writes the checkpoint (EMA weights), its training state and sample grids to --out."""
@@ -110,7 +112,8 @@ def train(dataset, data_dir, model, init_ckpt, steps, batch_size, lr, warmup, lr
                       snapshot_every=snapshot_every, steps=steps,
                       batch_size=batch_size, lr=lr, warmup=warmup, lr_schedule=lr_schedule,
                       restart_period=restart_period, ema_decay=ema_decay, grad_clip=grad_clip, bf16=bf16,
-                      seed=seed, sample_every=sample_every, checkpoint_every=checkpoint_every)
+                      seed=seed, sample_every=sample_every, checkpoint_every=checkpoint_every,
+                      device=str(resolve_device(device)))
     init = init_checkpoint(cfg, init_ckpt)
     images = training_images(cfg, init)
     ensure_writable_dir(out)
@@ -123,7 +126,8 @@ def train(dataset, data_dir, model, init_ckpt, steps, batch_size, lr, warmup, lr
 @click.option("--solver", default=None, help="default: the checkpoint's recorded sampler (a zoo base: the best its card measured), else dpmpp-3m-sde")
 @click.option("--nfe", type=int, default=None, help="network evaluations per sample (default: the checkpoint's, else 10)")
 @click.option("--runtime", default=None,
-              help="eager, bf16, compile, ort, ort-int8, dynamic-int8, fake-quant or cache[-nu][-bf16]:K "
+              help="eager, bf16, fp16, channels-last, compile, ort, ort-int8, dynamic-int8, fake-quant or cache[-nu][-bf16]:K; "
+                   "leandiff runtimes says where each runs "
                    "(default: the checkpoint's, else eager)")
 @click.option("--spacing", default=None,
               help="leading, trailing, linspace, quadratic or logsnr (default: the checkpoint's, else logsnr for "
@@ -134,7 +138,8 @@ def train(dataset, data_dir, model, init_ckpt, steps, batch_size, lr, warmup, lr
 @click.option("--batch-size", type=int, default=256, show_default=True, help="images per solver call")
 @click.option("--no-clip", is_flag=True, help="do not clamp x̂₀ to [-1, 1] inside the solver")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="output directory (grid.png, samples.npz)")
-def sample(ckpt, solver, nfe, runtime, spacing, eta, n, seed, batch_size, no_clip, out):
+@device_option
+def sample(ckpt, solver, nfe, runtime, spacing, eta, n, seed, batch_size, no_clip, out, device):
     """Sample images from a checkpoint.
 
     Writes grid.png and samples.npz (uint8) to --out."""
@@ -147,15 +152,16 @@ def sample(ckpt, solver, nfe, runtime, spacing, eta, n, seed, batch_size, no_cli
 
     from .runtime import runtime_denoiser
 
+    dev = resolve_device(device)
     ck = load_checkpoint(ckpt)
     solver, nfe, runtime = ck.sampling_defaults(solver, nfe, runtime)
     spacing = ck.default_spacing(spacing, solver)
     ensure_writable_dir(out)
     opts = {} if eta is None else {"eta": eta}
     cfg = SampleConfig(solver=solver, nfe=nfe, spacing=spacing, n=n, seed=seed, batch_size=batch_size,
-                       clip_x0=not no_clip, opts=opts)
+                       clip_x0=not no_clip, opts=opts, device=str(dev))
     stats = SampleStats()
-    x = sample_all(runtime_denoiser(ck, runtime), image_shape(ck.arch), cfg, stats, progress=True)
+    x = sample_all(runtime_denoiser(ck, runtime, dev), image_shape(ck.arch), cfg, stats, progress=True)
     out = Path(out)
     try:
         save_grid(x[:256], out / "grid.png")
@@ -163,7 +169,7 @@ def sample(ckpt, solver, nfe, runtime, spacing, eta, n, seed, batch_size, no_cli
     except UserError:  # e.g. the disk filled up after the grid: leave no half a result
         (out / "grid.png").unlink(missing_ok=True)
         raise
-    click.echo(f"{n} samples with {solver} on {runtime}: NFE {stats.nfe} per sample, {stats.images_per_s:.1f} images/s "
+    click.echo(f"{n} samples with {solver} on {runtime} ({dev}): NFE {stats.nfe} per sample, {stats.images_per_s:.1f} images/s "
                f"-> {out / 'grid.png'}, {out / 'samples.npz'}")
 
 
@@ -263,7 +269,8 @@ def zoo():
 @click.option("--model", default="zoo:mnist-tiny", show_default=True, help="checkpoint to run the demo on")
 @click.option("-n", "n", type=int, default=1000, show_default=True, help="samples per row")
 @click.option("--fast", is_flag=True, help="three tiny rows (N=32): a smoke test of the whole flow")
-def demo(out, model, n, fast):
+@device_option
+def demo(out, model, n, fast, device):
     """The main job: compress, evaluate, report.
 
     Samples, compresses and evaluates the shipped MNIST model with one protocol; writes the HTML report."""
@@ -271,7 +278,7 @@ def demo(out, model, n, fast):
 
     if n <= 0:
         raise UserError(f"number of samples must be positive, got {n}")
-    index = run_demo(DemoConfig(model=model, n=n, fast=fast), out, log=click.echo)
+    index = run_demo(DemoConfig(model=model, n=n, fast=fast, device=str(resolve_device(device))), out, log=click.echo)
     click.echo(f"open {index}")
 
 
@@ -282,7 +289,8 @@ def demo(out, model, n, fast):
 @click.option("--dataset", default=None, help="training/calibration data (default: the checkpoint's)")
 @click.option("--data-dir", default=None, help="directory with the dataset's files (IDX, CIFAR batches)")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of calibration, fine-tuning and data order")
-def compress(ckpt, recipe, out, dataset, data_dir, seed):
+@device_option
+def compress(ckpt, recipe, out, dataset, data_dir, seed, device):
     """Apply a compression recipe to a checkpoint.
 
     A killed run resumes after its last finished step."""
@@ -291,11 +299,12 @@ def compress(ckpt, recipe, out, dataset, data_dir, seed):
     from .recipe import apply_recipe, parse_recipe
 
     steps = parse_recipe(recipe)  # the whole recipe is checked before any work
-    ck = load_checkpoint(ckpt)
+    dev = resolve_device(device)
+    ck = load_checkpoint(ckpt, dev)
     fresh = not Path(out).exists()
     ensure_writable_dir(out)
     try:  # progress goes to stdout: stderr holds nothing but an error's one line
-        res = apply_recipe(ck, steps, out, dataset=dataset, data_dir=data_dir, seed=seed, log=click.echo)
+        res = apply_recipe(ck, steps, out, dataset=dataset, data_dir=data_dir, seed=seed, log=click.echo, device=dev)
     except UserError:
         # A new output that holds no work yet (only the steps' started.json stamps) is removed; saved
         # work (a step's last good checkpoint or training state) stays, to inspect or resume.
@@ -304,6 +313,23 @@ def compress(ckpt, recipe, out, dataset, data_dir, seed):
         raise
     solver, nfe, runtime = res.sampling_defaults()
     click.echo(f"{out}: {' > '.join(str(s) for s in steps)}; samples with {solver}-{nfe} on {runtime} by default")
+
+
+@main.command("runtimes")
+def runtimes_cmd():
+    """List the runtimes, the devices each runs on, and which of those this machine has."""
+    import torch
+
+    from .runtime import RUNTIMES, runtime_devices
+
+    here = {"cpu": True, "cuda": torch.cuda.is_available(),
+            "mps": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())}
+    click.echo("devices here: " + ", ".join(d for d, ok in here.items() if ok))
+    for name in sorted(RUNTIMES):
+        devices = runtime_devices(name)
+        usable = [d for d in devices if here.get(d)]
+        click.echo(f"{name:<14} runs on {', '.join(devices):<16} here: {', '.join(usable) or 'none':<12} "
+                   f"{RUNTIMES[name].description}")
 
 
 @main.command("recipes")
@@ -340,19 +366,17 @@ def export_cmd(ckpt, onnx_out):
 @main.command("study")
 @click.argument("study_toml", type=click.Path(dir_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="study directory (results.jsonl, ckpts/, report/)")
-def study_cmd(study_toml, out_dir):
+@device_option
+def study_cmd(study_toml, out_dir, device):
     """Run a study grid (resumable).
 
     The grid: models × recipes × solvers × NFE × runtimes.
     Cells are appended to OUT/results.jsonl; the report and findings are written at the end."""
     from .study import load_study, run_study
 
-    run_study(load_study(study_toml), out_dir, progress=False, log=click.echo)
+    dev = resolve_device(device)  # a missing device fails before the study is read
+    run_study(load_study(study_toml), out_dir, progress=False, log=click.echo, device=str(dev))
     click.echo(f"{out_dir}/report/index.html, {out_dir}/findings.md")
-
-
-if __name__ == "__main__":
-    main()
 
 
 @main.command("ema")
@@ -363,17 +387,22 @@ if __name__ == "__main__":
 @click.option("-n", "n", type=int, default=512, show_default=True, callback=_positive, help="samples per EMA")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="write the best EMA's checkpoint here (default: only print the scores)")
-def ema_cmd(run_dir, solver, nfe, spacing, n, out):
+@device_option
+def ema_cmd(run_dir, solver, nfe, spacing, n, out, device):
     """Pick a run's best EMA by an FID-dom proxy.
 
     Scores the EMA profiles kept by train --ema-decays with a cheap FID-dom proxy."""
     from .ema import ProxyConfig, select_ema, write_selected
     from .io import ensure_writable_dir
 
-    cfg = ProxyConfig(solver=solver, nfe=nfe, spacing=spacing, n=n)
+    cfg = ProxyConfig(solver=solver, nfe=nfe, spacing=spacing, n=n, device=str(resolve_device(device)))
     if out:
         ensure_writable_dir(out)
     best, scores = select_ema(run_dir, cfg, log=click.echo)
     click.echo(f"best EMA: {best} (FID-dom {scores[best]:.4f})")
     if out:
         click.echo(f"checkpoint: {write_selected(run_dir, best, scores, cfg, out)}")
+
+
+if __name__ == "__main__":  # last: `python -m leandiff.cli` (torchrun) must see every command, ema included
+    main()

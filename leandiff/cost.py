@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .denoiser import call_network
+from .device import device_info, device_of, peak_memory_mb, reset_peak_memory, synchronize
 
 
 def count_params(net: nn.Module) -> dict[str, int]:
@@ -46,8 +47,9 @@ def macs_per_image(net: nn.Module, shape: tuple[int, int, int], t: float = 500.0
     FlopCounterMode (convolutions, matmuls and attention exactly; MAC = FLOP / 2)."""
     was_training = net.training
     net.eval()
-    x = torch.zeros(1, *shape)
-    macs = count_macs(call_network, net, x, torch.full((1,), t))
+    dev = device_of(net)
+    x = torch.zeros(1, *shape, device=dev)
+    macs = count_macs(call_network, net, x, torch.full((1,), t, device=dev))
     net.train(was_training)
     return macs
 
@@ -116,17 +118,22 @@ class LatencyConfig:
 
 @torch.no_grad()
 def measure_latency(networks: dict[str, Callable], shape: tuple[int, int, int],
-                    cfg: LatencyConfig = LatencyConfig(), progress: bool = False) -> dict[str, dict[int, dict]]:
-    """Latency of one network evaluation for each named network and batch size.
+                    cfg: LatencyConfig = LatencyConfig(), progress: bool = False,
+                    device: torch.device | str = "cpu") -> dict[str, dict[int, dict]]:
+    """Latency of one network evaluation for each named network and batch size, with inputs on ``device``
+    (each call waits for the device to finish, so the clock measures the work, not the queueing).
 
     Returns ``{name: {batch: {"median_ms", "min_ms", "max_ms", "ms_per_image", "images_per_s"}}}``
     where the ms figures are per call (one network evaluation of the whole batch)."""
     g = torch.Generator().manual_seed(cfg.seed)
-    inputs = {b: (torch.randn((b, *shape), generator=g), torch.full((b,), cfg.t)) for b in cfg.batch_sizes}
+    device = torch.device(device)
+    inputs = {b: (torch.randn((b, *shape), generator=g).to(device), torch.full((b,), cfg.t, device=device))
+              for b in cfg.batch_sizes}
     pairs = [(name, b) for b in cfg.batch_sizes for name in networks]
     for name, b in pairs:  # warm-up
         for _ in range(cfg.warmup):
             call_network(networks[name], *inputs[b])
+        synchronize(device)
     times: dict[tuple, list[float]] = {p: [] for p in pairs}
     bar = None
     if progress:
@@ -138,6 +145,7 @@ def measure_latency(networks: dict[str, Callable], shape: tuple[int, int, int],
             calls, t0 = 0, time.perf_counter()
             while True:
                 call_network(networks[name], *inputs[b])
+                synchronize(device)
                 calls += 1
                 elapsed = time.perf_counter() - t0
                 if elapsed >= cfg.min_round_s:
@@ -180,8 +188,10 @@ class PeakMemory:
     After the block: ``peak_bytes``, ``start_bytes``, ``delta_bytes`` (None where /proc is absent)
     and ``lifetime_peak_bytes`` (getrusage, the whole process so far)."""
 
-    def __init__(self, interval: float = 0.005):
+    def __init__(self, interval: float = 0.005, device: torch.device | str | None = None):
         self.interval = interval
+        self.device = None if device is None else torch.device(device)
+        self.peak_gpu_mb = None  # on CUDA: torch's peak allocation on the device during the block
         self.peak_bytes = self.start_bytes = self.delta_bytes = None
         self.lifetime_peak_bytes = None
         self._stop = threading.Event()
@@ -193,6 +203,8 @@ class PeakMemory:
                 self.peak_bytes = rss
 
     def __enter__(self):
+        if self.device is not None:
+            reset_peak_memory(self.device)
         self.start_bytes = current_rss()
         if self.start_bytes is not None:
             self.peak_bytes = self.start_bytes
@@ -208,18 +220,25 @@ class PeakMemory:
             self.peak_bytes = max(self.peak_bytes, end or 0)
             self.delta_bytes = self.peak_bytes - self.start_bytes
         self.lifetime_peak_bytes = max_rss_lifetime()
+        if self.device is not None:
+            synchronize(self.device)
+            self.peak_gpu_mb = peak_memory_mb(self.device)
         return False
 
     def as_dict(self) -> dict:
         mb = lambda v: None if v is None else round(v / 2**20, 1)  # noqa: E731
-        return {"peak_rss_mb": mb(self.peak_bytes), "rss_increase_mb": mb(self.delta_bytes),
-                "process_peak_rss_mb": mb(self.lifetime_peak_bytes)}
+        out = {"peak_rss_mb": mb(self.peak_bytes), "rss_increase_mb": mb(self.delta_bytes),
+               "process_peak_rss_mb": mb(self.lifetime_peak_bytes)}
+        if self.peak_gpu_mb is not None:  # only where there is a GPU to measure
+            out["peak_gpu_mb"] = self.peak_gpu_mb
+        return out
 
 
 # --- where a number was measured -----------------------------------------------------------------
 
-def machine_info() -> dict:
-    """Platform, CPU and library versions: recorded with every measured number."""
+def machine_info(device: torch.device | str | None = None) -> dict:
+    """Platform, CPU and library versions, and (given ``device``) what the numbers were computed on: the
+    device, and on CUDA the GPU's name, memory, driver and CUDA versions. Recorded with every measured number."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -238,4 +257,5 @@ def machine_info() -> dict:
     return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "torch": torch.__version__, "leandiff": __version__,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            **(device_info(device) if device is not None else {})}

@@ -18,6 +18,7 @@ from .checkpoint import load_checkpoint, resolve
 from .cost import LatencyConfig
 from .errors import UserError
 from .io import ensure_writable_dir, heartbeat
+from .runtime import row_device
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class DemoConfig:
     seed: int = 0  # one seed for every row
     fast: bool = False  # a few tiny rows: for tests and a first look
     batch_size: int = 500  # images per solver call
+    device: str = "cpu"  # leandiff.device spec; rows whose runtime runs only on the CPU (int8) run there
 
     @property
     def rows(self):
@@ -123,7 +125,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log=print) -> Path:
             continue
         if (r.model, r.recipe) not in models:
             with heartbeat(f"row {i}/{len(cfg.rows)}: making {r.label}", log):
-                models[(r.model, r.recipe)] = _compressed(start, r, out / "ckpts" / _tag(r), log)
+                models[(r.model, r.recipe)] = _compressed(start, r, out / "ckpts" / _tag(r), log, cfg.device)
         model = models[(r.model, r.recipe)]
         runtime = r.runtime or model.sampling_defaults()[2]
         name = r.model or cfg.model
@@ -136,7 +138,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log=print) -> Path:
         # latency=None: every row's network is timed afterwards in one pass (see _latency_pass)
         ecfg = EvalConfig(solver=r.solver, nfe=r.nfe, n=n, seed=cfg.seed, runtime=runtime,
                           spacing=spacing, batch_size=min(cfg.batch_size, n), latency=None, inception=False,
-                          mse_n=min(n, 1000))
+                          mse_n=min(n, 1000), device=str(row_device(runtime, cfg.device)))
         # no ':' in file names (cache:2): a relative link "a-cache:2.png" would read as a URL scheme
         grid = out / "grids" / f"{_tag(r)}-{r.solver}-{r.nfe}-{runtime.replace(':', '')}.png"
         with heartbeat(f"row {i}/{len(cfg.rows)}: {name} {r.solver}-{r.nfe} on {runtime}", log):
@@ -148,7 +150,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log=print) -> Path:
         log(markdown_row(row))
     if any("latency_ms" not in r["cost"] for r in rows):
         with heartbeat("latency of every row's network, one pass", log):
-            _latency_pass(rows, timed, latency, log)
+            _latency_pass(rows, timed, latency, log, cfg.device)
         write_rows(results, rows)
     reference = card_rows(resolve(cfg.model), cfg.model)
     if not reference:
@@ -158,23 +160,29 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log=print) -> Path:
     return index
 
 
-def _latency_pass(rows: list[dict], timed: dict, latency: LatencyConfig, log) -> None:
+def _latency_pass(rows: list[dict], timed: dict, latency: LatencyConfig, log, device: str = "cpu") -> None:
     """Time every (model, runtime) of the rows in one pass, all networks in the same alternating rounds
     (as ``leandiff bench`` does), so that a busy moment does not fall on one row alone; write the figures,
-    and the load during the pass, into each row's cost."""
+    and the load during the pass, into each row's cost. Each network is timed on its row's device (one
+    pass per device: a CPU-only runtime's rows on the CPU)."""
     from dataclasses import asdict
 
     from .cost import machine_load, measure_latency
     from .models import image_shape
     from .runtime import get_runtime
 
-    nets = {f"{name} [{rt}]": get_runtime(rt)(model) for (name, rt), model in timed.items()}
-    if not nets:
+    if not timed:
         return
     shape = image_shape(next(iter(timed.values())).arch)
-    log(f"latency: {len(nets)} networks × batch {', '.join(map(str, latency.batch_sizes))}, "
-        f"{latency.rounds} alternating rounds")
-    lat = measure_latency(nets, shape, latency, progress=True)
+    by_device: dict = {}
+    for (name, rt), model in timed.items():
+        by_device.setdefault(row_device(rt, device), []).append((name, rt, model))
+    lat, count = {}, len(timed)
+    for dev, items in by_device.items():  # networks of one device built together (a model moves with them)
+        nets = {f"{name} [{rt}]": get_runtime(rt, dev)(model) for name, rt, model in items}
+        log(f"latency: {len(nets)} networks on {dev} × batch {', '.join(map(str, latency.batch_sizes))}, "
+            f"{latency.rounds} alternating rounds")
+        lat.update(measure_latency(nets, shape, latency, progress=True, device=dev))
     load = machine_load()
     for r in rows:
         got = lat.get(f"{r['checkpoint']} [{r['protocol']['runtime']}]")
@@ -183,7 +191,7 @@ def _latency_pass(rows: list[dict], timed: dict, latency: LatencyConfig, log) ->
         r["cost"]["latency_ms"] = {str(b): v["median_ms"] for b, v in got.items()}
         r["cost"]["latency_ms_per_image"] = {str(b): v["ms_per_image"] for b, v in got.items()}
         r["cost"].setdefault("load", {})["latency"] = load
-        r["protocol"]["latency"] = {**asdict(latency), "pass": f"one pass over the {len(nets)} networks of the demo"}
+        r["protocol"]["latency"] = {**asdict(latency), "pass": f"one pass over the {count} networks of the demo"}
     for key, got in lat.items():
         b = max(got)
         log(f"  {key}: {got[b]['median_ms']:.2f} ms per evaluation at batch {b}")
@@ -195,9 +203,9 @@ def _tag(row: Row) -> str:
     return "-".join(p for p in (model, row.label or ("" if model else "base")) if p)
 
 
-def _compressed(base, row: Row, ckpt_dir: Path, log):
+def _compressed(base, row: Row, ckpt_dir: Path, log, device: str = "cpu"):
     """The base model after ``row.recipe``, made once (resumable) and cached in ``ckpt_dir``."""
     from .recipe import apply_recipe
 
     log(f"compress: {row.label} = {row.recipe}")
-    return apply_recipe(base, row.recipe, ckpt_dir, log=lambda m: log(f"  {m}"))
+    return apply_recipe(base, row.recipe, ckpt_dir, log=lambda m: log(f"  {m}"), device=device)

@@ -134,9 +134,15 @@ class Denoiser(nn.Module):
     def _coeffs(self, x: torch.Tensor, t: torch.Tensor):
         a, s = alpha_sigma(self.schedule, t)
         shape = (-1,) + (1,) * (x.ndim - 1)
-        return a.to(x.dtype).reshape(shape), s.to(x.dtype).reshape(shape)
+        return a.to(x.device, x.dtype).reshape(shape), s.to(x.device, x.dtype).reshape(shape)
 
     def _t(self, x: torch.Tensor, t) -> torch.Tensor:
+        """t as a float32 vector over the batch, on x's device (filled there from a Python number: no copy)."""
+        if x.device.type != "cpu":
+            if torch.is_tensor(t):
+                t = t.to(x.device, torch.float32)
+                return t.expand(x.shape[0]) if t.ndim == 0 else t
+            return torch.full((x.shape[0],), float(t), dtype=torch.float32, device=x.device)
         t = torch.as_tensor(t, dtype=torch.float32)
         return t.expand(x.shape[0]) if t.ndim == 0 else t
 
@@ -149,7 +155,7 @@ class Denoiser(nn.Module):
     def net_input(self, x: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
         """What the network itself is called with at (x_t, t): (x_t, t), or (c_in·x_t/α, t) for EDM.
         Calibration collectors and anything else that calls the bare network go through this."""
-        t = self._t(x, t).to(x.device)
+        t = self._t(x, t)
         if self.kind in SETTINGS:
             a, _, _, _, c_in = self._precond(x, t)
             x = x * (c_in / a)

@@ -23,6 +23,7 @@ class ProxyConfig:
     n: int = 512
     seed: int = 0
     batch_size: int = 256
+    device: str = "cpu"  # leandiff.device spec
 
 
 def ema_candidates(run_dir: str | Path) -> dict[str, Path]:
@@ -50,7 +51,7 @@ def select_ema(run_dir: str | Path, cfg: ProxyConfig = ProxyConfig(), *, progres
 
     cands = ema_candidates(run_dir)
     ecfg = EvalConfig(solver=cfg.solver, nfe=cfg.nfe, spacing=cfg.spacing, n=cfg.n, seed=cfg.seed,
-                      batch_size=cfg.batch_size, latency=None, inception=False)
+                      batch_size=cfg.batch_size, latency=None, inception=False, device=cfg.device)
     scores, seen = {}, {}
     for decay, path in cands.items():
         ck = load_checkpoint(path)

@@ -20,6 +20,7 @@ from typing import Callable
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .compress import STEPS
+from .device import device_of, resolve_device
 from .distributed import lead_and_barrier
 from .io import atomic_path, read_json, write_json
 from .spec import RecipeError, Step, bind, parse, values  # noqa: F401  (the grammar lives in leandiff.spec)
@@ -72,9 +73,13 @@ def parse_recipe(text: str) -> list[Step]:
 
 def apply_recipe(ckpt, recipe: str | list[Step], out_dir: str | Path, *, dataset: str | None = None,
                  data_dir: str | None = None, seed: int = 0, progress: bool | None = None,
-                 log: Callable[[str], None] = print):
-    """Run every step on ``ckpt``; write the result to ``out_dir`` (resuming finished steps)."""
+                 log: Callable[[str], None] = print, device: str | None = None):
+    """Run every step on ``ckpt``; write the result to ``out_dir`` (resuming finished steps). Every step
+    computes on ``device`` (a leandiff.device spec; None: where ``ckpt.net`` is): the checkpoint, each
+    step's result and a KD teacher live there; the files written are device-free."""
     steps = parse_recipe(recipe) if isinstance(recipe, str) else recipe
+    dev = resolve_device(device) if device is not None else device_of(ckpt.net)
+    ckpt.net.to(dev)
     out_dir = Path(out_dir)
     work = out_dir / ".steps"
     lead, sync = lead_and_barrier()  # under torchrun: rank 0 alone writes, every rank trains
@@ -90,7 +95,7 @@ def apply_recipe(ckpt, recipe: str | list[Step], out_dir: str | Path, *, dataset
         done = d / "done.json"
         stamp = {"recipe": prefix, "origin": origin}
         if done.is_file() and {k: read_json(done).get(k) for k in stamp} == stamp:
-            ckpt = load_checkpoint(d)
+            ckpt = load_checkpoint(d, dev)
             log(f"[{i + 1}/{len(steps)}] {st} already done ({d})")
             continue
         started = d / "started.json"
@@ -110,7 +115,7 @@ def apply_recipe(ckpt, recipe: str | list[Step], out_dir: str | Path, *, dataset
         if lead:
             save_checkpoint(ckpt, d)
         sync()
-        ckpt = load_checkpoint(d)  # what later steps see is exactly what was written
+        ckpt = load_checkpoint(d, dev)  # what later steps see is exactly what was written
         if lead:
             write_json(done, {"recipe": prefix, "origin": origin, "weights": ckpt.hash()})
         sync()
@@ -121,4 +126,4 @@ def apply_recipe(ckpt, recipe: str | list[Step], out_dir: str | Path, *, dataset
                 with atomic_path(out_dir / f.name) as tmp:
                     shutil.copyfile(f, tmp)
     sync()
-    return load_checkpoint(out_dir)
+    return load_checkpoint(out_dir, dev)

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from .compress import cache, onnx, openvino, quant
-from .denoiser import Denoiser
+from .denoiser import Denoiser, call_network
+from .device import device_of, resolve_device
 from .errors import UserError
 from .precision import Autocast  # noqa: F401  (re-exported: the bf16 wrapper)
 from .spec import NoArgs, RecipeError, Spec, arguments, bind, fmt_value, parse, values
@@ -33,15 +34,44 @@ def eager(ckpt, _: NoArgs) -> nn.Module:
 
 
 def bf16(ckpt, _: NoArgs) -> nn.Module:
-    """fp32 weights, bf16 autocast on CPU (matmuls and convolutions in bf16, fp32 outputs)."""
-    return Autocast(ckpt.net.float().eval(), "cpu", torch.bfloat16)
+    """fp32 weights, bf16 autocast on the network's device (matmuls and convolutions in bf16, fp32 outputs)."""
+    return Autocast(ckpt.net.float().eval(), dtype=torch.bfloat16)
+
+
+def fp16(ckpt, _: NoArgs) -> nn.Module:
+    """fp32 weights, fp16 autocast (GPUs: tensor cores; fp32 outputs)."""
+    return Autocast(ckpt.net.float().eval(), dtype=torch.float16)
+
+
+class _ChannelsLast(nn.Module):
+    """fp32 in NHWC memory order: weights and inputs channels-last (cuDNN's preferred layout), NCHW out."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return call_network(self.net, x.contiguous(memory_format=torch.channels_last), t).contiguous()
+
+
+def channels_last(ckpt, _: NoArgs) -> nn.Module:
+    """fp32 eager with channels-last (NHWC) weights and activations."""
+    return _ChannelsLast(ckpt.net.float().eval())
+
+
+def compile_bf16(ckpt, _: NoArgs) -> nn.Module:
+    """torch.compile over bf16 autocast (the fastest torch path on GPUs and bf16 CPUs)."""
+    return torch.compile(Autocast(ckpt.net.float().eval(), dtype=torch.bfloat16))
 
 
 # name -> Spec(fn(ckpt, config) -> network, config dataclass, description)
 RUNTIMES: dict[str, Spec] = {
     "eager": Spec(eager, NoArgs, "PyTorch eager, fp32 (reference)"),
-    "bf16": Spec(bf16, NoArgs, "PyTorch eager, bf16 autocast (CPU)"),
+    "bf16": Spec(bf16, NoArgs, "PyTorch eager, bf16 autocast"),
+    "fp16": Spec(fp16, NoArgs, "PyTorch eager, fp16 autocast (GPU)"),
+    "channels-last": Spec(channels_last, NoArgs, "PyTorch eager, fp32, channels-last (NHWC) memory format"),
     "compile": Spec(onnx.compiled, NoArgs, "torch.compile, fp32 (compiles per input shape)"),
+    "compile-bf16": Spec(compile_bf16, NoArgs, "torch.compile over bf16 autocast (compiles per input shape)"),
     "ort": Spec(onnx.ort_fp32, NoArgs, "ONNX Runtime fp32 (CPU)"),
     "ort-int8": Spec(onnx.ort_int8, onnx.OrtInt8Spec, "ONNX Runtime static int8 (QDQ, real int8 kernels)"),
     "openvino": Spec(openvino.openvino_fp32, openvino.OvSpec, "OpenVINO fp32 (CPU; optional extra leandiff[openvino])"),
@@ -53,6 +83,34 @@ RUNTIMES: dict[str, Spec] = {
                        "fake-quant SIMULATION in fp32 (measures quality of low-bit arithmetic; no speed-up)"),
     "cache": Spec(cache.cached_network, cache.CacheSpec, "DeepCache-style feature caching"),
 }
+
+# The device types each runtime runs on. A runtime missing here (one registered from outside) is taken to
+# run on the CPU only. Real int8 stays ONNX Runtime on the CPU; fp16 autocast on a CPU is slower than fp32.
+ALL_DEVICES = ("cpu", "cuda", "mps")
+RUNTIME_DEVICES: dict[str, tuple] = {
+    "eager": ALL_DEVICES, "bf16": ALL_DEVICES, "fp16": ("cuda", "mps"), "channels-last": ALL_DEVICES,
+    "compile": ("cpu", "cuda"), "compile-bf16": ("cpu", "cuda"), "ort": ("cpu",), "ort-int8": ("cpu",),
+    "dynamic-int8": ("cpu",), "fake-quant": ALL_DEVICES, "cache": ALL_DEVICES,
+}
+
+
+def runtime_devices(name: str) -> tuple:
+    """The device types runtime ``name`` runs on (``ort`` also on CUDA where onnxruntime-gpu is installed)."""
+    devices = RUNTIME_DEVICES.get(name, ("cpu",))
+    if name == "ort" and onnx.ort_cuda_available():
+        devices = devices + ("cuda",)
+    return devices
+
+
+def check_device(name: str, device: torch.device) -> None:
+    """UserError when runtime ``name`` does not run on ``device`` (``meta``: shapes only, any torch runtime)."""
+    devices = runtime_devices(name)
+    if device.type == "meta" and devices != ("cpu",):
+        return
+    if device.type not in devices:
+        raise UserError(f"runtime {name} runs on {', '.join(devices)}, not on {device}; "
+                        f"choose --device {devices[0]} or another runtime (leandiff runtimes)")
+
 
 _OLD_CACHE = re.compile(r"cache(-nu)?(-bf16)?:(\d+)")  # cache-nu-bf16:3 = cache(interval=3,schedule=nonuniform,bf16=true)
 
@@ -101,25 +159,43 @@ def runtime_label(text: str | dict) -> str:
     return name + ("(" + ",".join(f"{k}={fmt_value(v)}" for k, v in args.items()) + ")" if args else "")
 
 
-def get_runtime(text: str | dict) -> Callable:
-    """``ckpt -> network`` for a runtime spec (checked now: an unknown name or argument fails before any
-    work); its ``description`` says what it is."""
+def get_runtime(text: str | dict, device: str | torch.device | None = None) -> Callable:
+    """``ckpt -> network`` for a runtime spec on ``device`` (checked now: an unknown name or argument, or a
+    device the runtime does not run on, fails before any work); its ``description`` says what it is.
+    ``device`` None: where the checkpoint's network is. A torch runtime moves ``ckpt.net`` there first
+    (runtimes work on the checkpoint's network in place, as ``eager`` always did)."""
     name, cfg = parse_runtime(text)
     spec = RUNTIMES[name]
+    dev = None if device is None else resolve_device(device)
+    if dev is not None:
+        check_device(name, dev)
 
     def run(ckpt):
+        where = dev if dev is not None else device_of(ckpt.net)
+        check_device(name, where)
+        if isinstance(ckpt.net, nn.Module) and device_of(ckpt.net) != where:
+            ckpt.net.to(where)
         return spec.fn(ckpt, cfg)
 
     run.description = spec.description + (cfg.describe() if hasattr(cfg, "describe") else "")
     run.label = runtime_label(text)
+    run.devices = runtime_devices(name)
     return run
 
 
-def runtime_network(ckpt, name: str | dict = "eager") -> Callable:
-    """The checkpoint's network prepared for execution by runtime ``name``."""
-    return get_runtime(name)(ckpt)
+def row_device(text: str | dict, device: str | torch.device) -> torch.device:
+    """The device a grid's row (demo, study) runs on: ``device`` where runtime ``text`` runs there, else the
+    CPU (real int8 runs on the CPU); the row's protocol records which."""
+    dev = resolve_device(device)
+    name, _ = parse_runtime(text)
+    return dev if dev.type in runtime_devices(name) else torch.device("cpu")
 
 
-def runtime_denoiser(ckpt, name: str | dict = "eager") -> Denoiser:
-    """A Denoiser over the checkpoint's network executed by runtime ``name``."""
-    return Denoiser(runtime_network(ckpt, name), ckpt.schedule, ckpt.parameterization)
+def runtime_network(ckpt, name: str | dict = "eager", device: str | torch.device | None = None) -> Callable:
+    """The checkpoint's network prepared for execution by runtime ``name`` on ``device``."""
+    return get_runtime(name, device)(ckpt)
+
+
+def runtime_denoiser(ckpt, name: str | dict = "eager", device: str | torch.device | None = None) -> Denoiser:
+    """A Denoiser over the checkpoint's network executed by runtime ``name`` on ``device``."""
+    return Denoiser(runtime_network(ckpt, name, device), ckpt.schedule, ckpt.parameterization)

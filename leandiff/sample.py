@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .denoiser import Denoiser, call_network
+from .device import device_of, loop_generator, resolve_device, synchronize
 from .errors import UserError
 from .schedule import DEFAULT_SPACING, timesteps as make_timesteps
 from .solvers import check_options, get_solver, nfe_per_step
@@ -25,6 +26,7 @@ class SampleConfig:
     batch_size: int = 256  # images per solver call (changing it changes which noise each image gets)
     clip_x0: bool = True  # clamp x̂₀ to the data range [-1, 1] inside the solver (DDPM/DDIM practice)
     opts: dict = field(default_factory=dict)  # extra solver options, e.g. {"eta": 0.5}
+    device: str | None = None  # where x_T and the solver run (leandiff.device); None: the network's device
 
     def __post_init__(self):
         if self.n <= 0:
@@ -116,6 +118,26 @@ class _FiniteGuard:
                         f"{self.label}{layer}")
 
 
+class _DeviceFiniteGuard:
+    """Solver callback on an accelerator: records, on the device, the first step whose x is not finite
+    (no host synchronisation per step); :meth:`check` reads it once after the batch."""
+
+    def __init__(self, label: str):
+        self.label, self.first = label, None
+
+    def __call__(self, info: dict) -> None:
+        x = info["x"]
+        bad = ~torch.isfinite(x).all()
+        step = torch.full((), info["i"] + 1, device=x.device, dtype=torch.long)
+        if self.first is None:
+            self.first = torch.zeros((), device=x.device, dtype=torch.long)
+        self.first = torch.where((self.first == 0) & bad, step, self.first)
+
+    def check(self) -> None:
+        if self.first is not None and self.first.device.type != "meta" and int(self.first):
+            raise UserError(f"sampling produced NaN/Inf at step {int(self.first)} of {self.label}")
+
+
 def generate(denoiser: Denoiser, shape: tuple[int, int, int], cfg: SampleConfig,
              stats: SampleStats | None = None, progress: bool = False,
              batches: Iterable[int] | None = None) -> Iterator[torch.Tensor]:
@@ -135,18 +157,29 @@ def generate(denoiser: Denoiser, shape: tuple[int, int, int], cfg: SampleConfig,
     if progress:
         from .io import progress as progress_bar
         bar = progress_bar(total=sum(batch_len(cfg, b) for b in batches), desc=f"{cfg.solver}-{cfg.nfe}", unit="img", leave=False)
+    device = resolve_device(cfg.device) if cfg.device is not None else device_of(denoiser.net)
     for b in batches:
         m = batch_len(cfg, b)
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + b)
-        x = torch.randn((m, *shape), generator=g)
+        seed = cfg.seed * 1_000_003 + b
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn((m, *shape), generator=g)  # x_T from the CPU generator on every device (the noise rule)
+        if device.type != "cpu":
+            x = x.to(device)  # once per batch
+            g = loop_generator(seed, g, device)  # the steps' noise: the device's own generator
         denoiser.nfe = 0
         t0 = time.perf_counter()
-        guard = _FiniteGuard(denoiser, x, f"{cfg.solver}-{cfg.nfe}, batch {b}")
+        label = f"{cfg.solver}-{cfg.nfe}, batch {b}"
+        # On the CPU every step is checked as it happens; on an accelerator a host check per step would
+        # wait for the device, so the steps are checked on the device and read once at the end.
+        guard = _FiniteGuard(denoiser, x, label) if device.type == "cpu" else _DeviceFiniteGuard(label)
         with torch.no_grad():
             out = solver(denoiser, x, ts, generator=g, callback=guard, **opts)
+        synchronize(device)
         stats.seconds += time.perf_counter() - t0
         stats.nfe = denoiser.nfe  # per batch call == per sample
         stats.images += m
+        if device.type != "cpu":
+            guard.check()
         if not torch.isfinite(out).all():
             raise UserError(f"sampling produced NaN/Inf (solver {cfg.solver}, NFE {cfg.nfe}, batch {b})")
         if bar is not None:

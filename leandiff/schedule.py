@@ -8,6 +8,7 @@ Conventions (as in DDPM and diffusers): integer timesteps ``t = 0 .. T-1``, wher
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -88,15 +89,41 @@ def alphas_cumprod(schedule: Schedule) -> torch.Tensor:
 
 def log_snr(schedule: Schedule, t) -> torch.Tensor:
     """λ(t) = log(ᾱ_t / (1 - ᾱ_t)) at integer or fractional t (float64); t = -1 gives +inf."""
+    if torch.is_tensor(t) and t.device.type != "cpu":
+        return _log_snr_on_device(schedule, t)
     t = torch.as_tensor(t, dtype=torch.float64)
     ac = alphas_cumprod(schedule)
     lam = torch.log(ac) - torch.log1p(-ac)
     lam_ext = torch.cat([torch.tensor([math.inf], dtype=torch.float64), lam])  # index 0 is t = -1
     if ((t < -1) | (t > schedule.T - 1)).any():
         raise UserError(f"timestep out of range [-1, {schedule.T - 1}]: {t.min().item()}..{t.max().item()}")
+    return _interpolate(lam_ext, t, schedule.T)
+
+
+@functools.lru_cache(maxsize=16)
+def _log_snr_table(schedule: Schedule, device: torch.device) -> torch.Tensor:
+    """λ at t = -1 .. T-1 (float64, or float32 where the device has no float64: MPS), copied to ``device``
+    once per (schedule, device), so that the per-step coefficients of a loop on an accelerator need no
+    host-device copy."""
+    ac = alphas_cumprod(schedule)
+    lam = torch.cat([torch.tensor([math.inf], dtype=torch.float64), torch.log(ac) - torch.log1p(-ac)])
+    return lam.to(device, torch.float32 if device.type == "mps" else torch.float64)
+
+
+def _log_snr_on_device(schedule: Schedule, t: torch.Tensor) -> torch.Tensor:
+    """:func:`log_snr` for t on an accelerator, computed there. The range check is asynchronous (a host
+    check would wait for the device at every step); a bad t fails at the next synchronisation."""
+    table = _log_snr_table(schedule, t.device)
+    t = t.to(table.dtype)
+    if t.device.type != "meta":
+        torch._assert_async(((t >= -1) & (t <= schedule.T - 1)).all())
+    return _interpolate(table, t, schedule.T)
+
+
+def _interpolate(lam_ext: torch.Tensor, t: torch.Tensor, T: int) -> torch.Tensor:
     pos = t + 1
-    lo = pos.floor().long().clamp(max=schedule.T)
-    hi = (lo + 1).clamp(max=schedule.T)
+    lo = pos.floor().long().clamp(max=T)
+    hi = (lo + 1).clamp(max=T)
     w = pos - lo
     a, b = lam_ext[lo], lam_ext[hi]
     # interpolate only where needed, so that +inf at t = -1 does not produce NaN
@@ -121,8 +148,8 @@ def q_sample(schedule: Schedule, x0: torch.Tensor, t, noise: torch.Tensor) -> to
     """Forward process (DDPM eq. 4): x_t = α_t x_0 + σ_t ε, per-sample t of shape [B] or scalar."""
     a, s = alpha_sigma(schedule, t)
     shape = (-1,) + (1,) * (x0.ndim - 1)
-    a = a.to(x0.dtype).reshape(shape) if a.ndim else a.to(x0.dtype)
-    s = s.to(x0.dtype).reshape(shape) if s.ndim else s.to(x0.dtype)
+    a = a.to(x0.device, x0.dtype).reshape(shape) if a.ndim else a.to(x0.device, x0.dtype)
+    s = s.to(x0.device, x0.dtype).reshape(shape) if s.ndim else s.to(x0.device, x0.dtype)
     return a * x0 + s * noise
 
 
@@ -168,6 +195,12 @@ def timesteps(schedule: Schedule, steps: int, spacing: str = "leading") -> torch
 def t_of_log_snr(schedule: Schedule, lam) -> torch.Tensor:
     """The fractional t whose log-SNR is ``lam``: the inverse of :func:`log_snr` (which interpolates λ
     linearly between integer steps), float64. Values outside [λ(T-1), λ(0)] are clamped to [0, T-1]."""
+    if torch.is_tensor(lam) and lam.device.type != "cpu":  # on an accelerator: its cached table, no sync
+        table = _log_snr_table(schedule, lam.device)[1:].flip(0)
+        x = torch.minimum(torch.maximum(lam.to(table.dtype), table[0]), table[-1])
+        j = torch.searchsorted(table, x.contiguous()).clamp(1, schedule.T - 1)
+        lo, hi = table[j - 1], table[j]
+        return (schedule.T - j).to(table.dtype) - (x - lo) / (hi - lo)
     lam = torch.as_tensor(lam, dtype=torch.float64)
     table = log_snr(schedule, torch.arange(schedule.T)).flip(0)  # increasing in λ, index j is t = T-1-j
     x = lam.clamp(table[0].item(), table[-1].item())

@@ -145,7 +145,7 @@ def recipe_dir(out: Path, m: Model, models: dict[str, Model] | None = None) -> P
     return out / "ckpts" / h
 
 
-def model_checkpoint(out: Path, m: Model, log=print, models: dict[str, Model] | None = None):
+def model_checkpoint(out: Path, m: Model, log=print, models: dict[str, Model] | None = None, device: str = "cpu"):
     """The model's checkpoint: loaded, or built once by its recipe into DIR/ckpts/<hash> and reused
     (a ``model:NAME`` base is NAME's checkpoint, built first when it is not yet)."""
     from .checkpoint import load_checkpoint
@@ -160,20 +160,22 @@ def model_checkpoint(out: Path, m: Model, log=print, models: dict[str, Model] | 
     ref = _base_ref(m)
     if ref is not None:
         parent = models[ref]
-        base = model_checkpoint(out, parent, log=log, models=models)
+        base = model_checkpoint(out, parent, log=log, models=models, device=device)
         base_name = parent.ckpt or str(recipe_dir(out, parent, models))
     else:
         base, base_name = load_checkpoint(m.base), m.base
     log(f"study: building {m.name} = {base_name} > {m.recipe} into {d}")
-    apply_recipe(base, steps, d, log=log)
+    apply_recipe(base, steps, d, log=log, device=device)
     return load_checkpoint(d)
 
 
-def run_study(study: Study, out_dir: str | Path, *, progress: bool = True, log=print) -> list[dict]:
-    """Evaluate every unfinished cell, append it to OUT/results.jsonl, then write the report."""
+def run_study(study: Study, out_dir: str | Path, *, progress: bool = True, log=print,
+              device: str = "cpu") -> list[dict]:
+    """Evaluate every unfinished cell, append it to OUT/results.jsonl, then write the report. Recipes and
+    cells compute on ``device`` (a leandiff.device spec); a cell whose runtime runs only on the CPU runs there."""
     from .evaluate import EvalConfig, append_row, evaluate_checkpoint, read_rows
     from .evaluate.harness import resolve_dataset
-    from .runtime import runtime_label
+    from .runtime import row_device, runtime_label
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -189,11 +191,11 @@ def run_study(study: Study, out_dir: str | Path, *, progress: bool = True, log=p
             log(f"[{i + 1}/{len(todo)}] {c['model']} {c['solver']}-{c['nfe']} {c['runtime']}: done, skipped")
             continue
         if c["model"] not in ckpts:
-            ckpts[c["model"]] = model_checkpoint(out, models[c["model"]], log=log, models=models)
+            ckpts[c["model"]] = model_checkpoint(out, models[c["model"]], log=log, models=models, device=device)
         ck = ckpts[c["model"]]
         rt = runtime_label(ck.sampling_defaults()[2]) if c["runtime"] == "ckpt" else c["runtime"]
         cfg = EvalConfig(solver=c["solver"], nfe=c["nfe"], n=c["n"], seed=c["seed"], batch_size=study.batch_size,
-                         runtime=rt, spacing=ck.default_spacing(solver=c["solver"]), inception=False,
+                         runtime=rt, spacing=ck.default_spacing(solver=c["solver"]), inception=False, device=str(row_device(rt, device)),
                          **({} if study.latency else {"latency": None}))
         ds = resolve_dataset(ck, None)
         if ds not in shared:  # the classifier and reference statistics, loaded once per dataset

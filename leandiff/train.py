@@ -5,7 +5,10 @@ Determinism and resume: everything random in step s (batch positions, t, ε, dro
 generators seeded by (seed, s, rank), and the data order is a fixed permutation per epoch, so a
 run killed after its last saved state and resumed with ``resume=True`` ends with bit-identical
 weights on CPU. Under ``torchrun`` the global batch is split across ranks and DDP averages the
-gradients over gloo (the loop computes on the CPU).
+gradients (gloo on CPU ranks, NCCL where each rank has its GPU, ``LOCAL_RANK``). On an accelerator the
+data set is moved there once and the step's randomness comes from a generator on the device seeded by the
+same (seed, step, rank) (the noise rule of :mod:`leandiff.device`): no tensor crosses between host and
+device inside the loop but the loss and gradient-norm scalars of the divergence guard.
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ from torch import nn
 
 from .checkpoint import META_NAME, Checkpoint, load_checkpoint, save_checkpoint
 from .denoiser import Denoiser
-from .distributed import rank_world as _rank_world
+from .device import device_of, generator, resolve_device
+from .distributed import init_group, rank_world as _rank_world
 from .errors import UserError
 from .io import atomic_path, save_grid
 from .schedule import log_snr, q_sample, t_of_edm_sigma
@@ -64,6 +68,7 @@ class TrainConfig:
     sample_every: int = 1000  # write a DDIM-50 grid of the EMA model every N steps (0: never)
     checkpoint_every: int = 500  # write checkpoint + resumable state every N steps
     snapshot_every: int = 0  # also keep a copy of the checkpoint(s) every N steps in out/snapshots/ (0: never)
+    device: str | None = None  # leandiff.device spec (auto, cpu, cuda[:N], mps); None: where the init network is
 
     def __post_init__(self):
         from .denoiser import parse_parameterization
@@ -139,9 +144,9 @@ def draw_timesteps(schedule, n: int, g: torch.Generator, noise_levels: str = "un
     """Training timesteps: uniform integers 0..T-1 (DDPM), or EDM's log-normal σ (Karras et al. 2022,
     §5: ln σ ~ N(P_mean, P_std²)) mapped to the fractional VP t with σ_t/α_t = σ, clamped to the schedule."""
     if noise_levels == "lognormal":
-        sigma = (torch.randn(n, generator=g, dtype=torch.float64) * p_std + p_mean).exp()
+        sigma = (torch.randn(n, generator=g, dtype=torch.float64, device=g.device) * p_std + p_mean).exp()
         return t_of_edm_sigma(schedule, sigma).float()
-    return torch.randint(0, schedule.T, (n,), generator=g)
+    return torch.randint(0, schedule.T, (n,), generator=g, device=g.device)
 
 
 class DiffusionLoss:
@@ -170,7 +175,7 @@ class DiffusionLoss:
 
     def __call__(self, denoiser: Denoiser, x0: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         t = draw_timesteps(denoiser.schedule, x0.shape[0], g, self.noise_levels, self.p_mean, self.p_std)
-        noise = torch.randn(x0.shape, generator=g)
+        noise = torch.randn(x0.shape, generator=g, device=x0.device)
         xt = q_sample(denoiser.schedule, x0, t, noise)
         out = denoiser(xt, t).float()
         per = (out - denoiser.target(x0, noise, t)).pow(2).flatten(1).mean(1)
@@ -198,6 +203,33 @@ def _batch_indices(n: int, step: int, cfg: TrainConfig, rank: int, world: int) -
     return out
 
 
+class _DeviceBatches:
+    """:func:`_batch_indices` computed on an accelerator: each epoch's permutation (drawn on the CPU, as
+    there) is copied to the device once, so a step's indices need no host-device copy. Same indices."""
+
+    def __init__(self, n: int, cfg: TrainConfig, rank: int, world: int, device: torch.device):
+        self.n, self.cfg, self.rank, self.world, self.device = n, cfg, rank, world, device
+        self.perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self.perms:
+            g = torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch)
+            self.perms = {e: p for e, p in self.perms.items() if e >= epoch - 1}  # keep at most two
+            self.perms[epoch] = torch.randperm(self.n, generator=g).to(self.device)
+        return self.perms[epoch]
+
+    def __call__(self, step: int) -> torch.Tensor:
+        B, n = self.cfg.batch_size, self.n
+        per = B // self.world
+        lo = step * B + self.rank * per  # this rank's positions [lo, lo + per) of the endless sequence
+        pos = torch.arange(lo, lo + per, device=self.device)
+        out = torch.empty_like(pos)
+        for epoch in range(lo // n, (lo + per - 1) // n + 1):
+            sel = pos.div(n, rounding_mode="floor") == epoch
+            out = torch.where(sel, self._perm(epoch)[pos % n], out)
+        return out
+
+
 @torch.no_grad()
 def _ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
     for e, p in zip(ema.parameters(), net.parameters()):
@@ -221,15 +253,18 @@ def _save_state(path: Path, step: int, seconds: tuple[float, float], cfg: TrainC
                 extra=None, loss_fn=None) -> None:
     from safetensors.torch import save_file
 
-    tensors = {f"net.{k}": v.detach().clone() for k, v in net.state_dict().items()}
-    tensors.update({f"ema.{k}": v.detach().clone() for k, v in ema.state_dict().items()})
+    def host(v):  # a CPU copy: the state file is the same whatever device trained
+        return torch.as_tensor(v).detach().to("cpu", copy=True)
+
+    tensors = {f"net.{k}": host(v) for k, v in net.state_dict().items()}
+    tensors.update({f"ema.{k}": host(v) for k, v in ema.state_dict().items()})
     for d, e in (extra or {}).items():
-        tensors.update({f"ema@{_ema_name(d)}.{k}": v.detach().clone() for k, v in e.state_dict().items()})
+        tensors.update({f"ema@{_ema_name(d)}.{k}": host(v) for k, v in e.state_dict().items()})
     for i, st in opt.state_dict()["state"].items():
         for k, v in st.items():
-            tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().clone()
+            tensors[f"opt.{i}.{k}"] = host(v)
     if hasattr(loss_fn, "state_dict"):  # a loss with state of its own (consistency distillation's target network)
-        tensors.update({f"loss.{k}": v.detach().clone() for k, v in loss_fn.state_dict().items()})
+        tensors.update({f"loss.{k}": host(v) for k, v in loss_fn.state_dict().items()})
     meta = {"step": str(step), "seconds": repr(seconds[0]), "cpu_seconds": repr(seconds[1]), "config": json.dumps(dataclasses.asdict(cfg), sort_keys=True)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
@@ -249,6 +284,7 @@ def _load_state(path: Path, cfg: TrainConfig, net, ema, opt, extra=None,
     except Exception as e:
         raise UserError(f"{path}: unreadable training state ({(str(e).splitlines() or [type(e).__name__])[0][:120]})") from None
     now = _as_saved(cfg)
+    saved.setdefault("device", "cpu")  # written before devices were recorded: a CPU run
     changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k])
     if changed:
         raise UserError(f"cannot resume: settings differ from the saved run in {', '.join(changed)}")
@@ -282,21 +318,24 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, init: Checkpoint, images: to
     """
     out_dir = Path(out_dir)
     rank, world = _rank_world()
-    if world > 1 and not torch.distributed.is_initialized():
-        # gloo: the loop computes on the CPU (NCCL would refuse CPU tensors on a machine with GPUs)
-        torch.distributed.init_process_group("gloo")
+    if world > 1:
+        init_group()  # gloo for CPU tensors, NCCL for this rank's GPU
+    device = resolve_device(cfg.device) if cfg.device is not None else device_of(init.net)
+    cfg = dataclasses.replace(cfg, device=str(device))  # the run records where it ran
     if cfg.batch_size % world:
         raise UserError(f"batch size {cfg.batch_size} is not divisible by the {world} processes")
     loss_fn = loss_fn or DiffusionLoss.from_config(cfg, init.parameterization)
 
-    net = init.net
+    net = init.net.to(device)
     net.train()
+    images = images.to(device)  # once: no host-device copy per step
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     # Several EMA decays side by side (the profile is chosen after training: `leandiff ema`)
     extra = {d: copy.deepcopy(net).eval().requires_grad_(False) for d in cfg.ema_decays if d != cfg.ema_decay}
     model = net
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(net)
+    # DDP under torchrun, and in any process group a caller set up (one GPU, world size 1, included)
+    if world > 1 or (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     denoiser = Denoiser(model, init.schedule, init.parameterization)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -342,16 +381,17 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, init: Checkpoint, images: to
         return (seconds_before[0] + time.perf_counter() - t_start, seconds_before[1] + time.process_time() - cpu_start)
 
     ck = None
+    on_device = _DeviceBatches(n, cfg, rank, world, device) if device.type != "cpu" else None
     for step in range(start, cfg.steps):
         # All randomness of this step comes from (seed, step, rank): resumable and rank-distinct.
-        g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 64 + rank)
+        g = generator((cfg.seed * 1_000_003 + step) * 64 + rank, device)
         torch.manual_seed((cfg.seed * 1_000_003 + step) * 64 + rank + 17)  # dropout
-        x0 = images[_batch_indices(n, step, cfg, rank, world)]
+        x0 = images[_batch_indices(n, step, cfg, rank, world) if on_device is None else on_device(step)]
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             loss = loss_fn(denoiser, x0, g)
-        if not torch.isfinite(loss):
+        if on_device is None and not torch.isfinite(loss):  # on an accelerator: checked with the gradient, below
             raise UserError(f"training diverged: loss is {loss.item()} at step {step}{_first_nonfinite(net, 'weight')}; "
                             f"the last good checkpoint in {out_dir} is left as it was")
         opt.zero_grad(set_to_none=True)
@@ -359,6 +399,14 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, init: Checkpoint, images: to
         # The global gradient norm (clipped when grad_clip > 0) also guards the update: a NaN/Inf
         # gradient must not reach the weights, the EMA or the next checkpoint.
         gnorm = nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if on_device is not None:
+            # One host read per step on an accelerator (the loss, for the guard and the progress line): a
+            # NaN loss gives a NaN gradient norm, so checking both here still stops before the update.
+            loss_value, gnorm_value = torch.stack([loss.detach().float(), gnorm.detach().float()]).tolist()
+            if not math.isfinite(loss_value):
+                raise UserError(f"training diverged: loss is {loss_value} at step {step}{_first_nonfinite(net, 'weight')}; "
+                                f"the last good checkpoint in {out_dir} is left as it was")
+            gnorm = torch.tensor(gnorm_value)
         if not torch.isfinite(gnorm):
             raise UserError(f"training diverged: gradient is NaN/Inf at step {step}{_first_nonfinite(net, 'gradient')}; "
                             f"the last good checkpoint in {out_dir} is left as it was")
@@ -370,7 +418,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, init: Checkpoint, images: to
 
         done = step + 1
         seen += x0.shape[0] * world
-        smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
+        loss_now = loss.item() if on_device is None else loss_value
+        smooth = loss_now if smooth is None else 0.98 * smooth + 0.02 * loss_now
         if bar is not None and (done % cfg.log_every == 0 or done == cfg.steps):
             now = time.perf_counter()
             bar.set_postfix(loss=f"{smooth:.4f}", img_s=f"{seen / (now - t_mark):.0f}", lr=f"{lr_at(cfg, step):.1e}")
@@ -391,14 +440,14 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, init: Checkpoint, images: to
     if world > 1:
         torch.distributed.barrier()
         if rank != 0:  # every rank returns what rank 0 wrote (its metadata included)
-            ck = load_checkpoint(out_dir)
+            ck = load_checkpoint(out_dir, device)
         # rank 0 may write out_dir again next (a recipe saves its step's checkpoint there): not before every
         # rank has read it (rank 1 once read a new weights file beside the old metadata and stopped)
         torch.distributed.barrier()
     if ck is None and (out_dir / META_NAME).is_file():
         # resumed a run that had already finished: what it wrote (its train record and lineage
         # included), not the init's metadata
-        ck = load_checkpoint(out_dir)
+        ck = load_checkpoint(out_dir, device)
     if ck is None:
         ck = Checkpoint(net=ema, arch=init.arch, schedule=init.schedule,
                         parameterization=init.parameterization, meta=copy.deepcopy(init.meta), path=out_dir)

@@ -10,16 +10,18 @@ from leandiff.sample import SampleConfig, sample_all
 # how close each runtime's samples stay to eager fp32's (mean |difference| over a 4-step DDIM run) (fake-quant is a simulation of a quantized model:
 # on an unquantized checkpoint it is refused; ORT needs an ONNX export, covered by test_quant; OpenVINO is
 # an optional extra, covered by tests/compress/test_openvino.py)
-TOLERANCE = {"eager": 1e-6, "bf16": 0.05, "compile": 1e-4, "dynamic-int8": 0.05, "cache": None}
+TOLERANCE = {"eager": 1e-6, "bf16": 0.05, "compile": 1e-4, "dynamic-int8": 0.05, "cache": None, "channels-last": 1e-5,
+             "compile-bf16": 0.05}
+GPU_ONLY = {"fp16"}  # fp16 autocast: on GPUs only (tests/test_device.py, marked gpu)
 
 
 def test_every_runtime_is_described_and_has_a_tolerance_or_a_reason():
     for name, spec in RUNTIMES.items():
         assert spec.description, name
-    assert set(TOLERANCE) | {"ort", "ort-int8", "fake-quant", "openvino", "openvino-bf16", "openvino-int8"} == set(RUNTIMES)
+    assert set(TOLERANCE) | {"ort", "ort-int8", "fake-quant", "openvino", "openvino-bf16", "openvino-int8"} | GPU_ONLY == set(RUNTIMES)
 
 
-@pytest.mark.parametrize("name", ["eager", "bf16", "dynamic-int8", "cache"])
+@pytest.mark.parametrize("name", ["eager", "bf16", "dynamic-int8", "cache", "channels-last"])
 def test_runtime_runs_inside_a_solver_close_to_eager(tiny_ckpt, name):
     cfg = SampleConfig("ddim", 4, n=2, seed=0)
     ref = sample_all(runtime_denoiser(tiny_ckpt, "eager"), (1, 16, 16), cfg)

@@ -208,7 +208,7 @@ def cached_network(ckpt, spec: CacheSpec) -> nn.Module:
     """Runtime network: ``ckpt``'s UNet wrapped in :class:`CachedUNet` (optionally under bf16 autocast)."""
     T = int(ckpt.schedule.num_timesteps)
     net = CachedUNet(ckpt.net.float().eval(), CacheConfig(spec.interval, spec.schedule, T))
-    return Autocast(net, "cpu", torch.bfloat16) if spec.bf16 else net
+    return Autocast(net, dtype=torch.bfloat16) if spec.bf16 else net
 
 
 def cache_step(ckpt, cfg: CacheSpec, ctx):

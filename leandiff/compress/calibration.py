@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..denoiser import Denoiser, call_network
+from ..device import device_of
 from ..errors import UserError
 from ..sample import SampleConfig, sample_all
 from ..schedule import q_sample
@@ -96,16 +97,17 @@ def collect_ndtc(denoiser, shape, cfg: CalibConfig, images=None):
     T = denoiser.schedule.T
     g = torch.Generator().manual_seed(cfg.seed)
     t_end = ndtc_timesteps(T, cfg, g)
+    dev = device_of(denoiser.net)  # drawn on the CPU (the same set on every device), computed on the network's
     xs = []
     for b0 in range(0, cfg.n, cfg.batch_size):
-        te = t_end[b0:b0 + cfg.batch_size]
-        x = torch.randn((te.shape[0], *shape), generator=g)
+        te = t_end[b0:b0 + cfg.batch_size].to(dev)
+        x = torch.randn((te.shape[0], *shape), generator=g).to(dev)
         k = max(1, cfg.steps)
         grid = [(T - 1) + (te - (T - 1)) * j / k for j in range(k + 1)]  # per-sample linear t from T−1 to t_i
         for j in range(k):
             x = ddim_to(denoiser, x, torch.round(grid[j]), torch.round(grid[j + 1]), clip_x0=False)  # DDIM (η = 0) to s
         xs.append(x)
-    return denoiser.net_input(torch.cat(xs), t_end)
+    return denoiser.net_input(torch.cat(xs), t_end.to(dev))
 
 
 def collect_real(denoiser, shape, cfg: CalibConfig, images=None):
@@ -116,7 +118,9 @@ def collect_real(denoiser, shape, cfg: CalibConfig, images=None):
     idx = torch.randint(0, images.shape[0], (cfg.n,), generator=g)
     t = torch.randint(0, denoiser.schedule.T, (cfg.n,), generator=g).float()
     noise = torch.randn((cfg.n, *shape), generator=g)
-    return denoiser.net_input(q_sample(denoiser.schedule, images[idx], t, noise), t)
+    dev = device_of(denoiser.net)
+    t = t.to(dev)
+    return denoiser.net_input(q_sample(denoiser.schedule, images[idx].to(dev), t, noise.to(dev)), t)
 
 
 COLLECTORS: dict[str, Callable] = {"uniform": collect_uniform, "qdiff": collect_qdiff, "ndtc": collect_ndtc,

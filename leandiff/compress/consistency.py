@@ -146,9 +146,11 @@ class CDLoss:
         if self.started:
             self._update_target(student.net)
         self.started = True
-        n = torch.randint(0, len(self.ts) - 1, (x0.shape[0],), generator=g)
+        n = torch.randint(0, len(self.ts) - 1, (x0.shape[0],), generator=g, device=g.device)
+        if self.ts.device != n.device:  # once: the step table lives where the training runs
+            self.ts = self.ts.to(n.device)
         t_lo, t_hi = self.ts[n], self.ts[n + 1]
-        z = torch.randn(x0.shape, generator=g)
+        z = torch.randn(x0.shape, generator=g, device=x0.device)
         x_hi = q_sample(student.schedule, x0, t_hi, z)
         with torch.no_grad(), torch.autocast(x0.device.type, enabled=False):
             x_lo = teacher_step(self.teacher, x_hi.float(), t_hi, t_lo, self.cfg.solver)
@@ -184,7 +186,7 @@ def consistency_distill(ckpt: Checkpoint, out_dir, cfg: CDConfig, *, dataset: st
     loss = CDLoss(teacher, student.net, ts, cfg, dim)
     train(tcfg, out_dir, init=student, images=training_images(tcfg, student), loss_fn=loss, resume=True,
           progress=progress is not False)
-    out = load_checkpoint(out_dir)
+    out = load_checkpoint(out_dir, next(student.net.parameters()).device)  # stays where the recipe computes
     if out.lineage and out.lineage[-1].get("step") == "train":
         out.lineage.pop()
     out.meta["sampler"] = {"solver": "consistency", "nfe": cfg.nfe, "spacing": "trailing"}

@@ -73,8 +73,8 @@ class KDLoss:
                             "none of the teacher channels its layers kept")
 
     def __call__(self, student: Denoiser, x0: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        t = torch.randint(0, student.schedule.T, (x0.shape[0],), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, student.schedule.T, (x0.shape[0],), generator=g, device=g.device)
+        noise = torch.randn(x0.shape, generator=g, device=x0.device)
         xt = q_sample(student.schedule, x0, t, noise)
         hooks = _Features(student.net, self.kept) if self.feat_weight else None
         try:
@@ -106,7 +106,7 @@ def resolve_teacher(student, path: str, ctx):
     when given, else the checkpoint before the recipe's first step. When that is the student's own network
     (KD as the recipe's first step) the teacher is a frozen copy: freezing it in place would freeze the
     student too (no parameter would require grad)."""
-    teacher = load_checkpoint(path) if path else ctx.origin
+    teacher = load_checkpoint(path, next(student.net.parameters()).device) if path else ctx.origin
     if teacher is None:
         raise UserError("KD needs a teacher: give teacher=PATH (no checkpoint before the recipe is known)")
     mine = {id(p) for p in student.net.parameters()}
@@ -205,7 +205,7 @@ def kd_step(ckpt, cfg: KDConfig, ctx):
     if s > 1:
         arch = narrow_arch(ckpt.arch, s)
         torch.manual_seed(ctx.seed)
-        net = build_network(arch)
+        net = build_network(arch).to(next(ckpt.net.parameters()).device)  # where the recipe computes
         if args["init"] == "slice":
             slice_init(net, ckpt.net)
         student = Checkpoint(net=net, arch=arch, schedule=ckpt.schedule, parameterization=ckpt.parameterization,

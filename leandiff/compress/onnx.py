@@ -63,7 +63,7 @@ def export_onnx(ckpt, out: str | Path, opset: int = 17) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(_Plain(copy.deepcopy(ckpt.net).float().eval()), (x, t), str(tmp), input_names=["x", "t"],
+        torch.onnx.export(_Plain(copy.deepcopy(ckpt.net).cpu().float().eval()), (x, t), str(tmp), input_names=["x", "t"],
                           output_names=["out"], dynamic_axes={"x": {0: "batch"}, "t": {0: "batch"}, "out": {0: "batch"}},
                           opset_version=opset, dynamo=False)
     os.replace(tmp, out)
@@ -73,7 +73,7 @@ def export_onnx(ckpt, out: str | Path, opset: int = 17) -> Path:
 class OrtNetwork:
     """An ONNX Runtime session as a network ``(x, t) -> output`` (torch tensors in and out)."""
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, device: torch.device | str = "cpu"):
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -81,9 +81,29 @@ class OrtNetwork:
         so.intra_op_num_threads, so.inter_op_num_threads = n, 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.path = str(path)
-        self.session = ort.InferenceSession(self.path, so, providers=["CPUExecutionProvider"])
+        self.device = torch.device(device)
+        if self.device.type == "cuda":  # onnxruntime-gpu: tensors stay on the GPU (IO binding, no copies)
+            providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0}), "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(self.path, so, providers=providers)
+
+    def _call_cuda(self, x: torch.Tensor, t) -> torch.Tensor:
+        x = x.detach().float().contiguous()
+        t = (t.to(x.device, torch.float32) if torch.is_tensor(t) else torch.full((), float(t), device=x.device))
+        t = t.reshape(-1).expand(x.shape[0]).contiguous()
+        out = torch.empty_like(x)
+        io = self.session.io_binding()
+        i = x.device.index or 0
+        for name, v in (("x", x), ("t", t)):
+            io.bind_input(name, "cuda", i, np.float32, tuple(v.shape), v.data_ptr())
+        io.bind_output("out", "cuda", i, np.float32, tuple(out.shape), out.data_ptr())
+        self.session.run_with_iobinding(io)
+        return out
 
     def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return self._call_cuda(x, t)
         x = x.detach().float().contiguous()
         t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x.shape[0]).contiguous()
         out = self.session.run(None, {"x": x.numpy(), "t": t.numpy()})[0]
@@ -98,6 +118,7 @@ class _Reader:
 
     def __init__(self, xs: torch.Tensor, ts: torch.Tensor, batch_size: int = 32):
         batch_size = max(d for d in range(1, min(batch_size, xs.shape[0]) + 1) if xs.shape[0] % d == 0)
+        xs, ts = xs.cpu(), ts.cpu()  # a calibration set collected on an accelerator feeds ONNX Runtime on the CPU
         self.items = [{"x": xs[i:i + batch_size].numpy().astype(np.float32), "t": ts[i:i + batch_size].numpy().astype(np.float32)}
                       for i in range(0, xs.shape[0], batch_size)]
         self.pos = 0
@@ -228,9 +249,20 @@ def onnx_file(ckpt, int8: OrtInt8Spec | None = None) -> Path:
     return quantize_onnx_int8(fp32, d / INT8_NAME, calib)
 
 
+def ort_cuda_available() -> bool:
+    """Whether onnxruntime-gpu's CUDA execution provider is installed (an optional extra)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
 def ort_fp32(ckpt, _: NoArgs) -> OrtNetwork:
-    """ONNX Runtime fp32 (CPU)."""
-    return OrtNetwork(onnx_file(ckpt))
+    """ONNX Runtime fp32 (CPU; CUDA execution provider where onnxruntime-gpu is installed and the network is
+    on a GPU)."""
+    dev = next((p.device for p in ckpt.net.parameters()), torch.device("cpu"))
+    return OrtNetwork(onnx_file(ckpt), device=dev if dev.type == "cuda" else "cpu")
 
 
 def ort_int8(ckpt, spec: OrtInt8Spec) -> OrtNetwork:

@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import Checkpoint, save_checkpoint
 from ..denoiser import Denoiser
+from ..device import device_of
 from ..errors import UserError
 from ..io import atomic_path
 from ..models import image_shape
@@ -97,9 +98,11 @@ class PDLoss:
         self.n = n_student
 
     def __call__(self, student: Denoiser, x0: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        i = torch.randint(0, self.n, (x0.shape[0],), generator=g)
+        i = torch.randint(0, self.n, (x0.shape[0],), generator=g, device=g.device)
+        if self.ts.device != i.device:  # once: the step tables live where the training runs
+            self.ts, self.tt = self.ts.to(i.device), self.tt.to(i.device)
         t, t_mid, t_next = self.ts[i], self.tt[2 * i + 1], self.ts[i + 1]
-        noise = torch.randn(x0.shape, generator=g)
+        noise = torch.randn(x0.shape, generator=g, device=x0.device)
         xt = q_sample(student.schedule, x0, t, noise)
         # The target in fp32 even under bf16 autocast: an ε teacher's x̂₀ = (x_t − σ ε̂)/α cancels
         # catastrophically at α ≈ 0.006 with bf16's 8-bit mantissa (only the student may run in bf16).
@@ -118,7 +121,7 @@ class OneShotLoss:
     def __call__(self, student: Denoiser, pair: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         c = pair.shape[1] // 2
         xT, target = pair[:, :c], pair[:, c:]
-        t = torch.full((pair.shape[0],), student.schedule.T - 1)
+        t = torch.full((pair.shape[0],), student.schedule.T - 1, device=pair.device)
         _, x_hat = student.convert(student(xT, t).float(), xT, t)
         return F.mse_loss(x_hat, target)
 
@@ -242,8 +245,8 @@ def oneshot_distill(ckpt: Checkpoint, out_dir, *, teacher_nfe: int, steps: int, 
         for b in range(0, pairs, 256):
             g = torch.Generator().manual_seed(seed * 1_000_003 + 7_777 + b)
             xT = torch.randn((min(256, pairs - b), *shape), generator=g)
-            x0 = get_solver("ddim")(teacher, xT, ts, clip_x0=clip_x0)
-            chunks.append(torch.cat([xT, x0], dim=1))
+            x0 = get_solver("ddim")(teacher, xT.to(device_of(teacher.net)), ts, clip_x0=clip_x0)
+            chunks.append(torch.cat([xT, x0.cpu()], dim=1))  # the pairs file is device-free
         data = torch.cat(chunks)
         out_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(pairs_path) as tmp:

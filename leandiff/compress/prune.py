@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import Checkpoint
+from ..device import device_of
 from ..errors import UserError
 from ..models import image_shape
 from ..schedule import q_sample
@@ -554,4 +555,13 @@ def prune_step(ckpt, cfg: PruneConfig, ctx):
         from ..data import load_dataset
 
         images = load_dataset(ctx.dataset, "train", ctx.data_dir, shape=image_shape(ckpt.arch)).images
-    return prune_checkpoint(ckpt, cfg, images)
+    # Pruning is one pass of graph surgery (torch-pruning's dependency graph) and float64 least squares:
+    # it runs on the CPU whatever the recipe's device, and the pruned network goes back to that device.
+    device = device_of(ckpt.net)
+    ckpt.net.cpu()
+    try:
+        out = prune_checkpoint(ckpt, cfg, images)
+    finally:
+        ckpt.net.to(device)
+    out.net.to(device)
+    return out

@@ -60,7 +60,8 @@ def calibrate(net: nn.Module, calib: tuple[torch.Tensor, torch.Tensor], cfg: Qua
             call_network(net, xs[b0:b0 + batch_size], ts[b0:b0 + batch_size])
         obs = OBSERVERS[cfg.observer]
         for m in layers:
-            groups = torch.cat([g if g is not None and g.numel() == v.shape[0] else torch.zeros(v.shape[0], dtype=torch.long)
+            groups = torch.cat([g if g is not None and g.numel() == v.shape[0]
+                                else torch.zeros(v.shape[0], dtype=torch.long, device=v.device)
                                 for g, v in m.record])
             vals = [v for _, v in m.record]
             width = min(v.shape[1] for v in vals)

@@ -28,8 +28,9 @@ def run(cfg: TrainConfig, out_dir, init: Checkpoint, images, loss_fn=None, progr
 def fit(cfg: TrainConfig, out_dir, init: Checkpoint, images, loss_fn=None, progress=None) -> Checkpoint:
     """:func:`run`, then the checkpoint as written: a resumed, already finished run returns the saved one with
     its own training record, not the initial metadata (the distillation rounds build on it)."""
+    device = next(init.net.parameters()).device  # read before training: the next round trains where this one did
     run(cfg, out_dir, init, images, loss_fn, progress)
-    out = load_checkpoint(out_dir)
+    out = load_checkpoint(out_dir, device)
     if rank_world()[1] > 1:  # every rank has read it before rank 0 rewrites it (progressive_distill does)
         torch.distributed.barrier()
     if out.lineage and out.lineage[-1].get("step") == "train":

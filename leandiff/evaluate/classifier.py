@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import ZOO_DIR, weights_hash
+from ..device import device_of
 from ..errors import UserError
 from ..io import atomic_path, read_json, write_json
 
@@ -142,12 +143,14 @@ def quantize_pixels(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def embed(clf: Classifier | FeatureCNN, x: torch.Tensor, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features float32 N×F, class probabilities float32 N×K) of images in [-1, 1]."""
+    """(features float32 N×F, class probabilities float32 N×K) of images in [-1, 1], computed on the
+    classifier's device (images elsewhere are moved there batch by batch)."""
     net = clf.net if isinstance(clf, Classifier) else clf
     net.eval()
+    dev = device_of(net)
     feats, probs = [], []
     for i in range(0, x.shape[0], batch_size):
-        f = net.features(quantize_pixels(x[i:i + batch_size].float()))
+        f = net.features(quantize_pixels(x[i:i + batch_size].to(dev).float()))
         feats.append(f)
         probs.append(torch.softmax(net.head(f), dim=1))
     return torch.cat(feats), torch.cat(probs)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ..device import device_option, resolve_device
 from ..errors import UserError
 
 
@@ -57,7 +58,8 @@ def classifier_train(dataset, data_dir, epochs, seed, out, reference):
               help="network evaluations per sample (default: the checkpoint's, else 10)")
 @click.option("-n", "n", type=int, default=2048, show_default=True, callback=_positive, help="generated samples")
 @click.option("--runtime", default=None,
-              help="eager, bf16, compile, ort, ort-int8, dynamic-int8, fake-quant or cache[-nu][-bf16]:K "
+              help="eager, bf16, fp16, channels-last, compile, ort, ort-int8, dynamic-int8, fake-quant or cache[-nu][-bf16]:K; "
+                   "leandiff runtimes says where each runs "
                    "(default: the checkpoint's, else eager)")
 @click.option("--spacing", default=None,
               help="leading, trailing, linspace, quadratic or logsnr (default: the checkpoint's, else logsnr for "
@@ -74,8 +76,9 @@ def classifier_train(dataset, data_dir, epochs, seed, out, reference):
               help="also standard Inception FID (needs torch-fidelity and its weights on this machine)")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="results file (JSONL of eval rows) to append to; a new file is created")
+@device_option
 def eval_cmd(ckpt, solver, nfe, n, runtime, spacing, eta, seed, batch_size, no_clip, dataset, data_dir,
-             classifier_path, no_latency, inception, out):
+             classifier_path, no_latency, inception, out, device):
     """Score a checkpoint; append one row to --out.
 
     Samples, embeds and scores; appends one JSON row to the results file --out and prints a Markdown row."""
@@ -86,10 +89,11 @@ def eval_cmd(ckpt, solver, nfe, n, runtime, spacing, eta, seed, batch_size, no_c
     from .protocol import check_results_file
 
     check_results_file(out)  # refuse a file that is not a results file before any work, and leave it as it is
+    dev = resolve_device(device)
     ck = load_checkpoint(ckpt)
     solver, nfe, runtime = ck.sampling_defaults(solver, nfe, runtime)
     spacing = ck.default_spacing(spacing, solver)
-    cfg = EvalConfig(solver=solver, nfe=nfe, n=n, seed=seed, spacing=spacing, runtime=runtime, batch_size=batch_size,
+    cfg = EvalConfig(device=str(dev), solver=solver, nfe=nfe, n=n, seed=seed, spacing=spacing, runtime=runtime, batch_size=batch_size,
                      clip_x0=not no_clip, opts={} if eta is None else {"eta": eta}, dataset=dataset,
                      data_dir=data_dir, classifier=classifier_path, latency=None if no_latency else LatencyConfig(),
                      inception=inception)
@@ -126,7 +130,8 @@ def _grid_path(out: Path, ckpt: str, cfg) -> Path:
 @click.option("--out", default=None, type=click.Path(dir_okay=False),
               help="write the Markdown table here and the JSON record beside it (.json); "
                    "without --out the table is printed and nothing is written")
-def bench(ckpts, runtimes, batch_sizes, rounds, solver, nfe, n, out):
+@device_option
+def bench(ckpts, runtimes, batch_sizes, rounds, solver, nfe, n, out, device):
     """Cost table of checkpoints under runtimes.
 
     Parameters, MACs, bytes, latency per evaluation (batch 1/16/64), peak memory."""
@@ -143,7 +148,7 @@ def bench(ckpts, runtimes, batch_sizes, rounds, solver, nfe, n, out):
     if out is not None:
         ensure_writable_dir(Path(out).parent)
     cfg = BenchConfig(runtimes=tuple(runtimes), latency=LatencyConfig(batch_sizes=sizes, rounds=rounds),
-                      solver=solver, nfe=nfe, n=n)
+                      solver=solver, nfe=nfe, n=n, device=str(resolve_device(device)))
     record = run_bench(list(ckpts), cfg, progress=True)
     md = bench_markdown(record)
     if out is not None:

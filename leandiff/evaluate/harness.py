@@ -19,6 +19,7 @@ from ..cost import (LatencyConfig, checkpoint_bytes, count_params, machine_info,
                     macs_per_image_nonzero, measure_latency)
 from ..data import load_dataset
 from ..denoiser import Denoiser
+from ..device import device_of, noise_rule, resolve_device
 from ..distributed import rank_world
 from ..errors import UserError
 from ..io import save_grid
@@ -55,6 +56,7 @@ class EvalConfig:
     latency: LatencyConfig | None = LatencyConfig()  # per-evaluation latency; None skips it
     grid_n: int = 64  # samples in the saved grid
     inception: bool = False  # also standard Inception FID (only when asked: needs torch-fidelity and its weights)
+    device: str | None = None  # leandiff.device spec (auto, cpu, cuda[:N], mps); None: where the checkpoint's network is
 
     def __post_init__(self):
         if self.n < 2:
@@ -83,6 +85,7 @@ def evaluate_checkpoint(ckpt, cfg: EvalConfig, *, classifier: Classifier | None 
         ckpt = load_checkpoint(ckpt)
     label = ckpt.name  # zoo:NAME for a shipped model, as bench, the demo and info name it
     t_start = time.perf_counter()
+    device = resolve_device(cfg.device) if cfg.device is not None else device_of(ckpt.net)
     dataset = resolve_dataset(ckpt, cfg.dataset)
     shape = image_shape(ckpt.arch)
     clf = classifier or load_classifier(cfg.classifier or dataset)
@@ -94,14 +97,15 @@ def evaluate_checkpoint(ckpt, cfg: EvalConfig, *, classifier: Classifier | None 
     if ref.classifier_hash != clf.hash:
         raise UserError(f"reference statistics were computed with classifier {ref.classifier_hash}, "
                         f"not with {clf.hash}: recompute them for this classifier")
-    runtime = get_runtime(cfg.runtime)  # unknown names fail before any work
+    runtime = get_runtime(cfg.runtime, device)  # unknown names, or a device it does not run on, fail before any work
+    clf.net.to(device)  # the classifier embeds where the images are made
     net = runtime(ckpt)
     denoiser = Denoiser(net, ckpt.schedule, ckpt.parameterization)
     inc, inc_note = _inception(cfg, log)
 
     # Sample and embed, batch by batch.
     scfg = SampleConfig(solver=cfg.solver, nfe=cfg.nfe, spacing=cfg.spacing, n=cfg.n, seed=cfg.seed,
-                        batch_size=cfg.batch_size, clip_x0=cfg.clip_x0, opts=dict(cfg.opts))
+                        batch_size=cfg.batch_size, clip_x0=cfg.clip_x0, opts=dict(cfg.opts), device=str(device))
     if rank_world()[1] > 1 and inc is not None:
         log("Inception FID is computed in single-process evaluation only; skipped under torchrun")
         inc, inc_note = None, "skipped: sharded evaluation (single-process only)"
@@ -139,13 +143,14 @@ def evaluate_checkpoint(ckpt, cfg: EvalConfig, *, classifier: Classifier | None 
                         "target": ckpt.parameterization, "t": "one uniform t in 0..T-1 per image"},
                 "is_splits": 10, "pixels": "clamped to [-1, 1] and rounded to 8 bits before the classifier",
                 "fid_inception": inc_note or ("torch-fidelity Inception, reference = held-out split" if inc else "off"),
-                "latency": asdict(cfg.latency) if cfg.latency else None, "processes": s.world}
+                "latency": asdict(cfg.latency) if cfg.latency else None, "processes": s.world,
+                "device": str(device), "noise": noise_rule(device)}
     origin, parent = lineage_origin(ckpt)
     return {"schema": SCHEMA, "checkpoint": label, "weights": ckpt.hash(), "dataset": dataset,
             "lineage": [st.get("step") for st in ckpt.lineage], "origin": origin, "parent": parent,
             "recipe": " > ".join(st["recipe"] for st in ckpt.lineage if st.get("recipe")) or None, "protocol": protocol, "quality": qual,
             "cost": cost, "grid": grid_file, "warnings": warnings, "seconds": time.perf_counter() - t_start,
-            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine_info()}
+            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(device)}
 
 
 def _inception(cfg: EvalConfig, log):
@@ -177,7 +182,8 @@ def cost_of(ckpt, net, shape, s: Sampled, cfg: EvalConfig, progress: bool = Fals
         cost["macs_per_eval_spent"] = s.spent["macs_per_call_mean"]
         cost["cache_calls"] = {"full": s.spent["full_calls"], "shallow": s.spent["shallow_calls"]}
     if cfg.latency is not None:
-        lat = measure_latency({cfg.runtime: net}, shape, cfg.latency, progress=progress)[cfg.runtime]
+        lat = measure_latency({cfg.runtime: net}, shape, cfg.latency, progress=progress,
+                              device=device_of(ckpt.net))[cfg.runtime]
         cost["latency_ms"] = {str(b): v["median_ms"] for b, v in lat.items()}
         cost["latency_ms_per_image"] = {str(b): v["ms_per_image"] for b, v in lat.items()}
         cost["load"]["latency"] = machine_load()

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..device import device_of
 from ..errors import UserError
 
 
@@ -292,7 +293,10 @@ def denoising_mse(denoiser, images: torch.Tensor, seed: int = 0, batch_size: int
     noises = torch.randn(images.shape, generator=g)
     total, count = 0.0, 0
     for i in range(0, images.shape[0], batch_size):
-        x0, t, noise = images[i:i + batch_size].float(), ts[i:i + batch_size], noises[i:i + batch_size]
+        # drawn on the CPU above on every device (the same noisy inputs everywhere), moved per batch
+        dev = device_of(denoiser.net)
+        x0, t, noise = (v.to(dev) for v in (images[i:i + batch_size].float(), ts[i:i + batch_size],
+                                             noises[i:i + batch_size]))
         xt = q_sample(denoiser.schedule, x0, t, noise)
         out = denoiser(xt, t).float()
         total += (out - denoiser.target(x0, noise, t)).double().pow(2).sum().item()

@@ -32,12 +32,14 @@ class Sampled:
 
 def sample_and_embed(net, denoiser, shape, scfg, clf: Classifier, grid_n: int, inception=None,
                      progress: bool = False) -> Sampled | None:
+    # Peak memory: RSS, and on a GPU torch's peak allocation there (scfg.device: where the sampling runs).
     """Generate ``scfg.n`` images with ``denoiser`` (over runtime network ``net``) and embed them; feeds
     ``inception`` (an InceptionFID) the fakes when given. Under torchrun only rank 0 gets the result
     (None elsewhere); Inception FID is then the caller's to skip."""
     rank, world = rank_world()
+    device = torch.device(scfg.device) if scfg.device is not None else None
     if world > 1:
-        with PeakMemory() as mem:
+        with PeakMemory(device=device) as mem:
             shard = evaluate_shard(denoiser, shape, scfg, clf, grid_n, progress=progress and rank == 0)
         if shard is None:  # not rank 0: its share is with rank 0 now
             return None
@@ -47,13 +49,13 @@ def sample_and_embed(net, denoiser, shape, scfg, clf: Classifier, grid_n: int, i
     counter = _call_counter(net)
     if counter is not None:
         counter.calls.clear()
-    with PeakMemory() as mem:
+    with PeakMemory(device=device) as mem:
         for x in generate(denoiser, shape, scfg, stats, progress=progress):
             t0 = time.perf_counter()
             acc.update(*embed(clf, x))
             t_embed += time.perf_counter() - t0
             if inception is not None:
-                inception.add_fake(x)
+                inception.add_fake(x.cpu())
             if sum(g.shape[0] for g in grid) < grid_n:
                 grid.append(x[:grid_n - sum(g.shape[0] for g in grid)].clone())
     spent = counter.macs_spent(shape) if counter is not None else None  # evaluations that differ in cost

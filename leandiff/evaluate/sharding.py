@@ -6,6 +6,8 @@ import time
 
 import torch
 
+from ..device import device_of
+from ..distributed import init_group
 from ..sample import SampleStats, batch_len, generate, num_batches
 from .classifier import Classifier, embed
 from .metrics import FeatureAccumulator
@@ -23,16 +25,14 @@ def evaluate_shard(denoiser, shape, scfg, clf: Classifier, grid_n: int, progress
     rank's seconds."""
     import torch.distributed as dist
 
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo")
+    created = init_group()
     rank, world = dist.get_rank(), dist.get_world_size()
     nb = num_batches(scfg)
     mine = list(range(rank, nb, world))
     rows = lambda b: batch_len(scfg, b)  # noqa: E731
     grid_rows = lambda b: max(0, min(rows(b), grid_n - b * scfg.batch_size))  # noqa: E731
     with torch.no_grad():
-        f0, p0 = embed(clf, torch.zeros((1, *shape)))  # the feature and class sizes, even on an idle rank
+        f0, p0 = embed(clf, torch.zeros((1, *shape), device=device_of(clf.net)))  # the feature and class sizes, even on an idle rank
     feats, probs, grids = {}, {}, {}
     stats, t_embed = SampleStats(), 0.0
     for b, x in zip(mine, generate(denoiser, shape, scfg, stats, progress=progress, batches=mine)):
@@ -40,7 +40,7 @@ def evaluate_shard(denoiser, shape, scfg, clf: Classifier, grid_n: int, progress
         with torch.no_grad():
             f, p = embed(clf, x)
         t_embed += time.perf_counter() - t0
-        feats[b], probs[b], grids[b] = f.detach(), p.detach(), x[:grid_rows(b)].clone()
+        feats[b], probs[b], grids[b] = f.detach().cpu(), p.detach().cpu(), x[:grid_rows(b)].to("cpu", copy=True)  # gathered over gloo
     F = _gather_batches(feats, nb, world, rows, f0.shape[1:], f0.dtype)
     P = _gather_batches(probs, nb, world, rows, p0.shape[1:], p0.dtype)
     G = _gather_batches(grids, nb, world, grid_rows, tuple(shape), torch.float32)

@@ -55,7 +55,11 @@ def predict(denoiser: Denoiser, x: torch.Tensor, t: float, clip_x0: bool) -> tup
 
 
 def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    """Standard normal noise shaped like x, drawn on the generator's device and placed on x's (the noise
+    rule, :mod:`leandiff.device`: sampling hands an accelerator its own generator, so no copy happens)."""
+    if generator is None or generator.device == x.device:
+        return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=generator.device).to(x.device)
 
 
 def check_range(solver: str, name: str, value: float, lo: float, hi: float, *, hi_open: bool = False) -> float:

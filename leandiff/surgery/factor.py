@@ -12,13 +12,15 @@ from .modules import get_module, set_module
 
 
 def factor_pair(m: nn.Module, rank: int) -> nn.Sequential:
-    """An empty (first, second) pair of the shape that replaces ``m`` at ``rank``."""
+    """An empty (first, second) pair of the shape that replaces ``m`` at ``rank``, on ``m``'s device."""
     bias = m.bias is not None
+    kw = {"device": m.weight.device, "dtype": m.weight.dtype}
     if isinstance(m, nn.Linear):
-        return nn.Sequential(nn.Linear(m.in_features, rank, bias=False), nn.Linear(rank, m.out_features, bias=bias))
+        return nn.Sequential(nn.Linear(m.in_features, rank, bias=False, **kw),
+                             nn.Linear(rank, m.out_features, bias=bias, **kw))
     first = nn.Conv2d(m.in_channels, rank, m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation,
-                      bias=False, padding_mode=m.padding_mode)
-    return nn.Sequential(first, nn.Conv2d(rank, m.out_channels, 1, bias=bias))
+                      bias=False, padding_mode=m.padding_mode, **kw)
+    return nn.Sequential(first, nn.Conv2d(rank, m.out_channels, 1, bias=bias, **kw))
 
 
 class LoRA(nn.Module):

@@ -107,9 +107,10 @@ class QuantLayer(nn.Module):
         self.inner = inner
         self.w_bits, self.a_bits, self.per_channel = w_bits, a_bits, per_channel
         out_ch = inner.weight.shape[0] if per_channel else 1
-        self.register_buffer("w_scale", torch.ones(out_ch))
-        self.register_buffer("a_scale", torch.ones(groups))
-        self.register_buffer("a_zero", torch.zeros(groups))
+        dev = inner.weight.device  # inserted into a network on a device: the scales live there too
+        self.register_buffer("w_scale", torch.ones(out_ch, device=dev))
+        self.register_buffer("a_scale", torch.ones(groups, device=dev))
+        self.register_buffer("a_zero", torch.zeros(groups, device=dev))
         self.group: torch.Tensor | None = None  # per-sample timestep group, set by the network's pre-hook
         self.record: list | None = None  # during calibration: (group per sample, input) pairs
 
@@ -121,7 +122,7 @@ class QuantLayer(nn.Module):
     def _qinput(self, x: torch.Tensor) -> torch.Tensor:
         g = self.group
         if g is None or g.numel() != x.shape[0]:
-            g = torch.zeros(x.shape[0], dtype=torch.long) if g is None else g[:1].expand(x.shape[0])
+            g = torch.zeros(x.shape[0], dtype=torch.long, device=x.device) if g is None else g[:1].expand(x.shape[0])
         shape = (-1,) + (1,) * (x.ndim - 1)
         s, z = self.a_scale[g].reshape(shape), self.a_zero[g].reshape(shape)
         return fake_quant(x, s, z, *int_range(self.a_bits, False))
