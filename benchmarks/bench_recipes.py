@@ -75,6 +75,11 @@ def train_all(a, names: list[str]) -> None:
                     sys.exit(f"training {n} failed (exit {p.returncode}); see {Path(a.out) / n / 'train.log'}")
 
 
+def run_dir(a, name: str) -> Path:
+    """Where a recipe's run is: OUT/NAME, or the directory --runs gives for it."""
+    return Path(a.runs_dirs[name]) if name in a.runs_dirs else Path(a.out) / name
+
+
 def done_rows(path: Path) -> dict:
     rows = {}
     if path.is_file():
@@ -90,7 +95,7 @@ def evaluate(a, names: list[str]) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(a.eval_threads)}
     groups = STOCHASTIC_10 + [c for cs in DETERMINISTIC.values() for c in cs]
     for n in names:
-        for snap in sorted((Path(a.out) / n / "snapshots").glob("step_*")):
+        for snap in sorted((run_dir(a, n) / "snapshots").glob("step_*")):
             if a.eval_steps and int(snap.name[5:]) not in {int(x) for x in a.eval_steps.split(",")}:
                 continue
             for solver, spacing, nfe in groups:
@@ -183,13 +188,18 @@ def main():
     ap.add_argument("--full", action="store_true", help="more solvers per column (more evaluations)")
     ap.add_argument("--eval-steps", default="", help="evaluate only the snapshots at these steps, e.g. 1000,1500")
     ap.add_argument("--note", default="", help="what else ran on the machine meanwhile (goes into the results)")
+    ap.add_argument("--runs", default="", help="NAME=DIR,...: evaluate the snapshots of runs trained elsewhere "
+                    "(e.g. the shipped bases' leandiff train runs) instead of the recipes; implies --eval-only")
+    ap.add_argument("--results", default="recipes", help="name of the results files in benchmarks/results")
     a = ap.parse_args()
+    a.runs_dirs = dict(x.split("=", 1) for x in a.runs.split(",") if x.strip())
     if a.full:
         STOCHASTIC_10.extend(FULL["sde"])
         for k in DETERMINISTIC:
             DETERMINISTIC[k].extend(FULL[k])
-    names = [n.strip() for n in a.recipes.split(",") if n.strip()]
-    unknown = [n for n in names if n not in RECIPES]
+    names = list(a.runs_dirs) or [n.strip() for n in a.recipes.split(",") if n.strip()]
+    a.eval_only = a.eval_only or bool(a.runs_dirs)
+    unknown = [n for n in names if n not in RECIPES and n not in a.runs_dirs]
     if unknown:
         sys.exit(f"unknown recipe {', '.join(unknown)}; known: {', '.join(RECIPES)}")
     if not a.eval_only:
@@ -199,12 +209,18 @@ def main():
     rows = evaluate(a, names)
     out, md = table(rows, names)
     print(md)
-    plot(out, names, RESULTS / "recipes_time_to_quality.png")
-    head = (f"# Time to quality: training recipes at the same budget\n\nmnist-tiny on MNIST, batch 128, bf16, "
-            f"EMA 0.995, {a.steps} steps (cosine LR), one thread per training run; FID-dom at N = {a.n} of the "
-            f"snapshot's EMA, best of the listed solvers.\n\n![curves](recipes_time_to_quality.png)\n\n")
-    write_results("recipes", {"rows": out, "n": a.n, "steps": a.steps, "note": a.note,
-                              "recipes": {n: COMMON + RECIPES[n] for n in names}},
+    png = f"{a.results}_time_to_quality.png"
+    plot(out, names, RESULTS / png)
+    if a.runs_dirs:  # runs trained by their own commands: each records its recipe in its checkpoint
+        recipes = {n: json.loads((run_dir(a, n) / "leandiff.json").read_text())["train"] for n in names}
+        head = (f"# Time to quality of training runs\n\nFID-dom at N = {a.n} of each snapshot's EMA, best of the "
+                f"listed solvers; the runs' own settings are in the JSON (`recipes`).\n\n![curves]({png})\n\n")
+    else:
+        recipes = {n: COMMON + RECIPES[n] for n in names}
+        head = (f"# Time to quality: training recipes at the same budget\n\nmnist-tiny on MNIST, batch 128, bf16, "
+                f"EMA 0.995, {a.steps} steps (cosine LR), one thread per training run; FID-dom at N = {a.n} of the "
+                f"snapshot's EMA, best of the listed solvers.\n\n![curves]({png})\n\n")
+    write_results(a.results, {"rows": out, "n": a.n, "steps": a.steps, "note": a.note, "recipes": recipes},
                   head + md + (f"\n\n{a.note}\n" if a.note else ""))
 
 
