@@ -30,7 +30,7 @@ from .errors import UserError
 from .io import atomic_path, read_json, write_json
 from .models import UNET, build_network
 from .schedule import Schedule
-from .solvers import DEFAULT_NFE, DEFAULT_SOLVER
+from .solvers import DEFAULT_NFE, DEFAULT_SOLVER, DEFAULT_SOLVER_SPACING
 from .spec import Step
 
 FORMAT = "leandiff-checkpoint"
@@ -82,12 +82,15 @@ class Checkpoint:
         student is trained on trailing steps and is only right on them), else the schedule's default
         (schedule.DEFAULT_SPACINGS: logsnr for linear β, trailing for cosine). A sampler a model card
         recommends (source "card") brings its spacing only to its own solver: ``solver`` is the one
-        that will run (None: the recorded one)."""
+        that will run (None: the recorded one, else solvers.DEFAULT_SOLVER, whose spacing is
+        DEFAULT_SOLVER_SPACING)."""
         if spacing is not None:
             return spacing
         rec = self._sampler()
         if rec.get("source") == "card" and solver is not None and solver != rec.get("solver"):
             rec = {}
+        if not rec and (solver or DEFAULT_SOLVER) == DEFAULT_SOLVER:  # the default sampler is a triple
+            return DEFAULT_SOLVER_SPACING
         return str(rec.get("spacing") or self.schedule.default_spacing)
 
     def _sampler(self) -> dict:

@@ -130,8 +130,8 @@ def train(dataset, data_dir, model, init_ckpt, steps, batch_size, lr, warmup, lr
                    "leandiff runtimes says where each runs "
                    "(default: the checkpoint's, else eager)")
 @click.option("--spacing", default=None,
-              help="leading, trailing, linspace, quadratic or logsnr (default: the checkpoint's, else logsnr for "
-                   "linear-β and trailing for cosine schedules)")
+              help="leading, trailing, linspace, quadratic or logsnr (default: the checkpoint's; else trailing for "
+                   "the default solver, and for another solver logsnr on linear-β, trailing on cosine schedules)")
 @click.option("--eta", type=float, default=None, help="DDIM η (0 deterministic, 1 DDPM-like); the noise level of dpmpp-*-sde (1: the SDE, 0: the ODE)")
 @click.option("-n", "n", type=int, default=64, show_default=True, help="number of samples")
 @click.option("--seed", type=int, default=0, show_default=True, help="sampling seed (the same seed gives the same images)")
@@ -317,7 +317,9 @@ def compress(ckpt, recipe, out, dataset, data_dir, seed, device):
 
 @main.command("runtimes")
 def runtimes_cmd():
-    """List the runtimes, the devices each runs on, and which of those this machine has."""
+    """List the runtimes and the devices each runs on.
+
+    Marks which of those devices this machine has."""
     import torch
 
     from .runtime import RUNTIMES, runtime_devices

@@ -196,4 +196,4 @@ def test_sample_and_eval_default_to_the_recorded_spacing(tiny_ckpt):
     tiny_ckpt.meta["sampler"] = {"solver": "ddim", "nfe": 2, "spacing": "trailing"}
     assert tiny_ckpt.default_spacing() == "trailing" and tiny_ckpt.default_spacing("leading") == "leading"
     del tiny_ckpt.meta["sampler"]
-    assert tiny_ckpt.default_spacing() == "logsnr"  # schedule.DEFAULT_SPACING
+    assert tiny_ckpt.default_spacing(solver="ddim") == "logsnr"  # the schedule's default (linear β)

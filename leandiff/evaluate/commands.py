@@ -62,8 +62,8 @@ def classifier_train(dataset, data_dir, epochs, seed, out, reference):
                    "leandiff runtimes says where each runs "
                    "(default: the checkpoint's, else eager)")
 @click.option("--spacing", default=None,
-              help="leading, trailing, linspace, quadratic or logsnr (default: the checkpoint's, else logsnr for "
-                   "linear-β and trailing for cosine schedules)")
+              help="leading, trailing, linspace, quadratic or logsnr (default: the checkpoint's; else trailing for "
+                   "the default solver, and for another solver logsnr on linear-β, trailing on cosine schedules)")
 @click.option("--eta", type=float, default=None, help="DDIM η (0 deterministic, 1 DDPM-like); the noise level of dpmpp-*-sde (1: the SDE, 0: the ODE)")
 @click.option("--seed", type=int, default=0, show_default=True, help="sampling seed; also seeds KID subsets, precision/recall subsampling and the MSE noise")
 @click.option("--batch-size", type=int, default=256, show_default=True, callback=_positive, help="images per solver call")

@@ -25,7 +25,9 @@ from .truncated import truncated_start  # noqa: F401  (start any solver from a n
 # modest NFE on the shipped bases. On zoo:mnist-tiny (N=2048, benchmarks/results/solvers_n2048.md)
 # dpmpp-3m-sde 10 NFE reads FID-dom 0.389, 1.03x its DDPM-1000 (0.379), where DDIM-50, the earlier
 # default, reads 6.735.
-DEFAULT_SOLVER, DEFAULT_NFE = "dpmpp-3m-sde", 10
+# Its spacing is trailing on every schedule: at 10 NFE a grid uniform in log-SNR is far worse for it even
+# on linear β (mnist-tiny, N=512: benchmarks/results/default_sampler.md).
+DEFAULT_SOLVER, DEFAULT_NFE, DEFAULT_SOLVER_SPACING = "dpmpp-3m-sde", 10, "trailing"
 
 # name -> solver. A solver that spends k > 1 network evaluations per step says so with a
 # ``nfe_per_step = k`` attribute on the function (see nfe_per_step).
