@@ -73,6 +73,14 @@ def refresh_floor(name: str) -> None:
     print(f"{name}: " + floor_line(floor, card["n"], fid, what))
 
 
+def portable(row: dict) -> dict:
+    """A row as the card ships it: no path of the machine that measured it (grid by file name only)."""
+    row = {k: v for k, v in row.items() if k != "_source"}
+    if isinstance(row.get("grid"), str):
+        row["grid"] = Path(row["grid"]).name
+    return row
+
+
 def parse_rows(text: str) -> list[tuple[str, int, str | None, str]]:
     """``SOLVER:NFE[:SPACING[:RUNTIME]]`` comma-separated -> [(solver, nfe, spacing or None, runtime)]."""
     rows = []
@@ -141,9 +149,9 @@ def main():
         row = evaluate_checkpoint(ck, cfg, grid_path=dst / f"grid_{slug}.png", progress=True)
         row["checkpoint"] = f"zoo:{args.name}"
         row["card_key"] = key
-        append_row(rows_path, row)
+        append_row(rows_path, portable(row))
         print(f"{key}: FID-dom {row['quality']['fid_dom']:.3f}  ({row['seconds']:.0f} s)", flush=True)
-    rows = {r.get("card_key") or row_key(r["protocol"]["solver"], r["protocol"]["nfe"], None): r
+    rows = {r.get("card_key") or row_key(r["protocol"]["solver"], r["protocol"]["nfe"], None): portable(r)
             for r in read_rows([rows_path])}
     default = pick_default(rows, args.default_max_nfe) if args.default_max_nfe else None
     shown = default or ("ddim-50" if "ddim-50" in rows else next(iter(rows)))
