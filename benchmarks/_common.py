@@ -30,3 +30,13 @@ def write_results(name: str, figures: dict, markdown: str = "") -> Path:
         write_text(RESULTS / f"{name}.md", f"{markdown.rstrip()}\n\nCommand: `{rec['command']}`  \n"
                    f"Machine: {m['cpu']}, {m['cpu_count']} cores, torch {m['torch']}, {m['platform']}\n")
     return RESULTS / f"{name}.json"
+
+
+def resumable_rows(out_dir) -> tuple[Path, dict]:
+    """(OUT/rows.jsonl, {bench_name: row} already there): the benchmarks that resume row by row."""
+    from leandiff.evaluate.harness import read_rows
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows_path = out / "rows.jsonl"
+    return rows_path, ({r["bench_name"]: r for r in read_rows([rows_path])} if rows_path.exists() else {})

@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_results  # noqa: E402
+from _common import write_results, resumable_rows  # noqa: E402
 
 from leandiff.checkpoint import load_checkpoint  # noqa: E402
 from leandiff.compress.cache import CachedUNet, macs_spent  # noqa: E402
 from leandiff.cost import macs_per_image  # noqa: E402
 from leandiff.denoiser import Denoiser  # noqa: E402
-from leandiff.evaluate import EvalConfig, append_row, evaluate_checkpoint, read_rows  # noqa: E402
+from leandiff.evaluate import EvalConfig, append_row, evaluate_checkpoint  # noqa: E402
 from leandiff.models import image_shape  # noqa: E402
 from leandiff.runtime import runtime_network  # noqa: E402
 from leandiff.sample import SampleConfig, sample_all  # noqa: E402
@@ -44,9 +44,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows_path = out / "rows.jsonl"
-    done = {r["bench_name"]: r for r in read_rows([rows_path])} if rows_path.exists() else {}
+    rows_path, done = resumable_rows(out)
     base = load_checkpoint(a.ckpt)
     shape = image_shape(base.arch)
     for rt in RUNTIMES:

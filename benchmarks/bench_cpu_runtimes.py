@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, write_results  # noqa: E402
+from _common import RESULTS, write_results, resumable_rows  # noqa: E402
 from bench_roofline import FORMAT, peaks  # noqa: E402
 
 from leandiff.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
@@ -33,7 +33,7 @@ from leandiff.compress.calibration import CalibConfig  # noqa: E402
 from leandiff.compress.onnx import quantize_ort_int8  # noqa: E402
 from leandiff.compress.openvino import quantize_openvino_int8  # noqa: E402
 from leandiff.cost import LatencyConfig, macs_per_image, measure_latency  # noqa: E402
-from leandiff.evaluate import EvalConfig, append_row, evaluate_checkpoint, read_rows  # noqa: E402
+from leandiff.evaluate import EvalConfig, append_row, evaluate_checkpoint  # noqa: E402
 from leandiff.io import atomic_path  # noqa: E402
 from leandiff.models import image_shape  # noqa: E402
 from leandiff.runtime import get_runtime, runtime_network  # noqa: E402
@@ -117,9 +117,7 @@ def main():
     ap.add_argument("--results-name", default="cpu_runtimes")
     a = ap.parse_args()
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows_path = out / "rows.jsonl"
-    done = {r["bench_name"]: r for r in read_rows([rows_path])} if rows_path.exists() else {}
+    rows_path, done = resumable_rows(out)
     base = load_checkpoint(a.ckpt)
     collectors = [c.strip() for c in a.collectors.split(",")]
     ov_collectors = [c.strip() for c in (a.ov_collectors or a.collectors).split(",")]

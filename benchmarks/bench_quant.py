@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_results  # noqa: E402
+from _common import write_results, resumable_rows  # noqa: E402
 
 from leandiff.checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from leandiff.compress.onnx import quantize_ort_int8  # noqa: E402
 from leandiff.compress.quant import CalibConfig, QuantConfig, collect, fake_quantize  # noqa: E402
 from leandiff.cost import LatencyConfig, measure_latency  # noqa: E402
-from leandiff.evaluate import EvalConfig, append_row, evaluate_checkpoint, read_rows  # noqa: E402
+from leandiff.evaluate import EvalConfig, append_row, evaluate_checkpoint  # noqa: E402
 from leandiff.models import architecture, build_network, image_shape  # noqa: E402
 from leandiff.runtime import get_runtime, runtime_network  # noqa: E402
 
@@ -80,9 +80,7 @@ def main():
     ap.add_argument("--results-name", default="quant", help="benchmarks/results/NAME.{json,md}")
     a = ap.parse_args()
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows_path = out / "rows.jsonl"
-    done = {r["bench_name"]: r for r in read_rows([rows_path])} if rows_path.exists() else {}
+    rows_path, done = resumable_rows(out)
     base = load_checkpoint(a.ckpt)
     torch.manual_seed(0)
 
