@@ -37,11 +37,10 @@ RECIPES = {
     "edm": ["--parameterization", "edm", "--schedule", "linear"],
 }
 # (label, NFE, [(solver, spacing, nfe)]): the best of each group is the row's figure
-# logsnr spacing suits the linear-β schedule but not the cosine one, whose λ reaches −20 at t = T−1 (a
-# grid uniform in λ then spends its steps where nothing is visible): every group has a trailing member.
-# logsnr spacing suits the linear-β schedule but not the cosine one for SDE solvers at 10 NFE (λ reaches
-# −20 at t = T−1 on the cosine schedule; measured at 1,000 steps, N = 256: v-cosine 51 on logsnr), so the
-# stochastic row is trailing. --full adds the other members; each column is the best of its group.
+# logsnr spacing is a poor grid for SDE solvers at 10 NFE (on the cosine schedule λ reaches −20 at t = T−1,
+# so steps uniform in λ are spent where nothing is visible; measured at 1,000 steps, N = 256: v-cosine 51 on
+# logsnr), so the stochastic row is trailing. --full adds trailing members to the other groups; each column
+# is the best of its group.
 STOCHASTIC_10 = [("dpmpp-3m-sde", "trailing", 10)]
 DETERMINISTIC = {20: [("dpmpp-2m", "logsnr", 20)], 50: [("dpmpp-2m", "logsnr", 50)]}
 FULL = {"sde": [("dpmpp-2m-sde", "trailing", 10)], 20: [("dpmpp-2m", "trailing", 20), ("heun", "logsnr", 19)],
