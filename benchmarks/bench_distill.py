@@ -47,11 +47,11 @@ def recipes(a) -> dict[str, str]:
           f"ema_decay=0.99,convert_steps={a.convert_steps},bf16=true)")
     return {
         "pd": pd,
-        "kd-s2": f"kd(s=2,kd_frac=0.7,steps={a.kd_steps},batch_size={a.batch})",
-        "kd-s2-long": f"kd(s=2,kd_frac=0.7,steps={a.kd_long_steps},batch_size={a.batch},lr=1e-3,schedule=cosine)",
+        "kd-s2": f"kd(s=2,kd_frac=0.7,steps={a.kd_steps},batch_size={a.batch},bf16=true)",
+        "kd-s2-long": f"kd(s=2,kd_frac=0.7,steps={a.kd_long_steps},batch_size={a.batch},lr=1e-3,schedule=cosine,bf16=true)",
         "lowrank-r2": "lowrank(r=2)",
-        "lowrank-r2-kd": f"lowrank(r=2) > kd(s=1,kd_frac=0.7,steps={a.lr_steps},batch_size={a.batch},lr=2e-4)",
-        "lora-r2": f"lora(r=2,steps={a.lr_steps},batch_size={a.batch},merge=false)",
+        "lowrank-r2-kd": f"lowrank(r=2) > kd(s=1,kd_frac=0.7,steps={a.lr_steps},batch_size={a.batch},lr=2e-4,bf16=true)",
+        "lora-r2": f"lora(r=2,steps={a.lr_steps},batch_size={a.batch},merge=false,bf16=true)",
     }
 
 
@@ -75,15 +75,16 @@ def pd_round(out: Path, k: int) -> Path:
 
 
 def make_oneshot(a, base, out: Path) -> Path:
-    from leandiff.compress.progressive import oneshot_distill
+    from leandiff.compress.progressive import OneShotConfig, oneshot_distill
+    from leandiff.compress.training import Training
 
     d = out / "models" / "oneshot"
     if not (d / "leandiff.json").is_file():
         print(f"== oneshot: teacher ddim-{a.pd_from} trailing, {a.pairs} pairs, {a.os_steps} steps", flush=True)
         init = load_checkpoint(out / "models" / "pd" / ".steps" / "00-pd" / "convert")  # reuse PD's v conversion
-        ck = oneshot_distill(base, out / "work" / "oneshot", teacher_nfe=a.pd_from, steps=a.os_steps, dataset="mnist",
-                             pairs=a.pairs, batch_size=a.batch, lr=a.pd_lr, ema_decay=0.99, bf16=True, init=init,
-                             progress=False)
+        cfg = OneShotConfig(teacher_nfe=a.pd_from, pairs=a.pairs,
+                            train=Training(steps=a.os_steps, batch_size=a.batch, lr=a.pd_lr, ema_decay=0.99, bf16=True))
+        ck = oneshot_distill(base, out / "work" / "oneshot", cfg, dataset="mnist", init=init, progress=False)
         save_checkpoint(ck, d)
     return d
 

@@ -13,7 +13,7 @@ quality relative to the base row of the same run. Latency: one ``measure_latency
 default LatencyConfig (batch 1/16/64, alternating rounds, medians) over the base network and one
 network per pruned architecture (structured pruning at a given p yields the same shapes for every
 importance — checked — and fine-tuning does not change shapes), plus one unstructured network to
-show that zeros save no time. Fine-tuning: ``finetune(steps=S, batch_size=128)`` (plain MSE,
+show that zeros save no time. Fine-tuning: ``finetune(steps=S, batch_size=128, bf16=true)`` (plain MSE,
 AdamW with cosine warm restarts, EMA) — S as a % of the base model's 4,000 × 128 training steps.
 Rows "M+rc" (``--rc-methods``, at the fine-tuned ratios) prune with importance M and then refit every
 layer by least squares to the unpruned network's outputs (``prune(..., reconstruct=N)``) before the
@@ -156,7 +156,7 @@ def main(argv=None):
     base = load_checkpoint(BASE)
     t_start = time.perf_counter()
     ft_ratios = [float(x) for x in a.ft_ratios.split(",") if x]
-    ft = f"finetune(steps={a.ft_steps},batch_size=128,lr={a.ft_lr})"
+    ft = f"finetune(steps={a.ft_steps},batch_size=128,lr={a.ft_lr},bf16=true)"
 
     models: dict[str, Path] = {}
     if a.report_only:

@@ -8,7 +8,7 @@ the quality target would take:
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_prune_budget.py --prune-out runs/bench/prune2 \\
         --out runs/bench/prune-budget --labels s-magnitude-0.3 s-diff-0.5 --totals 1200 2400
 
-Each chunk is ``finetune(steps=Δ, batch_size=128, lr=LR)`` on the previous chunk's checkpoint (a new
+Each chunk is ``finetune(steps=Δ, batch_size=128, lr=LR, bf16=true)`` on the previous chunk's checkpoint (a new
 AdamW state and its own cosine warm restarts, as a user continuing a fine-tune would run it), made
 into OUT/models/<label>-ft<total> and resumed if killed; rows go to OUT/rows.jsonl (done rows are
 skipped on a rerun). Protocol: the same as bench_prune (dpmpp-2m-sde, NFE 20, N=1024, seed 0).
@@ -52,7 +52,7 @@ def main(argv=None):
         curve = [(a.start, run_row(rows_path, done, f"{label}-ft{a.start}", start, clf, a.n))]
         prev, prev_steps = start, a.start
         for total in sorted(a.totals):
-            recipe = f"finetune(steps={total - prev_steps},batch_size=128,lr={a.lr})"
+            recipe = f"finetune(steps={total - prev_steps},batch_size=128,lr={a.lr},bf16=true)"
             d = make(load_checkpoint(prev), f"{label}-ft{total}", recipe, out)
             curve.append((total, run_row(rows_path, done, f"{label}-ft{total}", d, clf, a.n)))
             prev, prev_steps = d, total
@@ -63,7 +63,7 @@ def main(argv=None):
     lines = ["# Pruning: FID-dom against fine-tuning steps (issue 7's quality target as a curve)", "",
              f"Base `{BASE}`: FID-dom {base:.3f} (dpmpp-2m-sde, NFE 20, N={a.n}, seed 0). Starting points: "
              f"bench_prune's {a.start}-step fine-tuned models (`{a.prune_out}/models/<label>-ft`); each later "
-             f"row continues the previous one with `finetune(steps=Δ,batch_size=128,lr={a.lr})`. "
+             f"row continues the previous one with `finetune(steps=Δ,batch_size=128,lr={a.lr},bf16=true)`. "
              f"% = fine-tune steps ÷ the base's {BASE_STEPS} training steps (batch 128 both).", "",
              "| model | params | MACs | FT steps (% of base) | FID-dom | ÷ base | ≤ 1.10× |",
              "|---|---|---|---|---|---|---|"]

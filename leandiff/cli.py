@@ -267,8 +267,8 @@ def zoo():
 @main.command()
 @click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False), help="output directory (results.jsonl, grids/, ckpts/, report/)")
 @click.option("--model", default="zoo:mnist-tiny", show_default=True, help="checkpoint to run the demo on")
-@click.option("-n", "n", type=int, default=1000, show_default=True, help="samples per row")
-@click.option("--fast", is_flag=True, help="three tiny rows (N=32): a smoke test of the whole flow")
+@click.option("-n", "n", type=int, default=None, help="samples per row  [default: 1000; 32 with --fast]")
+@click.option("--fast", is_flag=True, help="six tiny rows (N=32): a smoke test of the whole flow")
 @device_option
 def demo(out, model, n, fast, device):
     """The main job: compress, evaluate, report.
@@ -276,7 +276,7 @@ def demo(out, model, n, fast, device):
     Samples, compresses and evaluates the shipped MNIST model with one protocol; writes the HTML report."""
     from .demo import DemoConfig, run_demo
 
-    if n <= 0:
+    if n is not None and n <= 0:
         raise UserError(f"number of samples must be positive, got {n}")
     index = run_demo(DemoConfig(model=model, n=n, fast=fast, device=str(resolve_device(device))), out, log=click.echo)
     click.echo(f"open {index}")

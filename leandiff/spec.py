@@ -137,11 +137,15 @@ _TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}
 
 
 def _field_type(cls, f) -> type | tuple:
-    hint = typing.get_type_hints(cls).get(f.name, f.type)
+    hint = _hint(cls, f)
     name = hint if isinstance(hint, str) else getattr(hint, "__name__", str(hint))
     if name not in _TYPES:
         raise TypeError(f"{cls.__name__}.{f.name}: a config field is int, float, bool or str, not {name}")
     return _TYPES[name]
+
+
+def _hint(cls, f):
+    return typing.get_type_hints(cls).get(f.name, f.type)
 
 
 def _fields(cls):
@@ -153,17 +157,43 @@ def arg_name(f) -> str:
     return f.metadata.get("arg", f.name)
 
 
+def _default(f):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return REQUIRED
+
+
+def _flat(cls) -> list[tuple[str, Any, Any]]:
+    """(recipe name, field, inner field) of every argument of a config, in field order. A field whose type is
+    itself a config dataclass (a step's nested training settings) is *flattened*: its fields are arguments of
+    the outer spec (``kd(s=2,steps=400,lr=1e-3)``, not ``kd(train=(...))``), with the outer field's default
+    instance giving their defaults and ``metadata={"rename": {"steps": "steps_per_round"}}`` renaming any.
+    Plain fields have inner field None."""
+    out = []
+    for f in _fields(cls):
+        hint = _hint(cls, f)
+        if dataclasses.is_dataclass(hint):
+            rename = f.metadata.get("rename", {})
+            out += [(rename.get(arg_name(g), arg_name(g)), f, g) for g in _fields(hint)]
+        else:
+            out.append((arg_name(f), f, None))
+    names = [n for n, _, _ in out]
+    if len(set(names)) != len(names):
+        raise TypeError(f"{cls.__name__}: argument names repeat after flattening: {names}")
+    return out
+
+
 def arguments(cls) -> dict[str, tuple[Any, type | tuple]]:
     """name -> (default or :data:`REQUIRED`, accepted type(s)) of a config dataclass, in field order."""
     out = {}
-    for f in _fields(cls):
-        if f.default is not dataclasses.MISSING:
-            d = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            d = f.default_factory()
+    for name, f, g in _flat(cls):
+        if g is None:
+            out[name] = (_default(f), _field_type(cls, f))
         else:
-            d = REQUIRED
-        out[arg_name(f)] = (d, _field_type(cls, f))
+            inner = _hint(cls, f)
+            out[name] = (getattr(_default(f), g.name), _field_type(inner, g))
     return out
 
 
@@ -174,30 +204,41 @@ def _type_ok(v, want) -> bool:
 
 def bind(cls, args: dict, where: str):
     """``cls`` built from a spec's ``args`` (recipe names): unknown names, wrong types and missing
-    arguments are one-line errors naming ``where``; the dataclass's own checks run as it is built."""
-    fields = {arg_name(f): f for f in _fields(cls)}
-    kwargs = {}
+    arguments are one-line errors naming ``where``; the dataclass's own checks (the nested settings'
+    first) run as it is built."""
+    flat = {name: (f, g) for name, f, g in _flat(cls)}
+    types = arguments(cls)
+    kwargs, nested = {}, {}
     for k, v in args.items():
-        f = fields.get(k)
-        if f is None:
-            raise RecipeError(f"{where}: unknown argument {k!r}; accepted: {', '.join(fields) or 'none'}")
-        want = _field_type(cls, f)
+        if k not in flat:
+            raise RecipeError(f"{where}: unknown argument {k!r}; accepted: {', '.join(flat) or 'none'}")
+        want = types[k][1]
         if not _type_ok(v, want):
             names = "/".join(t.__name__ for t in (want if isinstance(want, tuple) else (want,)))
             raise RecipeError(f"{where}: {k}={fmt_value(v)} should be {names}")
-        kwargs[f.name] = float(v) if want == (int, float) else v
-    missing = [k for k, (d, _) in arguments(cls).items() if d is REQUIRED and fields[k].name not in kwargs]
+        f, g = flat[k]
+        v = float(v) if want == (int, float) else v
+        if g is None:
+            kwargs[f.name] = v
+        else:
+            nested.setdefault(f.name, {})[g.name] = v
+    missing = [k for k, (d, _) in types.items() if d is REQUIRED and flat[k][0].name not in kwargs]
     if missing:
         raise RecipeError(f"{where}: missing argument(s) {', '.join(missing)}")
     try:
+        for name, f, g in _flat(cls):
+            if g is not None and f.name in nested and f.name not in kwargs:
+                kwargs[f.name] = dataclasses.replace(_default(f), **nested[f.name])
         return cls(**kwargs)
     except UserError as e:
         raise RecipeError(f"{where}: {e}") from None
 
 
 def values(cfg) -> dict:
-    """A config's arguments by recipe name, in field order (what lineage records and specs print)."""
-    return {arg_name(f): getattr(cfg, f.name) for f in _fields(type(cfg))}
+    """A config's arguments by recipe name, in field order, nested settings flattened (what lineage records
+    and specs print)."""
+    return {name: getattr(getattr(cfg, f.name), g.name) if g is not None else getattr(cfg, f.name)
+            for name, f, g in _flat(type(cfg))}
 
 
 @dataclass(frozen=True)

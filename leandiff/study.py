@@ -33,6 +33,25 @@ A study is a TOML file (read with ``tomllib``)::
     relation = "a < b*factor"     # or "a > b*factor"
     factor = 1.0
 
+Instead of (or besides) the grid, a study may list its cells one by one, each with its own solver, NFE,
+runtime and spacing, and say how the rows are timed and what heads the report (the shipped demo,
+``leandiff/studies/demo.toml``, is such a study)::
+
+    [[cells]]
+    model = "int8"
+    solver = "dpmpp-3m-sde"
+    nfe = 10
+    runtime = "ckpt"
+    spacing = "trailing"          # default: the checkpoint's own for that solver
+
+    latency = { pass = true, batch_sizes = [1, 16, 64], rounds = 3 }   # one alternating pass at the end
+    reference_card = "base"       # the model card's rows of that model head the report (read, not re-run)
+    grids = true                  # a sample grid per cell in DIR/grids/
+
+A model may carry ``label`` (the rows' checkpoint name; default its checkpoint's) and ``made_from``
+(another model of the study: its cells are skipped, with a note, unless its lineage starts from that
+model's weights: a shipped student of another base is not compared with this one).
+
 Each finished cell is appended to ``DIR/results.jsonl`` at once; a rerun skips cells already
 there (so a killed study resumes). Compressed checkpoints are built once into
 ``DIR/ckpts/<hash of base + recipe>`` (``apply_recipe`` itself resumes finished steps). The
@@ -64,6 +83,8 @@ class Model:
     ckpt: str | None = None  # a checkpoint path or zoo:NAME
     base: str | None = None  # with recipe: the checkpoint the recipe starts from, or model:NAME (an earlier row)
     recipe: str | None = None  # a compression recipe (leandiff.recipe grammar)
+    label: str | None = None  # the rows' checkpoint name (default: the checkpoint's own, zoo:NAME or its path)
+    made_from: str | None = None  # a model of this study whose weights this one's lineage must start from
 
 
 @dataclass(frozen=True)
@@ -78,6 +99,11 @@ class Study:
     batch_size: int = 256  # images per solver call
     latency: bool = False  # also measure per-evaluation latency per cell (slow)
     findings: tuple[dict, ...] = field(default_factory=tuple)  # claims checked against the cells
+    cells: tuple[dict, ...] = ()  # cells listed one by one ({model, solver, nfe[, runtime, spacing]}), after the grid's
+    latency_pass: dict | None = None  # LatencyConfig fields: time every cell's network in one pass at the end
+    reference_card: str | None = None  # a model whose card rows head the report
+    grids: bool = False  # a sample grid per cell in DIR/grids/
+    mse_n: int = 1000  # held-out images of the MiniDiff MSE
 
 
 def load_study(path: str | Path) -> Study:
@@ -88,39 +114,81 @@ def load_study(path: str | Path) -> Study:
         d = tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{p}: invalid TOML: {e}") from None
-    for k in ("models", "solvers", "nfe"):
-        if not d.get(k):
-            raise UserError(f"{p}: missing or empty {k!r}")
+    return study_from_dict(d, str(p), p.stem)
+
+
+CELL_KEYS = ("model", "solver", "nfe", "runtime", "spacing")
+LATENCY_KEYS = ("batch_sizes", "rounds", "warmup")
+
+
+def study_from_dict(d: dict, where: str, default_title: str = "study") -> Study:
+    """A study from its TOML table (checked: one line naming ``where`` for every mistake)."""
+    p = where
+    if not d.get("models"):
+        raise UserError(f"{p}: missing or empty 'models'")
+    if not d.get("cells"):
+        for k in ("solvers", "nfe"):
+            if not d.get(k):
+                raise UserError(f"{p}: missing or empty {k!r} (or list the cells one by one in [[cells]])")
     models = []
     for i, m in enumerate(d["models"]):
         if "name" not in m or not (("ckpt" in m) ^ ("base" in m and "recipe" in m)):
             raise UserError(f"{p}: models[{i}] needs name and either ckpt or base + recipe")
-        models.append(Model(m["name"], m.get("ckpt"), m.get("base"), m.get("recipe")))
-    if len({m.name for m in models}) != len(models):
+        models.append(Model(m["name"], m.get("ckpt"), m.get("base"), m.get("recipe"), m.get("label"),
+                            m.get("made_from")))
+    names = [m.name for m in models]
+    if len(set(names)) != len(models):
         raise UserError(f"{p}: model names must be unique")
     for i, m in enumerate(models):
         ref = _base_ref(m)
-        if ref is not None and ref not in {e.name for e in models[:i]}:
+        if ref is not None and ref not in names[:i]:
             raise UserError(f"{p}: models[{i}] ({m.name}): base = {m.base!r} names no earlier model of this study")
+        if m.made_from is not None and m.made_from not in names:
+            raise UserError(f"{p}: models[{i}] ({m.name}): made_from = {m.made_from!r} names no model of this study")
+    listed = []
+    for i, c in enumerate(d.get("cells", [])):
+        bad = [k for k in c if k not in CELL_KEYS]
+        if bad or not {"model", "solver", "nfe"} <= set(c):
+            raise UserError(f"{p}: cells[{i}] needs model, solver and nfe (and may set runtime, spacing); "
+                            f"got {', '.join(sorted(c))}")
+        if c["model"] not in names:
+            raise UserError(f"{p}: cells[{i}]: model {c['model']!r} is not one of the study's models")
+        listed.append({k: c[k] for k in CELL_KEYS if k in c})
+    lat = d.get("latency", False)
+    if isinstance(lat, dict):
+        bad = [k for k in lat if k not in ("pass", *LATENCY_KEYS)]
+        if bad or lat.get("pass") is not True:
+            raise UserError(f"{p}: latency as a table is {{ pass = true, {', '.join(LATENCY_KEYS)} }}; got {lat}")
+    elif not isinstance(lat, bool):
+        raise UserError(f"{p}: latency must be true, false or a table {{ pass = true, ... }}")
+    ref_card = d.get("reference_card")
+    if ref_card is not None and ref_card not in names:
+        raise UserError(f"{p}: reference_card = {ref_card!r} names no model of this study")
     for i, f in enumerate(d.get("findings", [])):
         missing = [k for k in ("claim", "metric", "a", "b") if k not in f]
         if missing:
             raise UserError(f"{p}: findings[{i}] is missing {', '.join(missing)}")
         if f.get("relation", "a < b*factor") not in RELATIONS:
             raise UserError(f"{p}: findings[{i}].relation must be one of {', '.join(RELATIONS)}")
-    return Study(title=d.get("title", p.stem), models=tuple(models), solvers=tuple(d["solvers"]),
-                 nfe=tuple(int(x) for x in d["nfe"]), runtimes=tuple(d.get("runtimes", ["eager"])),
+    return Study(title=d.get("title", default_title), models=tuple(models), solvers=tuple(d.get("solvers", ())),
+                 nfe=tuple(int(x) for x in d.get("nfe", ())), runtimes=tuple(d.get("runtimes", ["eager"])),
                  n=int(d.get("n", 256)), seed=int(d.get("seed", 0)), batch_size=int(d.get("batch_size", 256)),
-                 latency=bool(d.get("latency", False)), findings=tuple(d.get("findings", [])))
+                 latency=lat is True, findings=tuple(d.get("findings", [])), cells=tuple(listed),
+                 latency_pass={k: v for k, v in lat.items() if k != "pass"} if isinstance(lat, dict) else None,
+                 reference_card=ref_card, grids=bool(d.get("grids", False)), mse_n=int(d.get("mse_n", 1000)))
 
 
 def cells(study: Study) -> list[dict]:
-    return [{"model": m.name, "solver": s, "nfe": k, "runtime": r, "n": study.n, "seed": study.seed}
+    """The grid's cells, then the listed ones (runtime "eager" unless given)."""
+    grid = [{"model": m.name, "solver": s, "nfe": k, "runtime": r, "n": study.n, "seed": study.seed}
             for m in study.models for s in study.solvers for k in study.nfe for r in study.runtimes]
+    return grid + [{"runtime": "eager", **c, "n": study.n, "seed": study.seed} for c in study.cells]
 
 
 def cell_key(c: dict) -> str:
-    return json.dumps({k: c[k] for k in ("model", "solver", "nfe", "runtime", "n", "seed")}, sort_keys=True)
+    """A cell's identity in results.jsonl (a spacing only when the cell names one)."""
+    keys = ("model", "solver", "nfe", "runtime", "n", "seed") + (("spacing",) if c.get("spacing") else ())
+    return json.dumps({k: c[k] for k in keys}, sort_keys=True)
 
 
 MODEL_REF = "model:"
@@ -173,8 +241,11 @@ def run_study(study: Study, out_dir: str | Path, *, progress: bool = True, log=p
               device: str = "cpu") -> list[dict]:
     """Evaluate every unfinished cell, append it to OUT/results.jsonl, then write the report. Recipes and
     cells compute on ``device`` (a leandiff.device spec); a cell whose runtime runs only on the CPU runs there."""
-    from .evaluate import EvalConfig, append_row, evaluate_checkpoint, read_rows
+    from .cost import LatencyConfig
+    from .evaluate import EvalConfig, append_row, evaluate_checkpoint, read_rows, write_report
     from .evaluate.harness import resolve_dataset
+    from .evaluate.protocol import write_rows
+    from .io import heartbeat
     from .runtime import row_device, runtime_label
 
     out = Path(out_dir)
@@ -183,37 +254,120 @@ def run_study(study: Study, out_dir: str | Path, *, progress: bool = True, log=p
     done = {r["study_cell_key"]: r for r in read_rows([res])} if res.exists() else {}
     todo = cells(study)
     models = {m.name: m for m in study.models}
-    ckpts, shared = {}, {}
+    ckpts, shared, timed, skipped = {}, {}, {}, set()
     t_start = time.perf_counter()
+
+    def checkpoint(name: str):
+        if name not in ckpts:
+            with heartbeat(f"study: making {name}", log):
+                ckpts[name] = model_checkpoint(out, models[name], log=log, models=models, device=device)
+        return ckpts[name]
+
     for i, c in enumerate(todo):
-        key = cell_key(c)
-        if key in done:
+        key, m = cell_key(c), models[c["model"]]
+        if m.made_from is not None and c["model"] not in skipped and not _made_from(checkpoint(c["model"]),
+                                                                                    checkpoint(m.made_from)):
+            log(f"note: {m.label or m.ckpt or m.name} was not made from {models[m.made_from].label or m.made_from}; "
+                f"its cells are skipped")
+            skipped.add(c["model"])
+        if c["model"] in skipped:
+            continue
+        if key in done and not study.latency_pass:
             log(f"[{i + 1}/{len(todo)}] {c['model']} {c['solver']}-{c['nfe']} {c['runtime']}: done, skipped")
             continue
-        if c["model"] not in ckpts:
-            ckpts[c["model"]] = model_checkpoint(out, models[c["model"]], log=log, models=models, device=device)
-        ck = ckpts[c["model"]]
+        ck = checkpoint(c["model"])
         rt = runtime_label(ck.sampling_defaults()[2]) if c["runtime"] == "ckpt" else c["runtime"]
+        timed[(c["model"], rt)] = ck
+        if key in done:
+            continue
         cfg = EvalConfig(solver=c["solver"], nfe=c["nfe"], n=c["n"], seed=c["seed"], batch_size=study.batch_size,
-                         runtime=rt, spacing=ck.default_spacing(solver=c["solver"]), inception=False, device=str(row_device(rt, device)),
-                         **({} if study.latency else {"latency": None}))
+                         runtime=rt, spacing=c.get("spacing") or ck.default_spacing(solver=c["solver"]),
+                         inception=False, mse_n=study.mse_n, device=str(row_device(rt, device)),
+                         **({} if study.latency and not study.latency_pass else {"latency": None}))
         ds = resolve_dataset(ck, None)
         if ds not in shared:  # the classifier and reference statistics, loaded once per dataset
             shared[ds] = _shared(ck, cfg)
+        grid = out / "grids" / f"{c['model']}-{c['solver']}-{c['nfe']}-{rt.replace(':', '')}.png" if study.grids else None
         t0 = time.perf_counter()
-        row = evaluate_checkpoint(ck, cfg, progress=progress, log=log, **shared[ds])
+        with heartbeat(f"[{i + 1}/{len(todo)}] {c['model']} {c['solver']}-{c['nfe']} on {rt}", log):
+            row = evaluate_checkpoint(ck, cfg, progress=progress, log=log, grid_path=grid, **shared[ds])
+        if m.label:
+            row["checkpoint"] = m.label
         row.update({"study_cell": c, "study_cell_key": key, "study_model": c["model"], "study_runtime": rt,
                     "study_seconds": time.perf_counter() - t0})
         append_row(res, row)
         done[key] = row
         log(f"[{i + 1}/{len(todo)}] {c['model']} {c['solver']}-{c['nfe']} {rt}: FID-dom "
             f"{row['quality']['fid_dom']:.4f} ({row['study_seconds']:.0f} s, {time.perf_counter() - t_start:.0f} s so far)")
-    rows = [done[cell_key(c)] for c in todo]
+    rows = [done[cell_key(c)] for c in todo if c["model"] not in skipped]
+    if study.latency_pass and any("latency_ms" not in r["cost"] for r in rows):
+        with heartbeat("latency of every cell's network, one pass", log):
+            latency_pass(rows, timed, LatencyConfig(**{k: tuple(v) if k == "batch_sizes" else v
+                                                       for k, v in study.latency_pass.items()}), log, device)
+        write_rows(res, rows)
     write_findings(study, rows, out)
-    from .evaluate import write_report
-
-    write_report(rows, out / "report", title=study.title)
+    reference = []
+    if study.reference_card:
+        ref = models[study.reference_card]
+        reference = card_rows(ref.ckpt, ref.label or ref.ckpt) if ref.ckpt else []
+        if not reference:
+            log(f"note: {ref.label or ref.name} has no model card; the report has no 1000-step reference row")
+    write_report(reference + rows, out / "report", title=study.title)
     return rows
+
+
+def _made_from(ck, base) -> bool:
+    return base.hash() in {st.get("parent") for st in ck.lineage}
+
+
+def card_rows(ckpt: str, label: str) -> list[dict]:
+    """The rows of a checkpoint's model card (``card.json`` beside it), relabelled as read, not re-run."""
+    from .checkpoint import resolve
+
+    card = resolve(ckpt) / "card.json"
+    if not card.is_file():
+        return []
+    rows = json.loads(card.read_text()).get("rows", [])
+    for r in rows:
+        r["checkpoint"] = f"{label} [model card, N={r['protocol']['n']}]"
+    return rows
+
+
+def latency_pass(rows: list[dict], timed: dict, latency, log, device: str = "cpu") -> None:
+    """Time every (model, runtime) of the rows in one pass, all networks in the same alternating rounds
+    (as ``leandiff bench`` does), so that a busy moment does not fall on one row alone; write the figures,
+    and the load during the pass, into each row's cost. Each network is timed on its row's device (one
+    pass per device: a CPU-only runtime's rows on the CPU)."""
+    from dataclasses import asdict
+
+    from .cost import machine_load, measure_latency
+    from .models import image_shape
+    from .runtime import get_runtime, row_device
+
+    if not timed:
+        return
+    shape = image_shape(next(iter(timed.values())).arch)
+    by_device: dict = {}
+    for (name, rt), model in timed.items():
+        by_device.setdefault(row_device(rt, device), []).append((name, rt, model))
+    lat, count = {}, len(timed)
+    for dev, items in by_device.items():  # networks of one device built together (a model moves with them)
+        nets = {f"{name} [{rt}]": get_runtime(rt, dev)(model) for name, rt, model in items}
+        log(f"latency: {len(nets)} networks on {dev} × batch {', '.join(map(str, latency.batch_sizes))}, "
+            f"{latency.rounds} alternating rounds")
+        lat.update(measure_latency(nets, shape, latency, progress=True, device=dev))
+    load = machine_load()
+    for r in rows:
+        got = lat.get(f"{r['study_model']} [{r['study_runtime']}]")
+        if got is None:
+            continue
+        r["cost"]["latency_ms"] = {str(b): v["median_ms"] for b, v in got.items()}
+        r["cost"]["latency_ms_per_image"] = {str(b): v["ms_per_image"] for b, v in got.items()}
+        r["cost"].setdefault("load", {})["latency"] = load
+        r["protocol"]["latency"] = {**asdict(latency), "pass": f"one pass over the {count} networks of the study"}
+    for key, got in lat.items():
+        b = max(got)
+        log(f"  {key}: {got[b]['median_ms']:.2f} ms per evaluation at batch {b}")
 
 
 def _shared(ck, cfg) -> dict:

@@ -11,8 +11,10 @@ from leandiff.checkpoint import load_checkpoint, save_checkpoint
 from leandiff.compress.consistency import (CDConfig, CDLoss, consistency_distill, karras_sigmas, pseudo_huber,
                                            sigma_range, student_parameterization, teacher_step)
 from leandiff.denoiser import Denoiser, cm_coefficients
+from leandiff.compress.training import Training
 from leandiff.errors import UserError
 from leandiff.schedule import Schedule, alpha_sigma, t_of_edm_sigma
+from leandiff.spec import bind
 
 SCHED = Schedule("linear")
 
@@ -165,7 +167,7 @@ def test_a_cd_student_reloads_and_samples_with_its_own_sampler(tiny_ckpt, image_
 
     src = tmp_path / "teacher"
     save_checkpoint(tiny_ckpt, src)
-    out = consistency_distill(load_checkpoint(src), tmp_path / "cd", CDConfig(steps=2, n=6, batch_size=4, nfe=2),
+    out = consistency_distill(load_checkpoint(src), tmp_path / "cd", CDConfig(n=6, nfe=2, train=Training(steps=2, batch_size=4)),
                               dataset=f"folder:{image_folder}", progress=False)
     save_checkpoint(out, tmp_path / "student")
     back = load_checkpoint(tmp_path / "student")
@@ -177,6 +179,7 @@ def test_a_cd_student_reloads_and_samples_with_its_own_sampler(tiny_ckpt, image_
 
 
 def test_bad_cd_settings_are_user_errors():
-    for kw in ({"n": 1}, {"solver": "rk4"}, {"mu": 1.0}, {"steps": 0}, {"sigma_min": 2.0, "sigma_max": 1.0}):
+    for kw in ({"n": 1}, {"solver": "rk4"}, {"mu": 1.0}, {"steps": 0}, {"sigma_min": 2.0, "sigma_max": 1.0},
+               {"lr": 0.0}, {"ema_decay": 1.0}):
         with pytest.raises(UserError):
-            CDConfig(**kw)
+            bind(CDConfig, kw, "cd")

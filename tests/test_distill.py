@@ -7,6 +7,7 @@ import torch
 from leandiff.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from leandiff.compress import ddim, kd, lowrank, progressive
 from leandiff.compress.kd import KDLoss
+from leandiff.compress.training import Training
 from leandiff.cost import count_params, macs_per_image
 from leandiff.denoiser import Denoiser
 from leandiff.errors import UserError
@@ -96,7 +97,7 @@ def test_full_rank_svd_reproduces_network(tiny_ckpt):
 
 
 def test_lowrank_shrinks_and_reloads_from_metadata(tiny_ckpt, tmp_path):
-    ck = lowrank.lowrank_step(tiny_ckpt, lowrank.LowRankConfig(r=2.0, batch_size=8, bf16=False), None)
+    ck = lowrank.lowrank_step(tiny_ckpt, lowrank.LowRankConfig(r=2.0, train=Training(steps=0, batch_size=8)), None)
     shape = image_shape(tiny_ckpt.arch)
     assert count_params(ck.net)["params"] < count_params(tiny_ckpt.net)["params"]
     assert macs_per_image(ck.net, shape) < macs_per_image(tiny_ckpt.net, shape)
@@ -192,9 +193,10 @@ def test_lora_rank_factor_zero_is_a_user_error(tiny_ckpt):
 
 def test_pd_round_lowers_the_distillation_loss_and_records_its_sampler(tiny_ckpt, image_folder, tmp_path):
     ds = f"folder:{image_folder}"
-    out = progressive.progressive_distill(tiny_ckpt, tmp_path / "pd", n_from=4, n_to=2, steps_per_round=40, dataset=ds,
-                                      convert_steps=5, batch_size=16, lr=2e-3, ema_decay=0.0, log=lambda s: None,
-                                      progress=False)
+    cfg = progressive.PDConfig(n_from=4, to=2, convert_steps=5,
+                               train=Training(steps=40, batch_size=16, lr=2e-3, ema_decay=0.0))
+    out = progressive.progressive_distill(tiny_ckpt, tmp_path / "pd", cfg, dataset=ds, log=lambda s: None,
+                                          progress=False)
     assert out.parameterization == "v"
     assert out.meta["sampler"] == {"solver": "ddim", "nfe": 2, "spacing": "trailing"}
     start = load_checkpoint(tmp_path / "pd" / "convert")
@@ -223,8 +225,8 @@ def test_kd_recipe_builds_a_narrower_student_that_reloads(tiny_ckpt, image_folde
 
 
 def test_oneshot_student_is_one_step(tiny_ckpt, image_folder, tmp_path):
-    out = progressive.oneshot_distill(tiny_ckpt, tmp_path / "os", teacher_nfe=3, steps=3, dataset=f"folder:{image_folder}",
-                                  pairs=16, convert_steps=2, batch_size=8, progress=False)
+    cfg = progressive.OneShotConfig(teacher_nfe=3, pairs=16, convert_steps=2, train=Training(steps=3, batch_size=8))
+    out = progressive.oneshot_distill(tiny_ckpt, tmp_path / "os", cfg, dataset=f"folder:{image_folder}", progress=False)
     assert out.meta["sampler"]["nfe"] == 1 and out.parameterization == "v"
     x = sample_all(out.denoiser(), (1, 16, 16), SampleConfig("ddim", 1, spacing="trailing", n=4))
     assert torch.isfinite(x).all()

@@ -138,3 +138,53 @@ def test_a_row_may_only_build_on_an_earlier_row(tmp_path):
     p.write_text(CHAINED.replace('base = "model:pruned"', 'base = "model:later"'))
     with pytest.raises(UserError, match="names no earlier model"):
         load_study(p)
+
+
+def test_listed_cells_follow_the_grid_and_a_spacing_is_part_of_a_cells_identity(tmp_path):
+    from leandiff.study import cell_key
+
+    p = tmp_path / "s.toml"
+    p.write_text(STUDY + '\n[[cells]]\nmodel = "base"\nsolver = "dpmpp-3m-sde"\nnfe = 10\nspacing = "trailing"\n')
+    study = load_study(p)
+    cs = cells(study)
+    assert len(cs) == 5 and cs[-1] == {"model": "base", "solver": "dpmpp-3m-sde", "nfe": 10, "runtime": "eager",
+                                       "spacing": "trailing", "n": 8, "seed": 0}
+    assert "spacing" not in json.loads(cell_key(cs[0]))  # a grid cell's key is what it was before listed cells
+    assert json.loads(cell_key(cs[-1]))["spacing"] == "trailing"
+
+
+@pytest.mark.parametrize("top, tail, says", [
+    ("", '[[cells]]\nmodel = "nope"\nsolver = "ddim"\nnfe = 2\n', "not one of the study's models"),
+    ("", '[[cells]]\nmodel = "base"\nsolver = "ddim"\n', "needs model, solver and nfe"),
+    ("", '[[cells]]\nmodel = "base"\nsolver = "ddim"\nnfe = 2\neta = 1\n', "needs model, solver and nfe"),
+    ('reference_card = "other"\n', "", "reference_card"),
+    ("", '[[models]]\nname = "s"\nckpt = "zoo:mnist-tiny-pd4"\nmade_from = "nope"\n', "made_from"),
+])
+def test_bad_listed_cells_and_settings_are_one_line_errors(tmp_path, top, tail, says):
+    p = tmp_path / "s.toml"
+    p.write_text(top + STUDY + tail)
+    with pytest.raises(UserError, match=says):
+        load_study(p)
+
+
+def test_a_latency_table_must_ask_for_the_pass(tmp_path):
+    p = tmp_path / "s.toml"
+    p.write_text("latency = { rounds = 3 }\n" + STUDY)
+    with pytest.raises(UserError, match="pass = true"):
+        load_study(p)
+    p.write_text("latency = { pass = true, rounds = 3 }\n" + STUDY)
+    assert load_study(p).latency_pass == {"rounds": 3}
+
+
+def test_the_shipped_demo_studies_load_and_name_their_models_rows():
+    from leandiff.demo import DemoConfig, demo_study
+
+    for fast in (False, True):
+        study = demo_study(DemoConfig(fast=fast))
+        assert study.cells and not study.solvers and study.reference_card == "base" and study.latency_pass
+        assert {c["model"] for c in study.cells} <= {m.name for m in study.models}
+    other = demo_study(DemoConfig(model="runs/mine", n=64))
+    labels = {m.name: m.label for m in other.models}
+    assert labels["base"] == "runs/mine" and labels["int8"] == "runs/mine > int8"
+    assert labels["pd4"] == "zoo:mnist-tiny-pd4"  # another model's name is not rewritten
+    assert (other.n, other.batch_size, other.mse_n) == (64, 64, 64)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -34,14 +34,15 @@ from ..checkpoint import Checkpoint
 from ..denoiser import Denoiser, parse_parameterization
 from ..errors import UserError
 from ..schedule import alpha_sigma, q_sample, t_of_edm_sigma
-from ..train import TrainConfig, train, training_images
+from ..spec import values
+from ..train import training_images
+from .training import Training, check_steps, fit
 
 TEACHER_SOLVERS = ("heun", "euler")
 
 
 @dataclass(frozen=True)
 class CDConfig:
-    steps: int = 2000  # optimizer steps
     n: int = 18  # discretisation points N (CD on CIFAR-10 uses 18)
     rho: float = 7.0  # Karras et al.'s ρ
     solver: str = "heun"  # the teacher's ODE step between adjacent points: heun (2 evaluations) or euler (= DDIM)
@@ -51,14 +52,12 @@ class CDConfig:
     sigma_max: float = 0.0  # 0: the schedule's largest σ (t = T−1)
     sigma_data: float = 0.5  # the student's c_skip/c_out constant
     nfe: int = 1  # the student's intended number of steps (recorded for its sampler)
-    lr: float = 1e-4
-    batch_size: int = 128
-    ema_decay: float = 0.999  # the EMA the checkpoint holds (evaluation weights), as in the CM paper
-    bf16: bool = False  # the student's forward/backward; the teacher and the target run in fp32
+    # the EMA is what the checkpoint holds (evaluation weights), as in the CM paper; bf16: the student's
+    # forward/backward only (the teacher and the target run in fp32)
+    train: Training = field(default_factory=lambda: Training(steps=2000, lr=1e-4, warmup=100, ema_decay=0.999))
 
     def __post_init__(self):
-        checks = [(self.steps >= 1, f"cd: steps must be >= 1, got {self.steps}"),
-                  (self.n >= 2, f"cd: n (discretisation points) must be >= 2, got {self.n}"),
+        checks = [(self.n >= 2, f"cd: n (discretisation points) must be >= 2, got {self.n}"),
                   (self.rho > 0, f"cd: rho must be > 0, got {self.rho}"),
                   (self.solver in TEACHER_SOLVERS, f"cd: solver must be one of {', '.join(TEACHER_SOLVERS)}, got {self.solver!r}"),
                   (0 <= self.mu < 1, f"cd: mu must be in [0, 1), got {self.mu}"),
@@ -66,12 +65,11 @@ class CDConfig:
                   (self.sigma_min >= 0 and self.sigma_max >= 0, "cd: sigma_min and sigma_max must be >= 0"),
                   (self.sigma_max == 0 or self.sigma_max > self.sigma_min, "cd: sigma_max must exceed sigma_min"),
                   (self.sigma_data > 0, f"cd: sigma_data must be > 0, got {self.sigma_data}"),
-                  (self.nfe >= 1, f"cd: nfe must be >= 1, got {self.nfe}"),
-                  (self.lr > 0 and self.batch_size >= 1, "cd: lr and batch_size must be positive"),
-                  (0 <= self.ema_decay < 1, f"cd: ema_decay must be in [0, 1), got {self.ema_decay}")]
+                  (self.nfe >= 1, f"cd: nfe must be >= 1, got {self.nfe}")]
         for ok, msg in checks:
             if not ok:
                 raise UserError(msg)
+        check_steps("cd", self.train)
 
 
 def sigma_range(schedule, cfg: CDConfig) -> tuple[float, float]:
@@ -166,7 +164,6 @@ def student_parameterization(sigma_data: float, sigma_min: float) -> str:
 def consistency_distill(ckpt: Checkpoint, out_dir, cfg: CDConfig, *, dataset: str, data_dir=None, seed: int = 0,
                         progress=None) -> Checkpoint:
     """Distil ``ckpt``'s probability-flow ODE into a consistency model (see the module doc)."""
-    from ..checkpoint import load_checkpoint
     from ..models import image_shape
 
     lo, hi = sigma_range(ckpt.schedule, cfg)
@@ -179,18 +176,12 @@ def consistency_distill(ckpt: Checkpoint, out_dir, cfg: CDConfig, *, dataset: st
     param = student_parameterization(cfg.sigma_data, lo)
     student = Checkpoint(net=copy.deepcopy(ckpt.net).float().train().requires_grad_(True), arch=copy.deepcopy(ckpt.arch),
                          schedule=ckpt.schedule, parameterization=param, meta=copy.deepcopy(ckpt.meta))
-    tcfg = TrainConfig(dataset=dataset, data_dir=data_dir, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                       warmup=min(100, cfg.steps // 10), ema_decay=cfg.ema_decay, bf16=cfg.bf16, seed=seed,
-                       sample_every=0, checkpoint_every=max(1, min(250, cfg.steps)), parameterization=param)
+    tcfg = cfg.train.config(dataset, data_dir, param, seed)
     dim = math.prod(image_shape(ckpt.arch))
     loss = CDLoss(teacher, student.net, ts, cfg, dim)
-    train(tcfg, out_dir, init=student, images=training_images(tcfg, student), loss_fn=loss, resume=True,
-          progress=progress is not False)
-    out = load_checkpoint(out_dir, next(student.net.parameters()).device)  # stays where the recipe computes
-    if out.lineage and out.lineage[-1].get("step") == "train":
-        out.lineage.pop()
+    out = fit(tcfg, out_dir, student, training_images(tcfg, student), loss, progress)
     out.meta["sampler"] = {"solver": "consistency", "nfe": cfg.nfe, "spacing": "trailing"}
-    out.meta["distill"] = {"method": "cd", **asdict(cfg), "sigma_min": lo, "sigma_max": hi,
+    out.meta["distill"] = {"method": "cd", **values(cfg), "sigma_min": lo, "sigma_max": hi,
                            "teacher_parameterization": ckpt.parameterization,
                            "train_cpu_seconds": (out.meta.get("train") or {}).get("cpu_seconds")}
     parse_parameterization(out.parameterization)

@@ -16,68 +16,51 @@ the base's. Measured on pruned mnist-tiny, both made FID-dom worse (docs/pruning
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import UserError
 from ..spec import values
 from .kd import kd_loss, resolve_teacher
-from .training import check_training, finetune_checkpoint
-
-
-def _check_loss(steps: int, weighting: str, x0_weight: float, kd: bool, feat_weight: float = 0.0, **settings) -> None:
-    """The fine-tune's length, loss and other training settings; also checked when a recipe is parsed."""
-    check_training("finetune", steps, weighting=weighting, x0_weight=x0_weight, **settings)
-    if not feat_weight >= 0:
-        raise UserError(f"finetune: feat_weight must be >= 0, got {feat_weight}")
-    if feat_weight and not kd:
-        raise UserError("finetune: feat_weight is a distillation loss: it needs kd=true (or teacher=PATH)")
-    if kd and (weighting != "plain" or x0_weight):
-        raise UserError(f"finetune: weighting={weighting}, x0_weight={x0_weight} change the plain loss; "
-                        "KD mixes plain MSEs (use neither with KD)")
-
-
-def _check_args(args: dict) -> None:
-    # restart_period 0 means "half the steps" (finetune_checkpoint), so it is checked as 1
-    _check_loss(args["steps"], args["weighting"], args["x0_weight"], kd=bool(args["kd"] or args["teacher"]),
-                feat_weight=args["feat_weight"], kd_frac=args["kd_frac"], lr=args["lr"], batch_size=args["batch_size"],
-                lr_schedule=args["schedule"], ema_decay=args["ema_decay"], warmup=args["warmup"], restart_period=args["restart_period"] or 1)
+from .training import Training, check_kd_frac, check_steps, train_copy
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
     """``finetune(...)``: the training loop on the checkpoint's own data, plain or KD."""
 
-    steps: int = 1000
     kd: bool = False
     kd_frac: float = 0.7
     teacher: str = ""
-    lr: float = 2e-4
-    batch_size: int = 128
-    schedule: str = "cosine-restarts"
-    restart_period: int = 0
-    warmup: int = 0
-    ema_decay: float = 0.995
-    bf16: bool = True
     weighting: str = "plain"
     x0_weight: float = 0.0
     feat_weight: float = 0.0
+    train: Training = field(default_factory=lambda: Training(schedule="cosine-restarts", ema_decay=0.995))
+
+    @property
+    def uses_kd(self) -> bool:
+        return bool(self.kd or self.teacher)
 
     def __post_init__(self):
-        _check_args(values(self))
+        check_steps("finetune", self.train)
+        check_kd_frac("finetune", self.kd_frac)
+        try:  # the loss fields are checked by TrainConfig itself
+            self.train.config("mnist", None, "eps", 0, weighting=self.weighting, x0_weight=self.x0_weight)
+        except UserError as e:
+            raise UserError(f"finetune: {e}") from None
+        if not self.feat_weight >= 0:
+            raise UserError(f"finetune: feat_weight must be >= 0, got {self.feat_weight}")
+        if self.feat_weight and not self.uses_kd:
+            raise UserError("finetune: feat_weight is a distillation loss: it needs kd=true (or teacher=PATH)")
+        if self.uses_kd and (self.weighting != "plain" or self.x0_weight):
+            raise UserError(f"finetune: weighting={self.weighting}, x0_weight={self.x0_weight} change the plain loss; "
+                            "KD mixes plain MSEs (use neither with KD)")
 
 
 def finetune_step(ckpt, cfg: FinetuneConfig, ctx):
     """Fine-tune with the training loop (plain loss, or KD from the pre-recipe model)."""
-    args = values(cfg)
     if not ctx.dataset:
         raise UserError("finetune needs the training dataset: the checkpoint does not record one; pass --dataset")
-    loss_fn = None
-    if args["kd"] or args["teacher"]:
-        loss_fn = kd_loss(ckpt, resolve_teacher(ckpt, args["teacher"], ctx), args["kd_frac"], args["feat_weight"])
-    return finetune_checkpoint(ckpt, ctx.step_dir, steps=args["steps"], dataset=ctx.dataset, data_dir=ctx.data_dir,
-                               loss_fn=loss_fn, lr=args["lr"],
-                               batch_size=args["batch_size"], lr_schedule=args["schedule"],
-                               restart_period=args["restart_period"], warmup=args["warmup"],
-                               ema_decay=args["ema_decay"], bf16=args["bf16"], weighting=args["weighting"],
-                               x0_weight=args["x0_weight"], seed=ctx.seed,
-                               progress=ctx.progress, record={"finetune": args})
+    loss_fn = kd_loss(ckpt, resolve_teacher(ckpt, cfg.teacher, ctx), cfg.kd_frac, cfg.feat_weight) if cfg.uses_kd else None
+    return train_copy(ckpt, ctx.step_dir, cfg.train, dataset=ctx.dataset, data_dir=ctx.data_dir, seed=ctx.seed,
+                      loss_fn=loss_fn, progress=ctx.progress, record={"finetune": values(cfg)},
+                      weighting=cfg.weighting, x0_weight=cfg.x0_weight)

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ from ..errors import UserError
 from ..models import build_network
 from ..schedule import q_sample
 from ..spec import values
-from .training import check_training, finetune_checkpoint, need_dataset
+from .training import Training, check_kd_frac, check_steps, need_dataset, train_copy
 
 
 class _Features:
@@ -167,51 +167,37 @@ def slice_init(student: nn.Module, teacher: nn.Module) -> None:
         v.copy_(t[tuple(slice(0, n) for n in v.shape)])
 
 
-def _check_kd(args: dict) -> None:
-    if args["s"] < 1:
-        raise UserError(f"kd: s must be >= 1, got {args['s']}")
-    if args["init"] not in ("slice", "scratch"):
-        raise UserError(f"kd: init must be slice or scratch, got {args['init']!r}")
-    check_training("kd", args["steps"], kd_frac=args["kd_frac"], lr=args["lr"], batch_size=args["batch_size"],
-                   lr_schedule=args["schedule"], ema_decay=args["ema_decay"])
-
-
 @dataclass(frozen=True)
 class KDConfig:
     """``kd(...)``: knowledge distillation into a student with channels / s."""
 
     s: int = 1
     kd_frac: float = 0.7
-    steps: int = 1000
     init: str = "slice"
     teacher: str = ""
-    lr: float = 5e-4
-    batch_size: int = 128
-    schedule: str = "cosine-restarts"
-    ema_decay: float = 0.995
-    bf16: bool = True
+    train: Training = field(default_factory=lambda: Training(lr=5e-4, schedule="cosine-restarts", ema_decay=0.995))
 
     def __post_init__(self):
-        _check_kd(values(self))
+        if self.s < 1:
+            raise UserError(f"kd: s must be >= 1, got {self.s}")
+        if self.init not in ("slice", "scratch"):
+            raise UserError(f"kd: init must be slice or scratch, got {self.init!r}")
+        check_steps("kd", self.train)
+        check_kd_frac("kd", self.kd_frac)
 
 
 def kd_step(ckpt, cfg: KDConfig, ctx):
     """Knowledge distillation into a student with channels / s (s=1: into this checkpoint as it is)."""
-    args = values(cfg)
     need_dataset(ctx, "kd")
-    _check_kd(args)
-    s = args["s"]
     student = ckpt
-    if s > 1:
-        arch = narrow_arch(ckpt.arch, s)
+    if cfg.s > 1:
+        arch = narrow_arch(ckpt.arch, cfg.s)
         torch.manual_seed(ctx.seed)
         net = build_network(arch).to(next(ckpt.net.parameters()).device)  # where the recipe computes
-        if args["init"] == "slice":
+        if cfg.init == "slice":
             slice_init(net, ckpt.net)
         student = Checkpoint(net=net, arch=arch, schedule=ckpt.schedule, parameterization=ckpt.parameterization,
                              meta=copy.deepcopy(ckpt.meta))
-    return finetune_checkpoint(student, ctx.step_dir, steps=args["steps"], dataset=ctx.dataset, data_dir=ctx.data_dir,
-                               loss_fn=kd_loss(student, resolve_teacher(student, args["teacher"], ctx), args["kd_frac"]),
-                               lr=args["lr"], batch_size=args["batch_size"],
-                               lr_schedule=args["schedule"], ema_decay=args["ema_decay"], bf16=args["bf16"],
-                               seed=ctx.seed, progress=ctx.progress, record={"kd": args})
+    return train_copy(student, ctx.step_dir, cfg.train, dataset=ctx.dataset, data_dir=ctx.data_dir, seed=ctx.seed,
+                      loss_fn=kd_loss(student, resolve_teacher(student, cfg.teacher, ctx), cfg.kd_frac),
+                      progress=ctx.progress, record={"kd": values(cfg)})

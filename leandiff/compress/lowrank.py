@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -27,7 +27,7 @@ from ..spec import values
 from ..surgery.factor import LoRA, factor_pair
 from ..surgery.modules import set_module
 from .kd import kd_loss, resolve_teacher
-from .training import check_training, finetune_checkpoint, need_dataset
+from .training import Training, check_kd_frac, check_steps, need_dataset, train_copy
 
 
 def _full_rank(m: nn.Module) -> int:
@@ -116,95 +116,84 @@ def merge_lora(net: nn.Module) -> nn.Module:
     return net
 
 
-def _check_lowrank(args: dict) -> None:
-    _check_rank("lowrank", args["r"], args["rank"])
-    if args["steps"] < 0:
-        raise UserError(f"lowrank: steps must be >= 0 (0: no fine-tune), got {args['steps']}")
-    if args["steps"] > 0:
-        check_training("lowrank", args["steps"], kd_frac=args["kd_frac"], lr=args["lr"], batch_size=args["batch_size"])
-
-
-def _check_lora(args: dict) -> None:
-    _check_rank("lora", args["r"], args["rank"])
-    if args["alpha"] < 0:
-        raise UserError(f"lora: alpha must be >= 0 (0: scale 1), got {args['alpha']}")
-    check_training("lora", args["steps"], kd_frac=args["kd_frac"], lr=args["lr"], batch_size=args["batch_size"])
-
-
 @dataclass(frozen=True)
-class LowRankConfig:
-    """``lowrank(...)``: SVD factors at rank full/r, optionally fine-tuned."""
+class _FactorConfig:
+    """What ``lowrank`` and ``lora`` share: the rank (full/r, or ``rank`` when > 0) and a KD or plain fine-tune."""
 
     r: float = 2.0
     rank: int = 0
-    steps: int = 0
     kd: bool = True
     kd_frac: float = 0.7
-    lr: float = 2e-4
-    batch_size: int = 128
-    bf16: bool = True
+
+    def _check(self, step: str, min_steps: int) -> None:
+        _check_rank(step, self.r, self.rank)
+        check_steps(step, self.train, min_steps)
+        check_kd_frac(step, self.kd_frac)
+
+    def teacher_loss(self, student, ctx):
+        """The fine-tune's loss: KD from the pre-recipe model, or None (the plain loss)."""
+        return kd_loss(student, resolve_teacher(student, "", ctx), self.kd_frac) if self.kd else None
+
+
+_FACTOR_TRAINING = dict(schedule="cosine-restarts", ema_decay=0.995)
+
+
+@dataclass(frozen=True)
+class LowRankConfig(_FactorConfig):
+    """``lowrank(...)``: SVD factors at rank full/r, optionally fine-tuned (steps=0: not)."""
+
+    train: Training = field(default_factory=lambda: Training(steps=0, **_FACTOR_TRAINING))
 
     def __post_init__(self):
-        _check_lowrank(values(self))
+        self._check("lowrank", 0)
 
 
 def lowrank_step(ckpt, cfg: LowRankConfig, ctx):
     """SVD-factorise Conv2d/Linear weights to rank full/r (L-Diff §4.4); optionally fine-tune the factors."""
-    args = values(cfg)
     net = copy.deepcopy(ckpt.net)
-    ranks = lowrank_factorize(net, args["r"], rank=args["rank"])
+    ranks = lowrank_factorize(net, cfg.r, rank=cfg.rank)
     if not ranks:
-        raise UserError(f"lowrank: no layer gets smaller at r={args['r']:g}; use a larger r")
+        raise UserError(f"lowrank: no layer gets smaller at r={cfg.r:g}; use a larger r")
     arch = copy.deepcopy(ckpt.arch)
-    arch.setdefault("surgery", []).append({"kind": "lowrank", "r": args["r"], "layers": ranks})
+    arch.setdefault("surgery", []).append({"kind": "lowrank", "r": cfg.r, "layers": ranks})
     out = Checkpoint(net=net.eval(), arch=arch, schedule=ckpt.schedule, parameterization=ckpt.parameterization,
                      meta=copy.deepcopy(ckpt.meta))
-    if args["steps"] > 0:
+    if cfg.train.steps > 0:
         need_dataset(ctx, "lowrank")
-        out = finetune_checkpoint(out, ctx.step_dir, steps=args["steps"], dataset=ctx.dataset, data_dir=ctx.data_dir,
-                                  loss_fn=kd_loss(out, resolve_teacher(out, "", ctx), args["kd_frac"]) if args["kd"] else None,
-                                  lr=args["lr"], batch_size=args["batch_size"], bf16=args["bf16"], seed=ctx.seed,
-                                  progress=ctx.progress, record={"lowrank": args})
+        out = train_copy(out, ctx.step_dir, cfg.train, dataset=ctx.dataset, data_dir=ctx.data_dir, seed=ctx.seed,
+                         loss_fn=cfg.teacher_loss(out, ctx), progress=ctx.progress, record={"lowrank": values(cfg)})
     return out
 
 
 @dataclass(frozen=True)
-class LoRAConfig:
+class LoRAConfig(_FactorConfig):
     """``lora(...)``: LoRA adapters trained with the base frozen."""
 
-    r: float = 2.0
-    rank: int = 0
     alpha: float = 0.0
-    steps: int = 1000
-    kd: bool = True
-    kd_frac: float = 0.7
-    lr: float = 1e-3
-    batch_size: int = 128
     merge: bool = True
-    bf16: bool = True
+    train: Training = field(default_factory=lambda: Training(lr=1e-3, **_FACTOR_TRAINING))
 
     def __post_init__(self):
-        _check_lora(values(self))
+        self._check("lora", 1)
+        if self.alpha < 0:
+            raise UserError(f"lora: alpha must be >= 0 (0: scale 1), got {self.alpha}")
 
 
 def lora_step(ckpt, cfg: LoRAConfig, ctx):
     """LoRA adapters (rank full/r) fine-tuned with the base frozen; merge=true folds them back in."""
-    args = values(cfg)
     need_dataset(ctx, "lora")
     net = copy.deepcopy(ckpt.net)
-    ranks = add_lora(net, args["r"], rank=args["rank"], alpha=args["alpha"])
+    ranks = add_lora(net, cfg.r, rank=cfg.rank, alpha=cfg.alpha)
     arch = copy.deepcopy(ckpt.arch)
     scales = {n: m.scale for n, m in net.named_modules() if isinstance(m, LoRA)}
-    arch.setdefault("surgery", []).append({"kind": "lora", "r": args["r"], "layers": ranks, "scales": scales})
+    arch.setdefault("surgery", []).append({"kind": "lora", "r": cfg.r, "layers": ranks, "scales": scales})
     st = Checkpoint(net=net, arch=arch, schedule=ckpt.schedule, parameterization=ckpt.parameterization,
                     meta=copy.deepcopy(ckpt.meta))
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    out = finetune_checkpoint(st, ctx.step_dir, steps=args["steps"], dataset=ctx.dataset, data_dir=ctx.data_dir,
-                              loss_fn=kd_loss(st, resolve_teacher(st, "", ctx), args["kd_frac"]) if args["kd"] else None,
-                              lr=args["lr"], batch_size=args["batch_size"], bf16=args["bf16"], seed=ctx.seed,
-                              progress=ctx.progress, record={"lora": args})
-    out.meta["lora"] = {"trainable_params": trainable, "merged": args["merge"]}
-    if args["merge"]:
+    out = train_copy(st, ctx.step_dir, cfg.train, dataset=ctx.dataset, data_dir=ctx.data_dir, seed=ctx.seed,
+                     loss_fn=cfg.teacher_loss(st, ctx), progress=ctx.progress, record={"lora": values(cfg)})
+    out.meta["lora"] = {"trainable_params": trainable, "merged": cfg.merge}
+    if cfg.merge:
         out.net = merge_lora(out.net)
         out.arch = copy.deepcopy(ckpt.arch)
     return out

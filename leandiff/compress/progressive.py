@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -45,10 +45,9 @@ from ..io import atomic_path
 from ..models import image_shape
 from ..schedule import SPACINGS, log_snr, q_sample, timesteps as make_timesteps
 from ..solvers import get_solver
-from ..spec import values
 from ..train import WEIGHTINGS, DiffusionLoss, training_images
 from .ddim import coef, ddim_to
-from .training import check_training, fit, need_dataset, rank_world, training_config
+from .training import Training, check_steps, fit, need_dataset, rank_world
 
 PD_WEIGHTINGS = ("truncated-snr", "snr+1")  # Salimans & Ho 2022, §4 (report eqs. 9 and 10)
 STUDENT_PARAMETERIZATIONS = ("v", "x0")
@@ -142,10 +141,11 @@ def _wall(ck: Checkpoint) -> float:
     return float((ck.meta.get("train") or {}).get("wall_seconds", 0.0))
 
 
-def convert_parameterization(ckpt: Checkpoint, out_dir, *, param: str, steps: int, dataset: str,
-                             data_dir=None, batch_size=128, lr=2e-4, seed=0, bf16=False, progress=None) -> Checkpoint:
+def convert_parameterization(ckpt: Checkpoint, out_dir, *, param: str, steps: int, train: Training, dataset: str,
+                             data_dir=None, seed=0, progress=None) -> Checkpoint:
     """Re-train a copy of ``ckpt`` to predict ``param`` (v or x0) on data: ``steps`` steps of the plain
-    loss in the new parameterization (for v this is the SNR+1-weighted x₀ loss). See the module doc."""
+    loss in the new parameterization (for v this is the SNR+1-weighted x₀ loss), at ``train``'s batch size
+    and precision, lr at least 2e-4, EMA 0.995, 50 warm-up steps. See the module doc."""
     if param not in STUDENT_PARAMETERIZATIONS:
         raise UserError(f"student parameterization must be one of {STUDENT_PARAMETERIZATIONS}, got {param!r}")
     if ckpt.parameterization == param:
@@ -153,58 +153,87 @@ def convert_parameterization(ckpt: Checkpoint, out_dir, *, param: str, steps: in
     if steps < 1:
         raise UserError(f"the checkpoint predicts {ckpt.parameterization}; converting it to {param} needs convert_steps >= 1")
     student = _fresh(ckpt, param)
-    cfg = training_config(dataset, data_dir, steps, batch_size, lr, param, seed, bf16=bf16, ema_decay=0.995,
-                          warmup=min(50, steps))
+    conv = replace(train, steps=steps, lr=max(train.lr, 2e-4), ema_decay=0.995, warmup=min(50, steps),
+                   schedule="cosine")
+    cfg = conv.config(dataset, data_dir, param, seed)
     weighting = "plain" if param == "v" else "truncated-snr"
     return fit(cfg, out_dir, student, training_images(cfg, student), DiffusionLoss(weighting), progress)
 
 
-def _check_student(step: str, param: str, spacing: str, convert_steps: int) -> None:
-    if param not in STUDENT_PARAMETERIZATIONS:
-        raise UserError(f"{step}: the student must predict one of {STUDENT_PARAMETERIZATIONS}, got {param!r}")
-    if spacing not in SPACINGS:
-        raise UserError(f"{step}: unknown timestep spacing {spacing!r}; expected one of {', '.join(SPACINGS)}")
-    if convert_steps < 0:
-        raise UserError(f"{step}: convert_steps must be >= 0, got {convert_steps}")
+@dataclass(frozen=True)
+class _StudentConfig:
+    """What ``pd`` and ``oneshot`` share: the student's parameterization, its DDIM spacing, the teacher's
+    x̂₀ clipping and the length of the ε → v (or x₀) conversion before distilling."""
+
+    param: str = "v"
+    spacing: str = "trailing"
+    clip: bool = True
+    convert_steps: int = 400
+
+    def _check(self, step: str) -> None:
+        if self.param not in STUDENT_PARAMETERIZATIONS:
+            raise UserError(f"{step}: the student must predict one of {STUDENT_PARAMETERIZATIONS}, got {self.param!r}")
+        if self.spacing not in SPACINGS:
+            raise UserError(f"{step}: unknown timestep spacing {self.spacing!r}; expected one of {', '.join(SPACINGS)}")
+        if self.convert_steps < 0:
+            raise UserError(f"{step}: convert_steps must be >= 0, got {self.convert_steps}")
+        check_steps(step, self.train)
+
+    def student(self, ckpt: Checkpoint, out_dir: Path, *, dataset, data_dir, seed, progress) -> Checkpoint:
+        return convert_parameterization(ckpt, out_dir / "convert", param=self.param, steps=self.convert_steps,
+                                        train=self.train, dataset=dataset, data_dir=data_dir, seed=seed,
+                                        progress=progress)
 
 
-def _check_pd(n_from: int, n_to: int, steps_per_round: int, weighting: str) -> None:
-    if n_to < 1 or n_from <= n_to or n_from % n_to or (n_from // n_to) & (n_from // n_to - 1):
-        raise UserError(f"pd: from/to must be a power of two > 1 (from={n_from}, to={n_to})")
-    if steps_per_round < 1:
-        raise UserError(f"pd: steps_per_round must be >= 1, got {steps_per_round}")
-    if weighting not in PD_WEIGHTINGS:
-        raise UserError(f"pd: weighting must be one of {PD_WEIGHTINGS}, got {weighting!r}")
+_DISTILL_TRAINING = dict(lr=1e-4, ema_decay=0.999)
 
 
-def progressive_distill(ckpt: Checkpoint, out_dir, *, n_from: int, n_to: int, steps_per_round: int, dataset: str,
-                        data_dir=None, param="v", weighting="truncated-snr", spacing="trailing", clip_x0=True,
-                        convert_steps=400, batch_size=128, lr=1e-4, ema_decay=0.999, bf16=False, seed=0,
+@dataclass(frozen=True)
+class PDConfig(_StudentConfig):
+    """``pd(...)``: progressive distillation, from -> to DDIM steps (``steps_per_round`` updates a round)."""
+
+    n_from: int = field(default=256, metadata={"arg": "from"})
+    to: int = 4
+    weighting: str = "truncated-snr"
+    train: Training = field(default_factory=lambda: Training(**_DISTILL_TRAINING),
+                            metadata={"rename": {"steps": "steps_per_round"}})
+
+    def __post_init__(self):
+        n_from, n_to = self.n_from, self.to
+        if n_to < 1 or n_from <= n_to or n_from % n_to or (n_from // n_to) & (n_from // n_to - 1):
+            raise UserError(f"pd: from/to must be a power of two > 1 (from={n_from}, to={n_to})")
+        if self.train.steps < 1:
+            raise UserError(f"pd: steps_per_round must be >= 1, got {self.train.steps}")
+        if self.weighting not in PD_WEIGHTINGS:
+            raise UserError(f"pd: weighting must be one of {PD_WEIGHTINGS}, got {self.weighting!r}")
+        self._check("pd")
+
+
+def progressive_distill(ckpt: Checkpoint, out_dir, cfg: PDConfig, *, dataset: str, data_dir=None, seed=0,
                         progress=None, log=print) -> Checkpoint:
-    """Salimans & Ho 2022, Alg. 2: teacher at ``n_from`` DDIM steps → student at n_from/2 → ... → ``n_to``.
-    Each round's student starts from its teacher (round 1: from the parameterization-converted
+    """Salimans & Ho 2022, Alg. 2: teacher at ``cfg.n_from`` DDIM steps → student at n_from/2 → ... →
+    ``cfg.to``. Each round's student starts from its teacher (round 1: from the parameterization-converted
     teacher) and writes its checkpoint to ``out_dir/round-<N>``; a killed run resumes."""
-    _check_pd(n_from, n_to, steps_per_round, weighting)
     out_dir = Path(out_dir)
-    pd_timesteps(ckpt.schedule, n_to, spacing)  # fail before any training if the spacing is unusable
-    student = convert_parameterization(ckpt, out_dir / "convert", param=param, steps=convert_steps, dataset=dataset,
-                                       data_dir=data_dir, batch_size=batch_size, lr=max(lr, 2e-4), seed=seed,
-                                       bf16=bf16, progress=progress)
-    record = {"from": n_from, "to": n_to, "param": param, "weighting": weighting, "spacing": spacing,
-              "clip_x0": clip_x0, "convert": {"steps": convert_steps if student is not ckpt else 0,
-                                              "wall_seconds": _wall(student) if student is not ckpt else 0.0},
+    pd_timesteps(ckpt.schedule, cfg.to, cfg.spacing)  # fail before any training if the spacing is unusable
+    student = cfg.student(ckpt, out_dir, dataset=dataset, data_dir=data_dir, seed=seed, progress=progress)
+    record = {"from": cfg.n_from, "to": cfg.to, "param": cfg.param, "weighting": cfg.weighting,
+              "spacing": cfg.spacing, "clip_x0": cfg.clip,
+              "convert": {"steps": cfg.convert_steps if student is not ckpt else 0,
+                          "wall_seconds": _wall(student) if student is not ckpt else 0.0},
               "rounds": []}
-    teacher, n = ckpt, n_from // 2
-    while n >= n_to:
-        log(f"pd round: {2 * n} -> {n} steps ({steps_per_round} steps x {batch_size})")
-        loss = PDLoss(_frozen(teacher), n, spacing, weighting, clip_x0)
+    steps, batch = cfg.train.steps, cfg.train.batch_size
+    teacher, n = ckpt, cfg.n_from // 2
+    while n >= cfg.to:
+        log(f"pd round: {2 * n} -> {n} steps ({steps} steps x {batch})")
+        loss = PDLoss(_frozen(teacher), n, cfg.spacing, cfg.weighting, cfg.clip)
         st = _fresh(student)
-        cfg = training_config(dataset, data_dir, steps_per_round, batch_size, lr, st.parameterization, seed + n,
-                              bf16=bf16, ema_decay=ema_decay)
-        st = fit(cfg, out_dir / f"round-{n:04d}", st, training_images(cfg, st), loss, progress)
-        record["rounds"].append({"nfe": n, "steps": steps_per_round, "batch_size": batch_size,
-                                 "wall_seconds": _wall(st)})
-        st.meta["sampler"] = {"solver": "ddim", "nfe": n, "spacing": spacing}
+        tcfg = cfg.train.config(dataset, data_dir, st.parameterization, seed + n)
+        st = fit(tcfg, out_dir / f"round-{n:04d}", st, training_images(tcfg, st), loss, progress)
+        train_rec = st.meta.get("train") or {}
+        record["rounds"].append({"nfe": n, "steps": steps, "batch_size": batch, "wall_seconds": _wall(st),
+                                 "cpu_seconds": train_rec.get("cpu_seconds")})
+        st.meta["sampler"] = {"solver": "ddim", "nfe": n, "spacing": cfg.spacing}
         st.meta["distill"] = copy.deepcopy(record)
         if rank_world()[0] == 0:  # one writer under torchrun
             save_checkpoint(st, out_dir / f"round-{n:04d}")  # the round's student, self-describing
@@ -215,23 +244,34 @@ def progressive_distill(ckpt: Checkpoint, out_dir, *, n_from: int, n_to: int, st
     return student
 
 
-def _check_oneshot(pairs: int, steps: int, teacher_nfe: int) -> None:
-    if pairs < 1 or steps < 1 or teacher_nfe < 1:
-        raise UserError("oneshot: pairs, steps and teacher_nfe must be >= 1")
+def pd_step(ckpt, cfg: PDConfig, ctx):
+    """Progressive distillation (Salimans & Ho 2022): halve the DDIM steps per round, from→to."""
+    need_dataset(ctx, "pd")
+    return progressive_distill(ckpt, ctx.step_dir, cfg, dataset=ctx.dataset, data_dir=ctx.data_dir, seed=ctx.seed,
+                               progress=ctx.progress)
 
 
-def oneshot_distill(ckpt: Checkpoint, out_dir, *, teacher_nfe: int, steps: int, dataset: str, data_dir=None,
-                    pairs=2048, param="v", spacing="trailing", clip_x0=True, convert_steps=400, batch_size=128,
-                    lr=1e-4, ema_decay=0.999, bf16=False, seed=0, progress=None,
-                    init: Checkpoint | None = None) -> Checkpoint:
-    """Luhman & Luhman 2021: ``pairs`` (x_T, DDIM-``teacher_nfe`` sample) pairs from the teacher, then a
+@dataclass(frozen=True)
+class OneShotConfig(_StudentConfig):
+    """``oneshot(...)``: one-shot distillation into a 1-step student."""
+
+    teacher_nfe: int = 50
+    pairs: int = 2048
+    train: Training = field(default_factory=lambda: Training(**_DISTILL_TRAINING))
+
+    def __post_init__(self):
+        if self.pairs < 1 or self.teacher_nfe < 1:
+            raise UserError("oneshot: pairs and teacher_nfe must be >= 1")
+        self._check("oneshot")
+
+
+def oneshot_distill(ckpt: Checkpoint, out_dir, cfg: OneShotConfig, *, dataset: str, data_dir=None, seed=0,
+                    progress=None, init: Checkpoint | None = None) -> Checkpoint:
+    """Luhman & Luhman 2021: ``cfg.pairs`` (x_T, DDIM-``teacher_nfe`` sample) pairs from the teacher, then a
     1-step student (initialised from the converted teacher, or from ``init``, e.g. a converted copy
     made already) regresses the sample from x_T."""
-    _check_oneshot(pairs, steps, teacher_nfe)
     out_dir = Path(out_dir)
-    student = init or convert_parameterization(ckpt, out_dir / "convert", param=param, steps=convert_steps,
-                                               dataset=dataset, data_dir=data_dir, batch_size=batch_size,
-                                               lr=max(lr, 2e-4), seed=seed, bf16=bf16, progress=progress)
+    student = init or cfg.student(ckpt, out_dir, dataset=dataset, data_dir=data_dir, seed=seed, progress=progress)
     if student.parameterization not in STUDENT_PARAMETERIZATIONS:
         raise UserError(f"oneshot: the student must predict v or x0, got {student.parameterization}")
     shape = image_shape(ckpt.arch)
@@ -240,99 +280,28 @@ def oneshot_distill(ckpt: Checkpoint, out_dir, *, teacher_nfe: int, steps: int, 
         data = load_file(str(pairs_path))["pairs"]
     else:
         teacher = _frozen(ckpt)
-        ts = make_timesteps(ckpt.schedule, teacher_nfe, spacing)
+        ts = make_timesteps(ckpt.schedule, cfg.teacher_nfe, cfg.spacing)
         chunks, t0 = [], time.perf_counter()
-        for b in range(0, pairs, 256):
+        for b in range(0, cfg.pairs, 256):
             g = torch.Generator().manual_seed(seed * 1_000_003 + 7_777 + b)
-            xT = torch.randn((min(256, pairs - b), *shape), generator=g)
-            x0 = get_solver("ddim")(teacher, xT.to(device_of(teacher.net)), ts, clip_x0=clip_x0)
+            xT = torch.randn((min(256, cfg.pairs - b), *shape), generator=g)
+            x0 = get_solver("ddim")(teacher, xT.to(device_of(teacher.net)), ts, clip_x0=cfg.clip)
             chunks.append(torch.cat([xT, x0.cpu()], dim=1))  # the pairs file is device-free
         data = torch.cat(chunks)
         out_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(pairs_path) as tmp:
             save_file({"pairs": data.contiguous()}, str(tmp), metadata={"seconds": repr(time.perf_counter() - t0)})
     st = _fresh(student)
-    cfg = training_config(dataset, data_dir, steps, batch_size, lr, st.parameterization, seed, bf16=bf16,
-                          ema_decay=ema_decay)
-    st = fit(cfg, out_dir / "student", st, data, OneShotLoss(), progress)
-    st.meta["sampler"] = {"solver": "ddim", "nfe": 1, "spacing": spacing}
-    st.meta["distill"] = {"oneshot": {"teacher_nfe": teacher_nfe, "pairs": pairs, "steps": steps,
-                                      "wall_seconds": _wall(st), "convert_steps": convert_steps}}
+    tcfg = cfg.train.config(dataset, data_dir, st.parameterization, seed)
+    st = fit(tcfg, out_dir / "student", st, data, OneShotLoss(), progress)
+    st.meta["sampler"] = {"solver": "ddim", "nfe": 1, "spacing": cfg.spacing}
+    st.meta["distill"] = {"oneshot": {"teacher_nfe": cfg.teacher_nfe, "pairs": cfg.pairs, "steps": cfg.train.steps,
+                                      "wall_seconds": _wall(st), "convert_steps": cfg.convert_steps}}
     return st
-
-
-def _check_pd_args(args: dict) -> None:
-    _check_pd(args["from"], args["to"], args["steps_per_round"], args["weighting"])
-    _check_student("pd", args["param"], args["spacing"], args["convert_steps"])
-    check_training("pd", args["steps_per_round"], lr=args["lr"], batch_size=args["batch_size"],
-                   ema_decay=args["ema_decay"])
-
-
-def _check_oneshot_args(args: dict) -> None:
-    _check_oneshot(args["pairs"], args["steps"], args["teacher_nfe"])
-    _check_student("oneshot", args["param"], args["spacing"], args["convert_steps"])
-    check_training("oneshot", args["steps"], lr=args["lr"], batch_size=args["batch_size"], ema_decay=args["ema_decay"])
-
-
-@dataclass(frozen=True)
-class PDConfig:
-    """``pd(...)``: progressive distillation, from -> to DDIM steps."""
-
-    n_from: int = field(default=256, metadata={"arg": "from"})
-    to: int = 4
-    steps_per_round: int = 1000
-    param: str = "v"
-    weighting: str = "truncated-snr"
-    spacing: str = "trailing"
-    clip: bool = True
-    convert_steps: int = 400
-    lr: float = 1e-4
-    batch_size: int = 128
-    ema_decay: float = 0.999
-    bf16: bool = False
-
-    def __post_init__(self):
-        _check_pd_args(values(self))
-
-
-def pd_step(ckpt, cfg: PDConfig, ctx):
-    """Progressive distillation (Salimans & Ho 2022): halve the DDIM steps per round, from→to."""
-    args = values(cfg)
-    need_dataset(ctx, "pd")
-    return progressive_distill(ckpt, ctx.step_dir, n_from=args["from"], n_to=args["to"],
-                               steps_per_round=args["steps_per_round"], dataset=ctx.dataset, data_dir=ctx.data_dir,
-                               param=args["param"], weighting=args["weighting"], spacing=args["spacing"],
-                               clip_x0=args["clip"], convert_steps=args["convert_steps"], batch_size=args["batch_size"],
-                               lr=args["lr"], ema_decay=args["ema_decay"], bf16=args["bf16"], seed=ctx.seed,
-                               progress=ctx.progress)
-
-
-@dataclass(frozen=True)
-class OneShotConfig:
-    """``oneshot(...)``: one-shot distillation into a 1-step student."""
-
-    teacher_nfe: int = 50
-    steps: int = 1000
-    pairs: int = 2048
-    param: str = "v"
-    spacing: str = "trailing"
-    clip: bool = True
-    convert_steps: int = 400
-    lr: float = 1e-4
-    batch_size: int = 128
-    ema_decay: float = 0.999
-    bf16: bool = False
-
-    def __post_init__(self):
-        _check_oneshot_args(values(self))
 
 
 def oneshot_step(ckpt, cfg: OneShotConfig, ctx):
     """One-shot distillation (Luhman & Luhman 2021): a 1-step student regresses the teacher's DDIM samples."""
-    args = values(cfg)
     need_dataset(ctx, "oneshot")
-    return oneshot_distill(ckpt, ctx.step_dir, teacher_nfe=args["teacher_nfe"], steps=args["steps"],
-                           dataset=ctx.dataset, data_dir=ctx.data_dir, pairs=args["pairs"], param=args["param"],
-                           spacing=args["spacing"], clip_x0=args["clip"], convert_steps=args["convert_steps"],
-                           batch_size=args["batch_size"], lr=args["lr"], ema_decay=args["ema_decay"],
-                           bf16=args["bf16"], seed=ctx.seed, progress=ctx.progress)
+    return oneshot_distill(ckpt, ctx.step_dir, cfg, dataset=ctx.dataset, data_dir=ctx.data_dir, seed=ctx.seed,
+                           progress=ctx.progress)

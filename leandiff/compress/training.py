@@ -1,9 +1,11 @@
 """The one entry of the training loop for the compression steps (finetune, kd, lowrank, lora, pd, oneshot)
 and the check of their training settings: each step brings its loss (:mod:`leandiff.train`'s one loop
-takes it as a callable) and calls :func:`run` (through :func:`finetune_checkpoint` or :func:`fit`)."""
+takes it as a callable) and calls :func:`run` (through :func:`train_copy` or :func:`fit`) with the
+settings of one :class:`Training`."""
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 
@@ -38,42 +40,63 @@ def fit(cfg: TrainConfig, out_dir, init: Checkpoint, images, loss_fn=None, progr
     return out
 
 
-def training_config(dataset, data_dir, steps, batch_size, lr, param, seed, *, bf16=False, ema_decay=0.999, warmup=0,
-                    lr_schedule="cosine", restart_period=1000, weighting="plain", x0_weight=0.0) -> TrainConfig:
-    """The TrainConfig of a training step: no sample grids, a resumable state at least every 250 steps."""
-    return TrainConfig(dataset=dataset, data_dir=data_dir, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
-                       lr_schedule=lr_schedule, restart_period=restart_period, ema_decay=ema_decay, bf16=bf16,
-                       weighting=weighting, x0_weight=x0_weight, seed=seed, sample_every=0,
-                       checkpoint_every=max(1, min(250, steps)), parameterization=param)
+@dataclass(frozen=True)
+class Training:
+    """The training settings of every training step (finetune, kd, lowrank, lora, pd, oneshot, cd), nested in
+    its config and flat in the recipe: ``kd(s=2,steps=400,lr=1e-3)``. Each step states its own defaults as a
+    ``Training(...)`` default of its ``train`` field; what is not stated is the same for all.
+
+    ``bf16`` defaults to false everywhere, as in ``leandiff train``: bf16 autocast is fast only where the
+    hardware has native bf16 (AVX-512 BF16 / AMX CPUs, Ampere or newer GPUs) and slower elsewhere, and the
+    training scripts of the field (diffusers, EDM) default to full precision; ``bf16=true`` is one argument
+    (fp32 master weights either way)."""
+
+    steps: int = 1000
+    lr: float = 2e-4
+    batch_size: int = 128
+    schedule: str = "cosine"  # learning-rate schedule: cosine, constant or cosine-restarts
+    restart_period: int = 0  # cosine-restarts only: steps per cycle; 0: half the steps
+    warmup: int = 0
+    ema_decay: float = 0.999
+    bf16: bool = False
+
+    def __post_init__(self):
+        if self.steps < 0:
+            raise UserError(f"steps must be >= 0, got {self.steps}")
+        if self.restart_period < 0:
+            raise UserError(f"restart_period must be >= 0 (0: half the steps), got {self.restart_period}")
+        self.config("mnist", None, "eps", 0)  # TrainConfig checks the rest
+
+    def config(self, dataset, data_dir, param: str, seed: int, **loss) -> TrainConfig:
+        """The TrainConfig of a training step: no sample grids, a resumable state at least every 250 steps;
+        ``loss`` sets the loss fields (weighting, x0_weight) of the plain diffusion loss."""
+        steps = max(1, self.steps)
+        return TrainConfig(dataset=dataset, data_dir=data_dir, steps=steps, batch_size=self.batch_size, lr=self.lr,
+                           warmup=self.warmup, lr_schedule=self.schedule,
+                           restart_period=self.restart_period or max(1, steps // 2), ema_decay=self.ema_decay,
+                           bf16=self.bf16, seed=seed, sample_every=0, checkpoint_every=min(250, steps),
+                           parameterization=param, **loss)
 
 
-def finetune_checkpoint(ckpt, out_dir, *, steps: int, dataset: str, data_dir: str | None = None,
-                        loss_fn=None, lr: float = 2e-4, batch_size: int = 128,
-                        lr_schedule: str = "cosine-restarts", restart_period: int = 0, warmup: int = 0,
-                        ema_decay: float = 0.995, bf16: bool = True, weighting: str = "plain",
-                        x0_weight: float = 0.0, seed: int = 0, progress=None, record: dict | None = None):
-    """Train a copy of ``ckpt`` for ``steps`` more steps on its dataset with ``loss_fn`` (default: the
-    plain diffusion loss; KD steps pass :class:`leandiff.compress.kd.KDLoss`); resumable in out_dir.
-    ``restart_period`` 0: half the steps."""
-    ckpt = copy.copy(ckpt)  # train a copy: the input (the recipe's origin, a KD teacher) stays untouched
+def train_copy(ckpt, out_dir, train: Training, *, dataset: str, data_dir: str | None = None, seed: int = 0,
+               loss_fn=None, progress=None, record: dict | None = None, **loss) -> Checkpoint:
+    """Train a copy of ``ckpt`` with ``train``'s settings on its dataset with ``loss_fn`` (default: the plain
+    diffusion loss with ``loss``'s fields; KD steps pass :class:`leandiff.compress.kd.KDLoss`); resumable in
+    out_dir. The input (the recipe's origin, a KD teacher) stays untouched."""
+    ckpt = copy.copy(ckpt)
     ckpt.net = copy.deepcopy(ckpt.net)
-    cfg = training_config(dataset, data_dir, steps, batch_size, lr, ckpt.parameterization, seed, bf16=bf16,
-                          ema_decay=ema_decay, warmup=warmup, lr_schedule=lr_schedule,
-                          restart_period=restart_period or max(1, steps // 2), weighting=weighting, x0_weight=x0_weight)
+    cfg = train.config(dataset, data_dir, ckpt.parameterization, seed, **loss)
     return run(cfg, out_dir, ckpt, training_images(cfg, ckpt), loss_fn, progress, record)
 
 
-def check_training(step: str, steps: int, *, kd_frac: float | None = None, **settings) -> None:
-    """A training step's settings (``steps`` and any TrainConfig field: lr, batch_size, ema_decay,
-    lr_schedule, weighting, ...) checked by TrainConfig itself, and ``kd_frac``'s range: recipe steps
-    call this when the recipe is parsed, so a bad value fails before any step runs."""
-    if steps < 1:
-        raise UserError(f"{step} needs steps >= 1, got {steps}")
-    try:
-        TrainConfig(steps=steps, **settings)
-    except UserError as e:
-        raise UserError(f"{step}: {e}") from None
-    if kd_frac is not None and not 0.0 <= kd_frac <= 1.0:
+def check_steps(step: str, train: Training, minimum: int = 1) -> None:
+    """A training step's length: at least ``minimum`` (lowrank allows 0: no fine-tune)."""
+    if train.steps < minimum:
+        raise UserError(f"{step} needs steps >= {minimum}, got {train.steps}")
+
+
+def check_kd_frac(step: str, kd_frac: float) -> None:
+    if not 0.0 <= kd_frac <= 1.0:
         raise UserError(f"{step}: kd_frac must be in [0, 1], got {kd_frac}")
 
 

@@ -6,7 +6,7 @@ import torch
 
 from leandiff.checkpoint import load_checkpoint, save_checkpoint
 from leandiff.recipe import STEPS, apply_recipe, parse_recipe
-from leandiff.spec import REQUIRED
+from leandiff.spec import REQUIRED, RecipeError
 
 T = "steps=2,batch_size=8,bf16=false"
 CASES = {
@@ -47,3 +47,27 @@ def test_step_contract(name, tiny_ckpt, image_folder, tmp_path):
     with torch.no_grad():
         a, b = out.denoiser().predict(x, t), back.denoiser().predict(x, t)
     assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+TRAINING_STEPS = ("finetune", "kd", "lowrank", "lora", "pd", "oneshot", "cd")
+
+
+@pytest.mark.parametrize("name", TRAINING_STEPS)
+def test_every_training_step_takes_the_same_training_settings_with_one_precision_default(name):
+    """One nested Training per training step, flat in the recipe: every training step accepts each of its
+    settings (pd names its length steps_per_round), and bf16 defaults to false everywhere, as in train."""
+    from dataclasses import fields
+
+    from leandiff.compress.training import Training
+    from leandiff.recipe import config_of
+
+    params = STEPS[name].params
+    want = {("steps_per_round" if name == "pd" and f.name == "steps" else f.name) for f in fields(Training)}
+    assert want <= set(params), name
+    assert params["bf16"] is False
+    step = parse_recipe(f"{name}(lr=0.003,bf16=true)")[0]
+    cfg = config_of(step)
+    assert cfg.train.lr == 0.003 and cfg.train.bf16 is True  # nested, built from the step's own defaults
+    assert step.args["lr"] == 0.003 and "train" not in step.args  # and flat again in the lineage record
+    with pytest.raises(RecipeError, match=f"step {name} .*learning rate must be positive"):
+        parse_recipe(f"{name}(lr=-1)")
