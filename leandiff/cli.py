@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from .device import device_option, resolve_device
+from .evaluate.commands import sampler_options
 from .errors import UserError
 
 
@@ -123,20 +124,9 @@ def train(dataset, data_dir, model, init_ckpt, steps, batch_size, lr, warmup, lr
 
 @main.command()
 @click.argument("ckpt")
-@click.option("--solver", default=None, help="default: the checkpoint's recorded sampler (a zoo base: the best its card measured), else dpmpp-3m-sde")
-@click.option("--nfe", type=int, default=None, help="network evaluations per sample (default: the checkpoint's, else 10)")
-@click.option("--runtime", default=None,
-              help="eager, bf16, fp16, channels-last, compile, ort, ort-int8, dynamic-int8, fake-quant or cache[-nu][-bf16]:K; "
-                   "leandiff runtimes says where each runs "
-                   "(default: the checkpoint's, else eager)")
-@click.option("--spacing", default=None,
-              help="leading, trailing, linspace, quadratic or logsnr (default: the checkpoint's; else trailing for "
-                   "the default solver, and for another solver logsnr on linear-β, trailing on cosine schedules)")
-@click.option("--eta", type=float, default=None, help="DDIM η (0 deterministic, 1 DDPM-like); the noise level of dpmpp-*-sde (1: the SDE, 0: the ODE)")
+@sampler_options
 @click.option("-n", "n", type=int, default=64, show_default=True, help="number of samples")
 @click.option("--seed", type=int, default=0, show_default=True, help="sampling seed (the same seed gives the same images)")
-@click.option("--batch-size", type=int, default=256, show_default=True, help="images per solver call")
-@click.option("--no-clip", is_flag=True, help="do not clamp x̂₀ to [-1, 1] inside the solver")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="output directory (grid.png, samples.npz)")
 @device_option
 def sample(ckpt, solver, nfe, runtime, spacing, eta, n, seed, batch_size, no_clip, out, device):

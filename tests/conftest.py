@@ -46,6 +46,23 @@ def tiny_ckpt(tiny_arch):
                       meta={"dataset": "test"})
 
 
+def saved_mnist_unet(out: Path, sample_size: int = 28, timesteps: int | None = 100) -> str:
+    """An untrained two-block UNet marked as an MNIST model (the shipped classifier scores it), saved to
+    ``out``: for the tests that need a checkpoint path. ``timesteps`` None: the default schedule length."""
+    from leandiff.checkpoint import Checkpoint, save_checkpoint
+    from leandiff.models import UNET, build_network
+    from leandiff.schedule import Schedule
+
+    arch = {"type": UNET, "config": dict(sample_size=sample_size, in_channels=1, out_channels=1, layers_per_block=1,
+                                         block_out_channels=[8, 16], norm_num_groups=4,
+                                         down_block_types=["DownBlock2D", "DownBlock2D"],
+                                         up_block_types=["UpBlock2D", "UpBlock2D"])}
+    torch.manual_seed(0)
+    schedule = Schedule("linear") if timesteps is None else Schedule("linear", timesteps)
+    ck = Checkpoint(net=build_network(arch).eval(), arch=arch, schedule=schedule, meta={"dataset": "mnist"})
+    return str(save_checkpoint(ck, out))
+
+
 @pytest.fixture
 def tiny_model_json(tmp_path) -> Path:
     p = tmp_path / "tiny_unet.json"

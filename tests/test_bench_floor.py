@@ -10,24 +10,13 @@ from click.testing import CliRunner
 from leandiff.cli import main
 from leandiff.errors import UserError
 from leandiff.evaluate.metrics import distinct_draw
+from conftest import saved_mnist_unet
 
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     """An untrained tiny UNet saved to disk (bench takes checkpoint paths)."""
-    from leandiff.checkpoint import Checkpoint, save_checkpoint
-    from leandiff.models import UNET, build_network
-    from leandiff.schedule import Schedule
-
-    arch = {"type": UNET, "config": dict(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
-                                         block_out_channels=[8, 16], norm_num_groups=4,
-                                         down_block_types=["DownBlock2D", "DownBlock2D"],
-                                         up_block_types=["UpBlock2D", "UpBlock2D"])}
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("ckpt")
-    save_checkpoint(Checkpoint(net=build_network(arch).eval(), arch=arch, schedule=Schedule("linear"),
-                               meta={"dataset": "mnist"}), out)
-    return str(out)
+    return saved_mnist_unet(tmp_path_factory.mktemp("ckpt"), sample_size=8, timesteps=None)
 
 
 def _bench(ckpt, *extra):

@@ -11,22 +11,13 @@ from click.testing import CliRunner
 
 from leandiff.cli import main
 from leandiff.evaluate.report import pareto_front, reference_ratios
+from conftest import saved_mnist_unet
 
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     """An untrained 28×28 UNet small enough to sample in a blink, marked as an MNIST model."""
-    from leandiff.checkpoint import Checkpoint, save_checkpoint
-    from leandiff.models import UNET, build_network
-    from leandiff.schedule import Schedule
-
-    arch = {"type": UNET, "config": dict(sample_size=28, in_channels=1, out_channels=1, layers_per_block=1,
-                                         block_out_channels=[8, 16], norm_num_groups=4,
-                                         down_block_types=["DownBlock2D", "DownBlock2D"],
-                                         up_block_types=["UpBlock2D", "UpBlock2D"])}
-    torch.manual_seed(0)
-    ck = Checkpoint(net=build_network(arch), arch=arch, schedule=Schedule("linear", 100), meta={"dataset": "mnist"})
-    return str(save_checkpoint(ck, tmp_path_factory.mktemp("ck") / "tiny"))
+    return saved_mnist_unet(tmp_path_factory.mktemp("ck") / "tiny")
 
 
 class _Collector(HTMLParser):

@@ -17,6 +17,31 @@ def _positive(ctx, param, value):
     return value
 
 
+def sampler_options(f):
+    """The sampler options ``sample`` and ``eval`` share: --solver, --nfe, --runtime, --spacing, --eta,
+    --batch-size, --no-clip (defaults: the checkpoint's recorded ones, see Checkpoint.sampling_defaults)."""
+    opts = [
+        click.option("--solver", default=None, help="default: the checkpoint's recorded sampler (a zoo base: the best "
+                                                     "its card measured), else dpmpp-3m-sde"),
+        click.option("--nfe", type=int, default=None, callback=_positive,
+                     help="network evaluations per sample (default: the checkpoint's, else 10)"),
+        click.option("--runtime", default=None,
+                     help="eager, bf16, fp16, channels-last, compile, ort, ort-int8, dynamic-int8, fake-quant or "
+                          "cache[-nu][-bf16]:K; leandiff runtimes says where each runs (default: the checkpoint's, else eager)"),
+        click.option("--spacing", default=None,
+                     help="leading, trailing, linspace, quadratic or logsnr (default: the checkpoint's; else trailing for "
+                          "the default solver, and for another solver logsnr on linear-β, trailing on cosine schedules)"),
+        click.option("--eta", type=float, default=None,
+                     help="DDIM η (0 deterministic, 1 DDPM-like); the noise level of dpmpp-*-sde (1: the SDE, 0: the ODE)"),
+        click.option("--batch-size", type=int, default=256, show_default=True, callback=_positive,
+                     help="images per solver call"),
+        click.option("--no-clip", is_flag=True, help="do not clamp x̂₀ to [-1, 1] inside the solver"),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
 @click.group()
 def classifier():
     """The feature network behind FID-dom and KID.
@@ -53,21 +78,9 @@ def classifier_train(dataset, data_dir, epochs, seed, out, reference):
 
 @click.command("eval")
 @click.argument("ckpt")
-@click.option("--solver", default=None, help="default: the checkpoint's recorded sampler (a zoo base: the best its card measured), else dpmpp-3m-sde")
-@click.option("--nfe", type=int, default=None, callback=_positive,
-              help="network evaluations per sample (default: the checkpoint's, else 10)")
+@sampler_options
 @click.option("-n", "n", type=int, default=2048, show_default=True, callback=_positive, help="generated samples")
-@click.option("--runtime", default=None,
-              help="eager, bf16, fp16, channels-last, compile, ort, ort-int8, dynamic-int8, fake-quant or cache[-nu][-bf16]:K; "
-                   "leandiff runtimes says where each runs "
-                   "(default: the checkpoint's, else eager)")
-@click.option("--spacing", default=None,
-              help="leading, trailing, linspace, quadratic or logsnr (default: the checkpoint's; else trailing for "
-                   "the default solver, and for another solver logsnr on linear-β, trailing on cosine schedules)")
-@click.option("--eta", type=float, default=None, help="DDIM η (0 deterministic, 1 DDPM-like); the noise level of dpmpp-*-sde (1: the SDE, 0: the ODE)")
 @click.option("--seed", type=int, default=0, show_default=True, help="sampling seed; also seeds KID subsets, precision/recall subsampling and the MSE noise")
-@click.option("--batch-size", type=int, default=256, show_default=True, callback=_positive, help="images per solver call")
-@click.option("--no-clip", is_flag=True, help="do not clamp x̂₀ to [-1, 1] inside the solver")
 @click.option("--dataset", default=None, help="reference dataset (default: the checkpoint's)")
 @click.option("--data-dir", default=None, help="directory with the dataset's files (IDX, CIFAR batches)")
 @click.option("--classifier", "classifier_path", default=None, help="classifier directory (default: the shipped one)")
