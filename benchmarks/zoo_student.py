@@ -2,6 +2,7 @@
 
     python benchmarks/zoo_student.py runs/mnist-tiny-pd4 --name mnist-tiny-pd4 --base mnist-tiny \
         --compress-command "leandiff compress zoo:mnist-tiny --recipe '...' --out runs/mnist-tiny-pd4" [-n 2048]
+        [--pd-round K]   (CKPT a pd(...) output directory: ship its K-step round instead of the last)
 
 Copies the weights and metadata into leandiff/zoo/NAME/, evaluates the student with the sampler it
 records (solver, NFE, spacing; seed 0, eager fp32) and writes card.json, CARD.md and grid.png. The
@@ -15,7 +16,9 @@ import shutil
 from pathlib import Path
 
 from _common import command, machine
-from leandiff.checkpoint import META_NAME, WEIGHTS_NAME, ZOO_DIR, load_checkpoint
+from leandiff.checkpoint import META_NAME, WEIGHTS_NAME, ZOO_DIR, load_checkpoint, save_checkpoint
+from leandiff.compress.progressive import PDConfig, round_lineage
+from leandiff.spec import bind
 from leandiff.evaluate.harness import EvalConfig, evaluate_checkpoint
 from leandiff.io import write_json, write_text
 
@@ -28,13 +31,23 @@ def main():
     ap.add_argument("--compress-command", required=True, help="the exact command that made the checkpoint")
     ap.add_argument("-n", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=512)
+    ap.add_argument("--pd-round", type=int, default=0,
+                    help="CKPT is a pd(...) recipe's output: ship its round-K student (DDIM at K steps) instead of the last")
     args = ap.parse_args()
 
     src, dst = Path(args.ckpt), ZOO_DIR / args.name
+    if args.pd_round:
+        final = load_checkpoint(src)
+        src = src / ".steps" / "00-pd" / f"round-{args.pd_round:04d}"
     dst.mkdir(parents=True, exist_ok=True)
     for f in (WEIGHTS_NAME, META_NAME):
         shutil.copyfile(src / f, dst / f)
     ck = load_checkpoint(dst)
+    if args.pd_round and not (ck.lineage and ck.lineage[-1].get("step") == "pd"):
+        # a round written before rounds recorded themselves: the record the recipe with to=K writes
+        rec = next(st for st in reversed(final.lineage) if st.get("step") == "pd")
+        ck.lineage.append(round_lineage(bind(PDConfig, rec["args"], "pd"), args.pd_round, rec["parent"]))
+        save_checkpoint(ck, dst)
     solver, nfe, runtime = ck.sampling_defaults()
     cfg = EvalConfig(solver=solver, nfe=nfe, n=args.n, seed=0, spacing=ck.default_spacing(), runtime=runtime,
                      batch_size=args.batch_size)

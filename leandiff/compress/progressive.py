@@ -45,6 +45,7 @@ from ..io import atomic_path
 from ..models import image_shape
 from ..schedule import SPACINGS, log_snr, q_sample, timesteps as make_timesteps
 from ..solvers import get_solver
+from ..spec import Step, values
 from ..train import WEIGHTINGS, DiffusionLoss, training_images
 from .ddim import coef, ddim_to
 from .training import Training, check_steps, fit, need_dataset, rank_world
@@ -236,12 +237,24 @@ def progressive_distill(ckpt: Checkpoint, out_dir, cfg: PDConfig, *, dataset: st
         st.meta["sampler"] = {"solver": "ddim", "nfe": n, "spacing": cfg.spacing}
         st.meta["distill"] = copy.deepcopy(record)
         if rank_world()[0] == 0:  # one writer under torchrun
-            save_checkpoint(st, out_dir / f"round-{n:04d}")  # the round's student, self-describing
+            # the round's student, self-describing: its lineage names the recipe that makes exactly it
+            # (rounds are seeded by their NFE, so pd(..., to=n) repeats this chain and stops here)
+            saved = Checkpoint(net=st.net, arch=st.arch, schedule=st.schedule, parameterization=st.parameterization,
+                               meta=copy.deepcopy(st.meta))
+            saved.lineage.append(round_lineage(cfg, n, ckpt.hash()))
+            save_checkpoint(saved, out_dir / f"round-{n:04d}")
         teacher = student = st
         n //= 2
     student.meta["distill"]["train_seconds"] = round(record["convert"]["wall_seconds"]
                                                      + sum(r["wall_seconds"] for r in record["rounds"]), 1)
     return student
+
+
+def round_lineage(cfg: PDConfig, n: int, parent: str) -> dict:
+    """The lineage record of PD's round-``n`` student: the ``pd`` step with ``to=n`` (what the recipe
+    records for a run that stops there), the teacher's weights hash as its parent."""
+    args = values(replace(cfg, to=n))
+    return {"step": "pd", "args": args, "parent": parent, "recipe": str(Step("pd", args, 0))}
 
 
 def pd_step(ckpt, cfg: PDConfig, ctx):

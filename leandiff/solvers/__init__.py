@@ -53,7 +53,7 @@ SOLVERS: dict[str, Callable] = {
 
 # Solvers meant for one kind of model: the consistency sampler needs a consistency function (a ``cm``
 # student), so the contract tests against generic exact denoisers skip it and its own test runs it
-# on an exact consistency function (tests/test_consistency.py).
+# on an exact consistency function (tests/compress/test_consistency.py).
 MODEL_SPECIFIC = {"consistency": "cm"}
 GENERIC = tuple(n for n in SOLVERS if n not in MODEL_SPECIFIC)
 
