@@ -92,17 +92,20 @@ def lowrank_factorize(net: nn.Module, r: float = 2.0, *, rank: int = 0, only_if_
 
 # --- LoRA (Hu et al. 2021; L-Diff §4.4) -----------------------------------------------------------------------------
 
-def add_lora(net: nn.Module, r: float = 2.0, *, rank: int = 0, alpha: float = 0.0) -> dict[str, int]:
+def add_lora(net: nn.Module, r: float = 2.0, *, rank: int = 0, alpha: float = 0.0, seed: int = 0) -> dict[str, int]:
     """Wrap every Conv2d/Linear in a :class:`LoRA` adapter of rank max(1, ⌊full/r⌋) (or ``rank``);
-    freeze everything but the adapters. ``alpha`` > 0 sets scale = alpha/rank (Hu et al.), else 1."""
+    freeze everything but the adapters. ``alpha`` > 0 sets scale = alpha/rank (Hu et al.), else 1.
+    The adapters' initial weights are drawn from a generator seeded by ``seed`` (the same seed, the same
+    adapters: a LoRA step is as reproducible as the rest of a recipe)."""
     _check_rank("lora", r, rank)
+    g = torch.Generator(device=next(net.parameters()).device).manual_seed(seed)
     ranks = {}
     for name, m in list(net.named_modules()):
         if not name or not _factorable(m):
             continue
         full = _full_rank(m)
         k = min(full, rank) if rank else max(1, int(full // r))
-        set_module(net, name, LoRA(m, k, alpha / k if alpha > 0 else 1.0))
+        set_module(net, name, LoRA(m, k, alpha / k if alpha > 0 else 1.0, generator=g))
         ranks[name] = k
     for n, p in net.named_parameters():
         p.requires_grad_(".down." in f".{n}" or ".up." in f".{n}")
@@ -183,7 +186,7 @@ def lora_step(ckpt, cfg: LoRAConfig, ctx):
     """LoRA adapters (rank full/r) fine-tuned with the base frozen; merge=true folds them back in."""
     need_dataset(ctx, "lora")
     net = copy.deepcopy(ckpt.net)
-    ranks = add_lora(net, cfg.r, rank=cfg.rank, alpha=cfg.alpha)
+    ranks = add_lora(net, cfg.r, rank=cfg.rank, alpha=cfg.alpha, seed=ctx.seed)
     arch = copy.deepcopy(ckpt.arch)
     scales = {n: m.scale for n, m in net.named_modules() if isinstance(m, LoRA)}
     arch.setdefault("surgery", []).append({"kind": "lora", "r": cfg.r, "layers": ranks, "scales": scales})

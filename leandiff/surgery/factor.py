@@ -26,9 +26,10 @@ def factor_pair(m: nn.Module, rank: int) -> nn.Sequential:
 class LoRA(nn.Module):
     """``base(x) + scale · up(down(x))`` with ``up`` initialised to zero (Hu et al. 2021, §4.1),
     so a fresh adapter leaves the network unchanged. ``down`` has ``base``'s kernel/stride/padding;
-    ``up`` is 1×1 (or a Linear)."""
+    ``up`` is 1×1 (or a Linear). ``generator`` draws ``down``'s initial weights (a step passes one seeded
+    by its seed; a replay from a checkpoint loads the weights over them)."""
 
-    def __init__(self, base: nn.Module, rank: int, scale: float = 1.0):
+    def __init__(self, base: nn.Module, rank: int, scale: float = 1.0, generator: torch.Generator | None = None):
         super().__init__()
         self.base = base
         self.scale = float(scale)
@@ -36,7 +37,7 @@ class LoRA(nn.Module):
         self.down, self.up = pair[0], pair[1]
         if self.up.bias is not None:  # the base keeps its bias; the adapter has none
             self.up.bias = None
-        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5), generator=generator)
         nn.init.zeros_(self.up.weight)
 
     def forward(self, x):

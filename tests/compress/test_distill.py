@@ -232,3 +232,17 @@ def test_kd_steps_train_the_student_and_leave_the_teacher_untouched(tiny_ckpt, i
 def test_kd_defaults_to_the_checkpoint_as_it_is():
     (st,) = parse_recipe("kd(steps=5)")
     assert st.args["s"] == 1
+
+
+def test_lora_adapters_are_drawn_from_the_seed(tiny_ckpt):
+    """The adapters' initial weights come from the step's seed, not the process's global RNG: the same
+    recipe and seed give the same LoRA student (it once differed from run to run)."""
+    def downs(seed, global_seed):
+        net = copy.deepcopy(tiny_ckpt.net)
+        torch.manual_seed(global_seed)  # must not matter
+        lowrank.add_lora(net, 2.0, seed=seed)
+        return [m.down.weight.clone() for m in net.modules() if isinstance(m, lowrank.LoRA)]
+
+    a, b, c = downs(0, 1), downs(0, 2), downs(1, 1)
+    assert a and all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
