@@ -18,6 +18,7 @@ from pathlib import Path
 from _common import command, machine
 from leandiff.checkpoint import META_NAME, WEIGHTS_NAME, ZOO_DIR, load_checkpoint, save_checkpoint
 from leandiff.compress.progressive import PDConfig, round_lineage
+from leandiff.recipe import parse_recipe
 from leandiff.spec import bind
 from leandiff.evaluate.harness import EvalConfig, evaluate_checkpoint
 from leandiff.io import write_json, write_text
@@ -33,20 +34,27 @@ def main():
     ap.add_argument("--batch-size", type=int, default=512)
     ap.add_argument("--pd-round", type=int, default=0,
                     help="CKPT is a pd(...) recipe's output: ship its round-K student (DDIM at K steps) instead of the last")
+    ap.add_argument("--pd-recipe", default="", help="with --pd-round, for a run stopped before its end: its pd(...) recipe")
     args = ap.parse_args()
 
     src, dst = Path(args.ckpt), ZOO_DIR / args.name
     if args.pd_round:
-        final = load_checkpoint(src)
+        run_dir = src
         src = src / ".steps" / "00-pd" / f"round-{args.pd_round:04d}"
     dst.mkdir(parents=True, exist_ok=True)
     for f in (WEIGHTS_NAME, META_NAME):
         shutil.copyfile(src / f, dst / f)
     ck = load_checkpoint(dst)
     if args.pd_round and not (ck.lineage and ck.lineage[-1].get("step") == "pd"):
-        # a round written before rounds recorded themselves: the record the recipe with to=K writes
-        rec = next(st for st in reversed(final.lineage) if st.get("step") == "pd")
-        ck.lineage.append(round_lineage(bind(PDConfig, rec["args"], "pd"), args.pd_round, rec["parent"]))
+        # a round written before rounds recorded themselves: the record the recipe with to=K writes, from the
+        # run's final checkpoint, or (a run stopped after round K) from its recipe and the base it started from
+        if (run_dir / META_NAME).is_file():
+            rec = next(st for st in reversed(load_checkpoint(run_dir).lineage) if st.get("step") == "pd")
+            cfg, parent = bind(PDConfig, rec["args"], "pd"), rec["parent"]
+        else:
+            (step,) = parse_recipe(args.pd_recipe)
+            cfg, parent = bind(PDConfig, step.args, "pd"), load_checkpoint(f"zoo:{args.base}").hash()
+        ck.lineage.append(round_lineage(cfg, args.pd_round, parent))
         save_checkpoint(ck, dst)
     solver, nfe, runtime = ck.sampling_defaults()
     cfg = EvalConfig(solver=solver, nfe=nfe, n=args.n, seed=0, spacing=ck.default_spacing(), runtime=runtime,
@@ -56,7 +64,7 @@ def main():
     row["grid"] = "grid.png"
     q = {m: row["quality"][m] for m in ("fid_dom", "kid", "kid_std", "precision", "recall", "is")}
     base_card = json.loads((ZOO_DIR / args.base / "card.json").read_text())
-    ref = base_card["quality"]["ddpm-1000"]["fid_dom"] if base_card.get("n") == args.n else None
+    ref = (base_card["quality"].get("ddpm-1000") or {}).get("fid_dom") if base_card.get("n") == args.n else None
     key = f"{solver}-{nfe} ({cfg.spacing})"
     card = {"name": args.name, "base": f"zoo:{args.base}", "compress_command": args.compress_command,
             "lineage": ck.lineage, "weights": ck.hash(), "sampler": key, "n": args.n, "quality": {key: q},

@@ -1,0 +1,166 @@
+"""Few-step students against their teacher (the shape of the PD report's Table 1): progressive-distillation
+and consistency-distillation students of one base at 1, 2, 4 and 8 NFE, beside the teacher's DDIM and its
+best solver at the same NFE, with the teacher's 1000-step DDPM row from its model card and each student's
+training cost in core-seconds.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fewstep.py --teacher zoo:mnist-tiny-v2 \\
+        --pd runs/pd-v2 --cd runs/cd-v2 --out runs/bench/fewstep
+
+``--pd DIR``: the output directory of ``leandiff compress ... --recipe "pd(...)"`` (its rounds are read from
+DIR/.steps/00-pd/round-<K>, each the student at K DDIM steps, sampled with the sampler it records).
+``--cd DIR``: a ``cd(...)`` student, sampled by the ``consistency`` solver at each NFE (multistep consistency
+sampling, Song et al. 2023, Alg. 1). Every row is one harness row (N, seed 0), appended to OUT/rows.jsonl
+as soon as it is done; a rerun skips done rows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import resumable_rows, write_results  # noqa: E402
+from leandiff.checkpoint import load_checkpoint, resolve  # noqa: E402
+from leandiff.errors import UserError  # noqa: E402
+from leandiff.evaluate import EvalConfig, append_row, evaluate_checkpoint, load_classifier  # noqa: E402
+
+NFES = (8, 4, 2, 1)
+# the teacher's solvers at each NFE; "best" is the lowest FID-dom among them (DDIM is also its own column)
+# (the teacher's card: on this cosine-schedule base trailing beats logsnr spacing at 20 NFE for DPM-Solver++ 2M)
+TEACHER = [("ddim", "trailing"), ("dpmpp-2m", "trailing"), ("dpmpp-3m-sde", "trailing")]
+
+
+def card_row(teacher: str, name: str) -> dict | None:
+    card = resolve(teacher) / "card.json"
+    if not card.is_file():
+        return None
+    d = json.loads(card.read_text())
+    q = d.get("quality", {}).get(name)
+    return {"fid_dom": q["fid_dom"], "n": d["n"]} if q else None
+
+
+def pd_rounds(pd_dir: Path) -> dict[int, Path]:
+    root = pd_dir / ".steps" / "00-pd"
+    return {int(p.name.split("-")[1]): p for p in sorted(root.glob("round-*")) if (p / "leandiff.json").is_file()}
+
+
+def cpu_seconds(ck) -> float | None:
+    return (ck.meta.get("train") or {}).get("cpu_seconds")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--teacher", default="zoo:mnist-tiny-v2")
+    ap.add_argument("--pd", type=Path, default=None, help="a pd(...) recipe's output directory")
+    ap.add_argument("--cd", type=Path, default=None, help="a cd(...) student")
+    ap.add_argument("--pd-recipe", default="", help="the pd(...) recipe of --pd, said in the results when the run was "
+                                                     "stopped before its last round (no final checkpoint to read it from)")
+    ap.add_argument("--out", type=Path, default=Path("runs/bench/fewstep"))
+    ap.add_argument("-n", type=int, default=2048)
+    ap.add_argument("--batch-size", type=int, default=512)
+    ap.add_argument("--results-name", default="fewstep")
+    a = ap.parse_args(argv)
+    rows_path, done = resumable_rows(a.out)
+    teacher = load_checkpoint(a.teacher)
+    clf = load_classifier(teacher.meta.get("dataset") or "mnist")
+
+    def run(name: str, ck, solver: str, nfe: int, spacing: str, extra: dict | None = None) -> dict:
+        if name in done:
+            return done[name]
+        cfg = EvalConfig(solver=solver, nfe=nfe, n=a.n, seed=0, batch_size=a.batch_size, spacing=spacing,
+                         latency=None, inception=False)
+        t0 = time.perf_counter()
+        row = evaluate_checkpoint(ck, cfg, classifier=clf, log=lambda s: None)
+        row.update({"bench_name": name, "wall_seconds": time.perf_counter() - t0, **(extra or {})})
+        append_row(rows_path, row)
+        done[name] = row
+        print(f"{name:36s} FID-dom {row['quality']['fid_dom']:8.3f}  ({row['wall_seconds']:.0f} s)", flush=True)
+        return row
+
+    for k in NFES:
+        for solver, spacing in TEACHER:
+            if k == 1 and solver != "ddim":
+                continue  # one step: every solver here is DDIM's step (an SDE's last step adds no noise)
+            run(f"teacher {solver}-{k} {spacing}", teacher, solver, k, spacing)
+    students = {}
+    if a.pd:
+        rounds = pd_rounds(a.pd)
+        if not rounds:
+            raise UserError(f"{a.pd}: no finished PD round under .steps/00-pd/")
+        cum = 0.0
+        for k in sorted(rounds, reverse=True):  # the chain: each round starts from the one before
+            ck = load_checkpoint(rounds[k])
+            cum += cpu_seconds(ck) or 0.0
+            s = ck.meta["sampler"]
+            if k in NFES:
+                students[("pd", k)] = run(f"pd-{k}", ck, s["solver"], s["nfe"], s["spacing"],
+                                          {"train_core_seconds_cumulative": cum})
+    if a.cd:
+        ck = load_checkpoint(a.cd)
+        cost = (ck.meta.get("distill") or {}).get("train_cpu_seconds") or cpu_seconds(ck)
+        for k in NFES:
+            students[("cd", k)] = run(f"cd-{k}", ck, "consistency", k, "trailing", {"train_core_seconds": cost})
+
+    ddpm = card_row(a.teacher, "ddpm-1000")
+    fid = lambda name: done[name]["quality"]["fid_dom"] if name in done else None  # noqa: E731
+    f = lambda v, fmt="{:.3f}": "—" if v is None else fmt.format(v)  # noqa: E731
+    lines = [f"# Few-step students of `{a.teacher}` (the shape of the PD report's Table 1)", "",
+             f"FID-dom at N={a.n}, seed 0, one harness (same classifier and reference split). The teacher's "
+             f"DDPM-1000: " + (f"**{ddpm['fid_dom']:.3f}** (N={ddpm['n']}, its model card)" if ddpm else "not on its card") + ".",
+             "Teacher solvers at each NFE: " + ", ".join(f"{s} {sp}" for s, sp in TEACHER) + " (1 NFE: DDIM only); "
+             "'best' is the lowest of them. Students sample with their own recorded sampler (PD: DDIM trailing at "
+             "its K; CD: multistep consistency sampling at K). Training cost: CPU core-seconds of the training loop "
+             "(PD cumulative over the rounds down to K; the teacher's own training not included).", "",
+             "| NFE | teacher DDIM | teacher best (solver) | PD student | PD ÷ DDPM-1000 | PD core-s (cum.) | "
+             "CD student | CD ÷ DDPM-1000 | CD core-s |", "|---|---|---|---|---|---|---|---|---|"]
+    rec = {"teacher": a.teacher, "n": a.n, "ddpm1000_card": ddpm, "nfe": {}}
+    ref = ddpm["fid_dom"] if ddpm else None
+    for k in NFES:
+        cands = [(fid(f"teacher {s}-{k} {sp}"), f"{s} {sp}") for s, sp in TEACHER]
+        cands = [c for c in cands if c[0] is not None]
+        best = min(cands) if cands else (None, "—")
+        pd_row, cd_row = students.get(("pd", k)), students.get(("cd", k))
+        pd_f = pd_row["quality"]["fid_dom"] if pd_row else None
+        cd_f = cd_row["quality"]["fid_dom"] if cd_row else None
+        pd_c = pd_row.get("train_core_seconds_cumulative") if pd_row else None
+        cd_c = cd_row.get("train_core_seconds") if cd_row else None
+        rec["nfe"][k] = {"teacher_ddim": fid(f"teacher ddim-{k} trailing"), "teacher_best": best[0],
+                         "teacher_best_solver": best[1], "pd": pd_f, "cd": cd_f, "pd_core_seconds_cumulative": pd_c,
+                         "cd_core_seconds": cd_c,
+                         "pd_over_ddpm1000": pd_f / ref if pd_f and ref else None,
+                         "cd_over_ddpm1000": cd_f / ref if cd_f and ref else None}
+        r = rec["nfe"][k]
+        lines.append(f"| {k} | {f(r['teacher_ddim'])} | {f(best[0])} ({best[1]}) | {f(pd_f)} | "
+                     f"{f(r['pd_over_ddpm1000'], '{:.2f}×')} | {f(pd_c, '{:.0f}')} | {f(cd_f)} | "
+                     f"{f(r['cd_over_ddpm1000'], '{:.2f}×')} | {f(cd_c, '{:.0f}')} |")
+    if ref:
+        lines += ["", f"Targets (≤ 1.15× DDPM-1000 at 4 NFE = {1.15 * ref:.3f}; ≤ 2× at 1 NFE = {2 * ref:.3f}):"]
+        for method in ("pd", "cd"):
+            got = {k: rec["nfe"][k][method] for k in (4, 1)}
+            if any(v is not None for v in got.values()):
+                lines.append(f"- {method.upper()}: 4 NFE {f(got[4])} "
+                             f"({'met' if got[4] is not None and got[4] <= 1.15 * ref else 'not met'}), "
+                             f"1 NFE {f(got[1])} ({'met' if got[1] is not None and got[1] <= 2 * ref else 'not met'}).")
+    lines.append("")
+    for label, path in (("PD", a.pd), ("CD", a.cd)):
+        if path and (path / "leandiff.json").is_file():
+            ck = load_checkpoint(path)
+            recipe = next((st.get("recipe") for st in reversed(ck.lineage) if st.get("recipe")), None)
+            lines.append(f"- {label} student made by `leandiff compress {a.teacher} --recipe \"{recipe}\" --out {path.name}`")
+        elif path and label == "PD" and a.pd_recipe:
+            done_k = min(pd_rounds(a.pd))
+            lines.append(f"- PD students: the rounds down to {done_k} steps of `leandiff compress {a.teacher} --recipe "
+                         f"\"{a.pd_recipe}\" --out {path.name}`, stopped after that round")
+    md = "\n".join(lines) + "\n"
+    print(md)
+    write_results(a.results_name, rec, md)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"bench_fewstep: {e}")
