@@ -1,8 +1,14 @@
-"""Write tests/data/cpu_golden.json: sha256 of CPU samples and of a few training steps' weights on a tiny
-model, with the code on PYTHONPATH. Run it with main's code from before devices existed (the golden is
-the CPU behaviour leandiff must keep), e.g.
+"""Write tests/data/cpu_golden.json (sha256 of CPU samples and of a few training steps' weights on a tiny
+model) and, beside it, cpu_golden.safetensors (the same tensors), with the code on PYTHONPATH. Run it with
+main's code from before devices existed (commit 87f1424; the golden is the CPU behaviour leandiff must
+keep), from a directory that is not a checkout, e.g.
 
-    PYTHONPATH=/path/to/main OMP_NUM_THREADS=1 python tests/data/make_cpu_golden.py tests/data/cpu_golden.json
+    git worktree add ../predev 87f1424
+    cd /tmp && PYTHONPATH=../predev OMP_NUM_THREADS=1 python .../tests/data/make_cpu_golden.py .../tests/data/cpu_golden.json
+
+The hashes are equal only on the same kind of CPU (float kernels differ between CPU models: a golden
+written on an Intel Xeon does not hash equal on an AMD EPYC), so the test compares the tensors within
+float tolerance and the hashes only where the golden's CPU is this one.
 
 tests/test_device.py recomputes the same figures with the code under test. Uses only API that both the
 old and the new code have."""
@@ -42,7 +48,7 @@ def samples() -> dict:
 
     ck = tiny_checkpoint()
     d = Denoiser(ck.net, ck.schedule, ck.parameterization)
-    return {name: sha(sample_all(d, (1, 16, 16), SampleConfig(solver=name, nfe=nfe, n=3, batch_size=2, seed=5)))
+    return {name: sample_all(d, (1, 16, 16), SampleConfig(solver=name, nfe=nfe, n=3, batch_size=2, seed=5))
             for name, nfe in SOLVERS.items()}
 
 
@@ -55,18 +61,38 @@ def training() -> str:
     with tempfile.TemporaryDirectory() as out:
         done = train(cfg, out, init=ck, images=images, progress=False)
     state = done.net.state_dict()
-    return sha(torch.cat([state[k].flatten().float() for k in sorted(state)]))
+    return torch.cat([state[k].flatten().float() for k in sorted(state)])
 
 
-def golden() -> dict:
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        return ""
+
+
+def tensors() -> dict[str, torch.Tensor]:
+    """The golden's tensors: one sample batch per solver ("samples.NAME") and the trained weights ("train")."""
     torch.set_num_threads(1)
-    return {"torch": torch.__version__, "samples": samples(), "train": training()}
+    return {**{f"samples.{k}": v for k, v in samples().items()}, "train": training()}
+
+
+def golden(t: dict[str, torch.Tensor] | None = None) -> dict:
+    t = tensors() if t is None else t
+    return {"torch": torch.__version__, "cpu": cpu_name(),
+            "samples": {k[len("samples."):]: sha(v) for k, v in t.items() if k.startswith("samples.")},
+            "train": sha(t["train"])}
 
 
 if __name__ == "__main__":
-    rec = golden()
-    rec["made_with"] = "leandiff main before device support (tests/data/make_cpu_golden.py)"
+    from safetensors.torch import save_file
+
+    t = tensors()
+    rec = golden(t)
+    rec["made_with"] = "leandiff main before device support, commit 87f1424 (tests/data/make_cpu_golden.py)"
     with open(sys.argv[1], "w") as f:
         json.dump(rec, f, indent=1, sort_keys=True)
         f.write("\n")
+    save_file({k: v.contiguous() for k, v in t.items()}, sys.argv[1].replace(".json", ".safetensors"))
     print(json.dumps(rec, indent=1))
