@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from _common import command, machine
+from zoo_card import refresh_floor
 from leandiff.checkpoint import META_NAME, WEIGHTS_NAME, ZOO_DIR, load_checkpoint, save_checkpoint
 from leandiff.compress.progressive import PDConfig, round_lineage
 from leandiff.recipe import parse_recipe
@@ -85,6 +86,7 @@ def main():
                       f"(this student: {q['fid_dom'] / ref:.2f}×, at {nfe / 1000:.3f} of its network evaluations)."]
     lines += ["", f"![{solver}-{nfe} samples](grid.png)", "", f"Card written by `{command()}`."]
     write_text(dst / "CARD.md", "\n".join(lines) + "\n")
+    refresh_floor(args.name)  # every shipped card states its distinct real-vs-real floor
     print("\n".join(lines))
 
 
