@@ -256,7 +256,7 @@ def zoo():
 
 @main.command()
 @click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False), help="output directory (results.jsonl, grids/, ckpts/, report/)")
-@click.option("--model", default="zoo:mnist-tiny", show_default=True, help="checkpoint to run the demo on")
+@click.option("--model", default=None, help="checkpoint to run the demo on  [default: the shipped model its study file names]")
 @click.option("-n", "n", type=int, default=None, help="samples per row  [default: 1000; 32 with --fast]")
 @click.option("--fast", is_flag=True, help="six tiny rows (N=32): a smoke test of the whole flow")
 @device_option
@@ -268,7 +268,8 @@ def demo(out, model, n, fast, device):
 
     if n is not None and n <= 0:
         raise UserError(f"number of samples must be positive, got {n}")
-    index = run_demo(DemoConfig(model=model, n=n, fast=fast, device=str(resolve_device(device))), out, log=click.echo)
+    cfg = DemoConfig(**({"model": model} if model else {}), n=n, fast=fast, device=str(resolve_device(device)))
+    index = run_demo(cfg, out, log=click.echo)
     click.echo(f"open {index}")
 
 

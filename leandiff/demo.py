@@ -5,7 +5,7 @@ by the study runner: it samples with a handful of solvers and NFEs, applies the 
 need no training (bf16, real int8 through ONNX Runtime, feature caching, unstructured pruning), adds the
 shipped distilled student (alone and stacked with int8), evaluates every row with the same protocol (same
 N, seed, classifier, reference split), reads the 1000-step DDPM reference row from the model card
-(labelled as such, not re-run: it takes most of an hour here), times every row's network in one pass and
+(labelled as such, not re-run: it takes hours here), times every row's network in one pass and
 writes the HTML report. ``leandiff study leandiff/studies/demo.toml --out DIR`` runs the same thing.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from .io import ensure_writable_dir
 from .study import load_study, run_study, study_from_dict
 
 STUDIES = Path(__file__).resolve().parent / "studies"
-SHIPPED_MODEL = "zoo:mnist-tiny"  # the model the shipped study files name
+SHIPPED_MODEL = "zoo:mnist-tiny-v2"  # the model the shipped study files name
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class DemoConfig:
 
 
 def demo_study(cfg: DemoConfig):
-    """The demo's study: the shipped file, on ``cfg.model`` instead of zoo:mnist-tiny when another is given,
+    """The demo's study: the shipped file, on ``cfg.model`` instead of zoo:mnist-tiny-v2 when another is given,
     with ``cfg.n`` samples per row (batches and the MSE's images at most that many)."""
     if cfg.model == SHIPPED_MODEL:
         study = load_study(cfg.study_file)
@@ -51,7 +51,7 @@ def demo_study(cfg: DemoConfig):
 
 
 def _on(model: str, text: str) -> str:
-    """``text`` with the shipped model's name replaced by ``model`` where it names that model (not zoo:mnist-tiny-pd4)."""
+    """``text`` with the shipped model's name replaced by ``model`` where it names that model (not zoo:mnist-tiny-v2-pd4)."""
     return model + text[len(SHIPPED_MODEL):] if text == SHIPPED_MODEL or text.startswith(SHIPPED_MODEL + " ") else text
 
 

@@ -23,9 +23,9 @@ def test_demo_fast_mode_writes_report_with_all_rows(tmp_path):
         ("ddim", 4, "eager"), ("dpmpp-2m", 4, "eager"), ("ddim", 4, "bf16"), ("ddim", 4, "ort-int8"),
         ("ddim", 4, "cache:2"), ("ddim", 4, "eager")]
     # the shipped distilled student samples with the spacing it was trained for
-    assert rows[-1]["checkpoint"] == "zoo:mnist-tiny-pd4" and rows[-1]["protocol"]["spacing"] == "trailing"
+    assert rows[-1]["checkpoint"] == "zoo:mnist-tiny-v2-pd4" and rows[-1]["protocol"]["spacing"] == "trailing"
     assert rows[-1]["quality"]["fid_dom"] < rows[0]["quality"]["fid_dom"]  # 4 steps: the student beats DDIM
-    assert [x["checkpoint"] for x in rows].count("zoo:mnist-tiny > int8") == 1
+    assert [x["checkpoint"] for x in rows].count("zoo:mnist-tiny-v2 > int8") == 1
     # latency: one pass over every row's network after the sampling, with the load during it
     assert all(set(x["cost"]["latency_ms"]) == {"1", "16"} and "one pass" in x["protocol"]["latency"]["pass"]
                and x["cost"]["load"]["latency"]["cores"] >= 1 for x in rows)
@@ -46,7 +46,7 @@ def test_demo_fast_mode_writes_report_with_all_rows(tmp_path):
     assert p.refs and all(ref.startswith("#") or (report / ref).is_file() for ref in p.refs), p.refs
     md = (report / "report.md").read_text()
     assert "model card" in md  # the 1000-step reference row, read from the card and labelled
-    assert md.count("| zoo:mnist-tiny |") == 4 and md.count("| zoo:mnist-tiny > int8 |") == 1
+    assert md.count("| zoo:mnist-tiny-v2 |") == 4 and md.count("| zoo:mnist-tiny-v2 > int8 |") == 1
     # a rerun resumes: nothing is evaluated twice
     run_cli("demo", "--fast", "--out", out, check=True)
     assert len((out / "results.jsonl").read_text().splitlines()) == 6

@@ -186,5 +186,5 @@ def test_the_shipped_demo_studies_load_and_name_their_models_rows():
     other = demo_study(DemoConfig(model="runs/mine", n=64))
     labels = {m.name: m.label for m in other.models}
     assert labels["base"] == "runs/mine" and labels["int8"] == "runs/mine > int8"
-    assert labels["pd4"] == "zoo:mnist-tiny-pd4"  # another model's name is not rewritten
+    assert labels["pd4"] == "zoo:mnist-tiny-v2-pd4"  # another model's name is not rewritten
     assert (other.n, other.batch_size, other.mse_n) == (64, 64, 64)
