@@ -7,7 +7,12 @@ training cost in core-seconds.
         --pd runs/pd-v2 --cd runs/cd-v2 --out runs/bench/fewstep
 
 ``--pd DIR``: the output directory of ``leandiff compress ... --recipe "pd(...)"`` (its rounds are read from
-DIR/.steps/00-pd/round-<K>, each the student at K DDIM steps, sampled with the sampler it records).
+DIR/.steps/00-pd/round-<K>, each the student at K DDIM steps, sampled with the sampler it records), or one
+PD student checkpoint (e.g. ``zoo:mnist-tiny-v2-pd4``); repeat it for a chain continued from a student
+(``pd(from=4,to=1)`` on the 4-step one). A student's training cost is the sum of the rounds' core-seconds
+from 2×K down to K that the students' checkpoints record (each PD student records every round before it).
+``--earlier FILE``: a previous results JSON of this benchmark; a student cell this run has no checkpoint
+for is taken from it, marked † and footnoted with that run's command.
 ``--cd DIR``: a ``cd(...)`` student, sampled by the ``consistency`` solver at each NFE (multistep consistency
 sampling, Song et al. 2023, Alg. 1). Every row is one harness row (N, seed 0), appended to OUT/rows.jsonl
 as soon as it is done; a rerun skips done rows.
@@ -54,7 +59,10 @@ def cpu_seconds(ck) -> float | None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--teacher", default="zoo:mnist-tiny-v2")
-    ap.add_argument("--pd", type=Path, default=None, help="a pd(...) recipe's output directory")
+    ap.add_argument("--pd", action="append", default=[], help="a pd(...) recipe's output directory or a PD student "
+                    "checkpoint; repeatable (a chain continued from a student)")
+    ap.add_argument("--earlier", type=Path, default=None, help="a previous results JSON of this benchmark: the "
+                    "student cells this run cannot measure, marked †")
     ap.add_argument("--cd", type=Path, default=None, help="a cd(...) student")
     ap.add_argument("--pd-recipe", default="", help="the pd(...) recipe of --pd, said in the results when the run was "
                                                      "stopped before its last round (no final checkpoint to read it from)")
@@ -86,18 +94,27 @@ def main(argv=None):
                 continue  # one step: every solver here is DDIM's step (an SDE's last step adds no noise)
             run(f"teacher {solver}-{k} {spacing}", teacher, solver, k, spacing)
     students = {}
-    if a.pd:
-        rounds = pd_rounds(a.pd)
-        if not rounds:
-            raise UserError(f"{a.pd}: no finished PD round under .steps/00-pd/")
-        cum = 0.0
-        for k in sorted(rounds, reverse=True):  # the chain: each round starts from the one before
-            ck = load_checkpoint(rounds[k])
-            cum += cpu_seconds(ck) or 0.0
-            s = ck.meta["sampler"]
-            if k in NFES:
-                students[("pd", k)] = run(f"pd-{k}", ck, s["solver"], s["nfe"], s["spacing"],
-                                          {"train_core_seconds_cumulative": cum})
+    pd_cks, round_cost = {}, {}
+    for src in a.pd:
+        if Path(src).is_dir() and (Path(src) / ".steps").is_dir():
+            rounds = pd_rounds(Path(src))
+            if not rounds:
+                raise UserError(f"{src}: no finished PD round under .steps/00-pd/")
+            pd_cks.update({k: load_checkpoint(p) for k, p in rounds.items()})
+        else:
+            ck = load_checkpoint(src)
+            if "distill" not in ck.meta or "sampler" not in ck.meta:
+                raise UserError(f"{src}: not a PD student (no distill record in its metadata)")
+            pd_cks[ck.meta["sampler"]["nfe"]] = ck
+    for k, ck in pd_cks.items():  # every round a student's record names, and the student's own training
+        round_cost.update({r["nfe"]: r.get("cpu_seconds") or 0.0 for r in ck.meta["distill"]["rounds"]})
+        round_cost.setdefault(k, cpu_seconds(ck) or 0.0)
+    for k in sorted(pd_cks, reverse=True):  # the chain: each round starts from the one before
+        ck, s = pd_cks[k], pd_cks[k].meta["sampler"]
+        if k in NFES:
+            cum = sum(c for n, c in round_cost.items() if n >= k)
+            students[("pd", k)] = run(f"pd-{k}", ck, s["solver"], s["nfe"], s["spacing"],
+                                      {"train_core_seconds_cumulative": cum})
     if a.cd:
         ck = load_checkpoint(a.cd)
         cost = (ck.meta.get("distill") or {}).get("train_cpu_seconds") or cpu_seconds(ck)
@@ -117,6 +134,9 @@ def main(argv=None):
              "| NFE | teacher DDIM | teacher best (solver) | PD student | PD ÷ DDPM-1000 | PD core-s (cum.) | "
              "CD student | CD ÷ DDPM-1000 | CD core-s |", "|---|---|---|---|---|---|---|---|---|"]
     rec = {"teacher": a.teacher, "n": a.n, "ddpm1000_card": ddpm, "nfe": {}}
+    earlier = json.loads(a.earlier.read_text()) if a.earlier else None
+    if earlier and (earlier.get("teacher"), earlier.get("n")) != (a.teacher, a.n):
+        raise UserError(f"{a.earlier}: an earlier run of another teacher or N, not comparable")
     ref = ddpm["fid_dom"] if ddpm else None
     for k in NFES:
         cands = [(fid(f"teacher {s}-{k} {sp}"), f"{s} {sp}") for s, sp in TEACHER]
@@ -127,14 +147,21 @@ def main(argv=None):
         cd_f = cd_row["quality"]["fid_dom"] if cd_row else None
         pd_c = pd_row.get("train_core_seconds_cumulative") if pd_row else None
         cd_c = cd_row.get("train_core_seconds") if cd_row else None
+        old = (earlier or {}).get("nfe", {}).get(str(k), {})
+        mark = {"pd": "", "cd": ""}
+        if pd_f is None and old.get("pd") is not None:
+            pd_f, pd_c, mark["pd"] = old["pd"], old.get("pd_core_seconds_cumulative"), " †"
+        if cd_f is None and old.get("cd") is not None:
+            cd_f, cd_c, mark["cd"] = old["cd"], old.get("cd_core_seconds"), " †"
         rec["nfe"][k] = {"teacher_ddim": fid(f"teacher ddim-{k} trailing"), "teacher_best": best[0],
                          "teacher_best_solver": best[1], "pd": pd_f, "cd": cd_f, "pd_core_seconds_cumulative": pd_c,
                          "cd_core_seconds": cd_c,
                          "pd_over_ddpm1000": pd_f / ref if pd_f and ref else None,
-                         "cd_over_ddpm1000": cd_f / ref if cd_f and ref else None}
+                         "cd_over_ddpm1000": cd_f / ref if cd_f and ref else None,
+                         "from_earlier_run": [m for m, v in mark.items() if v]}
         r = rec["nfe"][k]
-        lines.append(f"| {k} | {f(r['teacher_ddim'])} | {f(best[0])} ({best[1]}) | {f(pd_f)} | "
-                     f"{f(r['pd_over_ddpm1000'], '{:.2f}×')} | {f(pd_c, '{:.0f}')} | {f(cd_f)} | "
+        lines.append(f"| {k} | {f(r['teacher_ddim'])} | {f(best[0])} ({best[1]}) | {f(pd_f)}{mark['pd']} | "
+                     f"{f(r['pd_over_ddpm1000'], '{:.2f}×')} | {f(pd_c, '{:.0f}')} | {f(cd_f)}{mark['cd']} | "
                      f"{f(r['cd_over_ddpm1000'], '{:.2f}×')} | {f(cd_c, '{:.0f}')} |")
     if ref:
         lines += ["", f"Targets (≤ 1.15× DDPM-1000 at 4 NFE = {1.15 * ref:.3f}; ≤ 2× at 1 NFE = {2 * ref:.3f}):"]
@@ -145,15 +172,18 @@ def main(argv=None):
                              f"({'met' if got[4] is not None and got[4] <= 1.15 * ref else 'not met'}), "
                              f"1 NFE {f(got[1])} ({'met' if got[1] is not None and got[1] <= 2 * ref else 'not met'}).")
     lines.append("")
-    for label, path in (("PD", a.pd), ("CD", a.cd)):
-        if path and (path / "leandiff.json").is_file():
-            ck = load_checkpoint(path)
-            recipe = next((st.get("recipe") for st in reversed(ck.lineage) if st.get("recipe")), None)
-            lines.append(f"- {label} student made by `leandiff compress {a.teacher} --recipe \"{recipe}\" --out {path.name}`")
-        elif path and label == "PD" and a.pd_recipe:
-            done_k = min(pd_rounds(a.pd))
-            lines.append(f"- PD students: the rounds down to {done_k} steps of `leandiff compress {a.teacher} --recipe "
-                         f"\"{a.pd_recipe}\" --out {path.name}`, stopped after that round")
+    for k in sorted(pd_cks, reverse=True):  # each PD student by the steps that made it, from the teacher on
+        chain = " > ".join(st["recipe"] for st in pd_cks[k].lineage if st.get("step") == "pd" and st.get("recipe"))
+        lines.append(f"- PD student at {k} steps: `{chain}` on `{a.teacher}`")
+    if a.pd_recipe:
+        lines.append(f"- PD recipe of the rounds: `{a.pd_recipe}`")
+    if a.cd and (a.cd / "leandiff.json").is_file():
+        ck = load_checkpoint(a.cd)
+        recipe = next((st.get("recipe") for st in reversed(ck.lineage) if st.get("recipe")), None)
+        lines.append(f"- CD student made by `leandiff compress {a.teacher} --recipe \"{recipe}\" --out {a.cd.name}`")
+    if earlier and any(r["from_earlier_run"] for r in rec["nfe"].values()):
+        lines.append(f"- † not re-measured here (that student's checkpoint was not kept): from the earlier run "
+                     f"`{earlier['command']}` ({a.earlier.name}), the same teacher, N and harness")
     md = "\n".join(lines) + "\n"
     print(md)
     write_results(a.results_name, rec, md)
