@@ -64,8 +64,6 @@ def main(argv=None):
     ap.add_argument("--earlier", type=Path, default=None, help="a previous results JSON of this benchmark: the "
                     "student cells this run cannot measure, marked †")
     ap.add_argument("--cd", type=Path, default=None, help="a cd(...) student")
-    ap.add_argument("--pd-recipe", default="", help="the pd(...) recipe of --pd, said in the results when the run was "
-                                                     "stopped before its last round (no final checkpoint to read it from)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/fewstep"))
     ap.add_argument("-n", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=512)
@@ -175,8 +173,6 @@ def main(argv=None):
     for k in sorted(pd_cks, reverse=True):  # each PD student by the steps that made it, from the teacher on
         chain = " > ".join(st["recipe"] for st in pd_cks[k].lineage if st.get("step") == "pd" and st.get("recipe"))
         lines.append(f"- PD student at {k} steps: `{chain}` on `{a.teacher}`")
-    if a.pd_recipe:
-        lines.append(f"- PD recipe of the rounds: `{a.pd_recipe}`")
     if a.cd and (a.cd / "leandiff.json").is_file():
         ck = load_checkpoint(a.cd)
         recipe = next((st.get("recipe") for st in reversed(ck.lineage) if st.get("recipe")), None)
