@@ -28,16 +28,16 @@ import torch
 from torch import nn
 
 from ..checkpoint import Checkpoint
-from ..denoiser import Denoiser, call_network
+from ..denoiser import call_network
 from ..errors import UserError
 from ..models import image_shape
 from ..spec import NoArgs
 from ..surgery.quant import QuantLayer
-from .calibration import COLLECTORS, CalibConfig, collect
+from .artifacts import cache_dir, calibration_inputs, side_file
+from .calibration import COLLECTORS
 
 FP32_NAME = "model.onnx"
 INT8_NAME = "model.int8.onnx"
-CACHE = Path(os.environ.get("LEANDIFF_CACHE", Path(tempfile.gettempdir()) / "leandiff-onnx"))
 
 
 class _Plain(nn.Module):
@@ -189,8 +189,7 @@ def quantize_ort_int8(ckpt, ccfg, out_dir: str | Path, images=None, per_channel:
     kept (the ``ort`` runtime exports one on the fly when asked). The fp32 safetensors weights stay:
     they are the checkpoint (eager/bf16 runtimes, later recipe steps, the weights hash of the lineage)."""
     out_dir = Path(out_dir)
-    fp = ckpt.net.float().eval()
-    calib = collect(Denoiser(fp, ckpt.schedule, ckpt.parameterization), image_shape(ckpt.arch), ccfg, images)
+    calib = calibration_inputs(ckpt, ccfg, images)
     (out_dir / FP32_NAME).unlink(missing_ok=True)  # left by an older version of this step
     with tempfile.TemporaryDirectory(prefix="leandiff-fp32-") as d:
         fp32 = export_onnx(ckpt, Path(d) / FP32_NAME)
@@ -205,14 +204,6 @@ def quantize_ort_int8(ckpt, ccfg, out_dir: str | Path, images=None, per_channel:
                                    "fp32 weights for the eager/bf16 runtimes and later recipe steps; no fp32 ONNX "
                                    "is kept (runtime ort exports one into a cache when asked)"}
     return Checkpoint(ckpt.net, copy.deepcopy(ckpt.arch), ckpt.schedule, ckpt.parameterization, meta)
-
-
-def _side_file(ckpt, name: str) -> Path | None:
-    if ckpt.path is None:
-        return None
-    p = Path(ckpt.path)
-    p = p / name if p.is_dir() else p.parent / name
-    return p if p.is_file() else None
 
 
 @dataclass(frozen=True)
@@ -232,21 +223,16 @@ def onnx_file(ckpt, int8: OrtInt8Spec | None = None) -> Path:
     """The checkpoint's ONNX side file (fp32, or int8 when ``int8`` is given), else one exported (and, for
     int8 with a ``calib``, calibrated) into the cache."""
     name = INT8_NAME if int8 is not None else FP32_NAME
-    found = _side_file(ckpt, name)
+    found = side_file(ckpt, name)
     if found is not None:
         return found
-    if int8 is not None and not int8.calib:
-        raise UserError("runtime ort-int8: this checkpoint has no int8 model (make one with quant(runtime=ort-int8), "
-                        "or calibrate on the fly with --runtime \"ort-int8(calib=qdiff)\")")
-    d = CACHE / (ckpt.hash() + (f"-{int8.calib}" if int8 is not None else ""))
+    d = cache_dir(ckpt, "ort-int8", int8.calib if int8 is not None else None)
     if (d / name).is_file():
         return d / name
     fp32 = d / FP32_NAME if (d / FP32_NAME).is_file() else export_onnx(ckpt, d / FP32_NAME)
     if int8 is None:
         return fp32
-    calib = collect(Denoiser(ckpt.net.float().eval(), ckpt.schedule, ckpt.parameterization), image_shape(ckpt.arch),
-                    CalibConfig(collector=int8.calib, n=128, steps=20))
-    return quantize_onnx_int8(fp32, d / INT8_NAME, calib)
+    return quantize_onnx_int8(fp32, d / INT8_NAME, calibration_inputs(ckpt, int8.calib))
 
 
 def ort_cuda_available() -> bool:

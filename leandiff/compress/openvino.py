@@ -34,12 +34,12 @@ import numpy as np
 import torch
 
 from ..checkpoint import Checkpoint
-from ..denoiser import Denoiser
 from ..errors import UserError
 from ..models import image_shape
-from .calibration import COLLECTORS, CalibConfig, collect
+from .calibration import COLLECTORS, CalibConfig
 from ..surgery.quant import QuantLayer
-from .onnx import CACHE, _Plain, _side_file, onnx_file
+from .artifacts import cache_dir, calibration_inputs, side_file
+from .onnx import _Plain, onnx_file
 
 OV_FP32_NAME = "openvino.xml"
 OV_INT8_NAME = "openvino.int8.xml"
@@ -134,8 +134,7 @@ def quantize_openvino_int8(ckpt, ccfg: CalibConfig, out_dir: str | Path, images=
     """The quant(runtime=openvino-int8) step: export, calibrate on collector ``ccfg``, quantize with NNCF, write
     ``openvino.int8.xml/.bin`` into ``out_dir``; the returned checkpoint (same weights) records its runtime."""
     out_dir = Path(out_dir)
-    fp = ckpt.net.float().eval()
-    calib = collect(Denoiser(fp, ckpt.schedule, ckpt.parameterization), image_shape(ckpt.arch), ccfg, images)
+    calib = calibration_inputs(ckpt, ccfg, images)
     quantize_ir_int8(convert(ckpt), out_dir / OV_INT8_NAME, calib, keep_first_last, keep_time, observer)
     meta = copy.deepcopy(ckpt.meta)
     meta["runtime"] = {"name": "openvino-int8", "args": {}}
@@ -223,22 +222,17 @@ def ir_file(ckpt, source: str = "torch", int8: OvInt8Spec | None = None) -> Path
     from ``source`` (and, for int8 with a ``calib``, calibrated as ``ort-int8(calib=...)`` is) into the cache."""
     require()
     name = OV_INT8_NAME if int8 is not None else OV_FP32_NAME
-    found = _side_file(ckpt, name) if source == "torch" else None
+    found = side_file(ckpt, name) if source == "torch" else None
     if found is not None:
         return found
-    if int8 is not None and not int8.calib:
-        raise UserError("runtime openvino-int8: this checkpoint has no int8 model (make one with "
-                        "quant(runtime=openvino-int8), or calibrate on the fly with --runtime \"openvino-int8(calib=qdiff)\")")
-    d = CACHE / (ckpt.hash() + (f"-{int8.calib}" if int8 is not None else ""))
+    d = cache_dir(ckpt, "openvino-int8", int8.calib if int8 is not None else None)
     path = d / (name if source == "torch" else name.replace("openvino", f"openvino-{source}", 1))
     if path.is_file():
         return path
     if int8 is None:
         return _save_ir(convert(ckpt, source), path)
     require("nncf", "runtime openvino-int8")
-    calib = collect(Denoiser(ckpt.net.float().eval(), ckpt.schedule, ckpt.parameterization), image_shape(ckpt.arch),
-                    CalibConfig(collector=int8.calib, n=128, steps=20))
-    return quantize_ir_int8(convert(ckpt, source), path, calib)
+    return quantize_ir_int8(convert(ckpt, source), path, calibration_inputs(ckpt, int8.calib))
 
 
 def openvino_fp32(ckpt, spec: OvSpec) -> OvNetwork:

@@ -65,8 +65,7 @@ def int8_dir(tiny, tmp_path_factory):
 
 @needs_ov
 def test_openvino_fp32_equals_torch(tiny, monkeypatch, tmp_path):
-    monkeypatch.setattr("leandiff.compress.onnx.CACHE", tmp_path)  # the cache the conversion writes into
-    monkeypatch.setattr("leandiff.compress.openvino.CACHE", tmp_path)
+    monkeypatch.setattr("leandiff.compress.artifacts.CACHE", tmp_path)  # the cache the conversion writes into
     x, t = torch.randn(5, 1, 16, 16), torch.tensor([0.0, 10.0, 250.5, 600.0, 999.0])
     net = runtime_network(tiny, "openvino")
     with torch.no_grad():
@@ -89,8 +88,7 @@ def test_openvino_fp32_equals_torch(tiny, monkeypatch, tmp_path):
 def test_openvino_bf16_is_close_where_the_cpu_has_it(tiny, monkeypatch, tmp_path):
     from leandiff.compress.openvino import has_bf16
 
-    monkeypatch.setattr("leandiff.compress.onnx.CACHE", tmp_path)
-    monkeypatch.setattr("leandiff.compress.openvino.CACHE", tmp_path)
+    monkeypatch.setattr("leandiff.compress.artifacts.CACHE", tmp_path)
     if not has_bf16():
         with pytest.raises(UserError, match="no bf16"):
             runtime_network(tiny, "openvino-bf16")
