@@ -45,8 +45,8 @@ class GaussianNet(torch.nn.Module):
         return {"eps": eps, "x0": x0, "v": a * eps - sg * x0}[self.parameterization]
 
 
-def gaussian_denoiser(s, parameterization: str = "eps", mu=0.0) -> Denoiser:
-    return Denoiser(GaussianNet(SCHED, s, parameterization, mu), SCHED, parameterization)
+def gaussian_denoiser(s, parameterization: str = "eps", mu=0.0, schedule: Schedule = SCHED) -> Denoiser:
+    return Denoiser(GaussianNet(schedule, s, parameterization, mu), schedule, parameterization)
 
 
 def lambda_uniform(n: int, t_hi: float = 999, t_lo: float = 0) -> torch.Tensor:
@@ -131,13 +131,15 @@ LAW_NFE = (10, 20, 50, 100)
 
 
 @functools.lru_cache(maxsize=None)
-def _law_runs(name: str, spacing: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(z, samples at each NFE of LAW_NFE) from one x_T; z is x_T's exact probability-flow coordinate,
-    so the exact ODE endpoint is μ + s·z and its state at t is α_t μ + sqrt(α_t² s² + σ_t²)·z."""
-    D, x = gaussian_denoiser(LAW_S, mu=LAW_MU), x_T((LAW_N, 1, 4, 4), seed=22)
-    a, sg = alpha_sigma(SCHED, torch.tensor(999.0))
+def _law_runs(name: str, spacing: str, kind: str = "linear") -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(z, samples at each NFE of LAW_NFE) from one x_T on a ``kind`` schedule; z is x_T's exact
+    probability-flow coordinate, so the exact ODE endpoint is μ + s·z and its state at t is
+    α_t μ + sqrt(α_t² s² + σ_t²)·z."""
+    sched = SCHED if kind == "linear" else Schedule(kind)
+    D, x = gaussian_denoiser(LAW_S, mu=LAW_MU, schedule=sched), x_T((LAW_N, 1, 4, 4), seed=22)
+    a, sg = alpha_sigma(sched, torch.tensor(999.0))
     z = (x - a * LAW_MU) / (a ** 2 * LAW_S ** 2 + sg ** 2).sqrt()
-    outs = [get_solver(name)(D, x, make_timesteps(SCHED, nfe // nfe_per_step(name), spacing),
+    outs = [get_solver(name)(D, x, make_timesteps(sched, nfe // nfe_per_step(name), spacing),
                              generator=torch.Generator().manual_seed(23)) for nfe in LAW_NFE]
     return z, outs
 
@@ -177,6 +179,23 @@ def test_probability_flow_map_converges_on_every_spacing(name, spacing):
     print(msg)
     assert all(b < a or b < 2e-3 for a, b in zip(errs, errs[1:])), msg
     assert errs[-1] < 0.25 * errs[0], msg
+
+
+_AMS_ON_COSINE = pytest.mark.xfail(strict=True, reason=(
+    "known, not fixed: AMS's momentum averages increments of x̄ = x/sqrt(ᾱ), ~2e4 times the data scale on the "
+    "first cosine step, and b = 0.98 keeps 2 % of it out of that step (std error at 100 NFE: 4.4 trailing, 0.66 logsnr)"))
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "logsnr"])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_AMS_ON_COSINE) if n == "ams-ddim" else n for n in GENERIC])
+def test_gaussian_law_on_the_cosine_schedule(name, spacing):
+    """On the cosine schedule the first timestep has ᾱ ≈ 2.4e-9 (σ̄ = σ/α ≈ 2e4), and trailing grids jump from
+    there to σ̄ ≈ 6-30 in one step. Heun's trapezoid in σ̄ weighted the end slope by half of that jump and
+    returned noise (std error ~10^4; FID-dom 1,509 on zoo:mnist-tiny-v2); every solver must land on the law."""
+    std, mean = _law_errors(_law_runs(name, spacing, "cosine")[1])
+    msg = f"{name} on cosine/{spacing}: std errors {['%.3f' % e for e in std]}, mean errors {['%.3f' % e for e in mean]}"
+    print(msg)
+    assert std[-1] < 0.10 and mean[-1] < 0.10, msg
 
 
 # minimum observed order on the "logsnr" spacing (NFE 10 → 100), per family
