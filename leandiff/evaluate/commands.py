@@ -9,6 +9,8 @@ import click
 
 from ..device import device_option, resolve_device
 from ..errors import UserError
+from ..runtime import RUNTIMES
+from ..schedule import SPACINGS
 
 
 def _positive(ctx, param, value):
@@ -26,10 +28,11 @@ def sampler_options(f):
         click.option("--nfe", type=int, default=None, callback=_positive,
                      help="network evaluations per sample (default: the checkpoint's, else 10)"),
         click.option("--runtime", default=None,
-                     help="eager, bf16, fp16, channels-last, compile, ort, ort-int8, dynamic-int8, fake-quant or "
-                          "cache[-nu][-bf16]:K; leandiff runtimes says where each runs (default: the checkpoint's, else eager)"),
+                     help=f"a runtime spec: {', '.join(RUNTIMES)}, with arguments in the recipe grammar, e.g. "
+                          "ort-int8(calib=qdiff), cache(interval=3); leandiff runtimes says where each runs "
+                          "(default: the checkpoint's, else eager)"),
         click.option("--spacing", default=None,
-                     help="leading, trailing, linspace, quadratic or logsnr (default: the checkpoint's; else trailing for "
+                     help=f"{', '.join(SPACINGS)} (default: the checkpoint's; else trailing for "
                           "the default solver, and for another solver logsnr on linear-β, trailing on cosine schedules)"),
         click.option("--eta", type=float, default=None,
                      help="DDIM η (0 deterministic, 1 DDPM-like); the noise level of dpmpp-*-sde (1: the SDE, 0: the ODE)"),
