@@ -52,3 +52,72 @@ def test_a_bad_runtime_spec_is_one_line(bad, says):
 def test_ort_int8_without_an_int8_model_is_an_error_not_a_silent_calibration(tiny_ckpt):
     with pytest.raises(UserError, match="no int8 model"):
         get_runtime("ort-int8")(tiny_ckpt)
+
+
+# ------------------------------------------------------------ every runtime inside every solver ---------------
+
+# The spec each runtime is run with here: ORT/OpenVINO int8 calibrated on the fly (the tiny checkpoint has no int8
+# model of its own); fake-quant runs the checkpoint that quant(runtime=fake) made.
+CONTRACT_SPEC = {"ort-int8": "ort-int8(calib=uniform)", "openvino-int8": "openvino-int8(calib=uniform)"}
+# the int8 runtimes' samples are compared with eager's only loosely: a random network's int8 error is large
+INT8_TOLERANCE = 0.5
+
+
+def _have(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+@pytest.fixture(scope="module")
+def runtime_ckpts(tmp_path_factory):
+    """(plain tiny checkpoint saved to disk, its fake-quant twin); the ORT/OpenVINO cache in a temp directory."""
+    from leandiff.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from leandiff.compress import artifacts
+    from leandiff.models import UNET, build_network
+    from leandiff.recipe import apply_recipe
+    from leandiff.schedule import Schedule
+
+    arch = {"type": UNET, "config": dict(sample_size=16, in_channels=1, out_channels=1, layers_per_block=1,
+                                                  block_out_channels=[8, 16], norm_num_groups=4,
+                                                  down_block_types=["DownBlock2D", "DownBlock2D"],
+                                                  up_block_types=["UpBlock2D", "UpBlock2D"])}
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("rt")
+    save_checkpoint(Checkpoint(net=build_network(arch).eval(), arch=arch, schedule=Schedule("linear", 100),
+                               meta={"dataset": "test"}), d / "plain")
+    plain = load_checkpoint(d / "plain")
+    fake = apply_recipe(load_checkpoint(d / "plain"), "quant(n=8,steps=2,calib=uniform)", d / "fake", progress=False,
+                        log=lambda s: None)
+    old, artifacts.CACHE = artifacts.CACHE, d / "cache"
+    yield plain, fake
+    artifacts.CACHE = old
+
+
+@pytest.mark.parametrize("name", sorted(set(RUNTIMES) - GPU_ONLY))
+def test_every_runtime_runs_inside_every_solver(runtime_ckpts, name):
+    """Every CPU runtime drives every solver (3 steps, same seed) to finite samples of the right shape, close to
+    eager fp32's where the runtime computes the same function (a tolerance above); a runtime of an optional extra
+    is skipped where the extra is not installed."""
+    from leandiff.solvers import MODEL_SPECIFIC, SOLVERS, nfe_per_step
+
+    if name.startswith("openvino") and not (_have("openvino") and (name != "openvino-int8" or _have("nncf"))):
+        pytest.skip("optional extra leandiff[openvino] not installed")
+    if name.startswith("ort") and not _have("onnxruntime"):
+        pytest.skip("onnxruntime not installed")
+    plain, fake = runtime_ckpts
+    ck = fake if name == "fake-quant" else plain
+    spec = CONTRACT_SPEC.get(name, name)
+    try:
+        den = runtime_denoiser(ck, spec)
+    except UserError as e:  # e.g. openvino-bf16 on a CPU without bf16 kernels: one clear line, not a crash
+        pytest.skip(str(e))
+    ref_den = runtime_denoiser(ck, "eager")
+    tol = TOLERANCE.get(name, INT8_TOLERANCE if "int8" in name else 0.05)
+    for solver in sorted(set(SOLVERS) - set(MODEL_SPECIFIC)):
+        cfg = SampleConfig(solver, 3 * nfe_per_step(solver), n=2, seed=0)
+        x = sample_all(den, (1, 16, 16), cfg)
+        assert torch.isfinite(x).all() and x.shape == (2, 1, 16, 16), f"{spec} in {solver}"
+        if tol is not None:
+            ref = sample_all(ref_den, (1, 16, 16), cfg)
+            assert (x - ref).abs().mean() <= tol, f"{spec} in {solver}: mean |x - eager| {(x - ref).abs().mean():.4f}"
