@@ -18,12 +18,13 @@ def command() -> str:
     return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
 
 
-def write_results(name: str, figures: dict, markdown: str = "") -> Path:
-    """Write RESULTS/name.json (figures + command + machine) and, if given, RESULTS/name.md."""
+def write_results(name: str, figures: dict, markdown: str = "", cmd: str | None = None) -> Path:
+    """Write RESULTS/name.json (figures + command + machine) and, if given, RESULTS/name.md; ``cmd``: the
+    command that measured the figures, when this run only re-renders them."""
     from leandiff.io import write_json, write_text
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    rec = {"command": command(), "machine": machine(), **figures}
+    rec = {"command": cmd or command(), "machine": machine(), **figures}
     write_json(RESULTS / f"{name}.json", rec)
     if markdown:
         m = rec["machine"]
