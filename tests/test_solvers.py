@@ -191,7 +191,7 @@ _AMS_ON_COSINE = pytest.mark.xfail(strict=True, reason=(
 def test_gaussian_law_on_the_cosine_schedule(name, spacing):
     """On the cosine schedule the first timestep has ᾱ ≈ 2.4e-9 (σ̄ = σ/α ≈ 2e4), and trailing grids jump from
     there to σ̄ ≈ 6-30 in one step. Heun's trapezoid in σ̄ weighted the end slope by half of that jump and
-    returned noise (std error ~10^4; FID-dom 1,509 on zoo:mnist-tiny-v2); every solver must land on the law."""
+    returned noise (std error ~100 at 10 NFE; FID-dom 1,509 on zoo:mnist-tiny-v2); every solver must land on the law."""
     std, mean = _law_errors(_law_runs(name, spacing, "cosine")[1])
     msg = f"{name} on cosine/{spacing}: std errors {['%.3f' % e for e in std]}, mean errors {['%.3f' % e for e in mean]}"
     print(msg)
