@@ -40,8 +40,9 @@ FP32_NAME = "model.onnx"
 INT8_NAME = "model.int8.onnx"
 
 
-class _Plain(nn.Module):
-    """(x, t) -> tensor (no diffusers output object), t as a float vector."""
+class TensorNet(nn.Module):
+    """(x, t) -> tensor (no diffusers output object), t as a float vector: what ONNX export, OpenVINO conversion
+    and torch.compile trace."""
 
     def __init__(self, net):
         super().__init__()
@@ -63,7 +64,7 @@ def export_onnx(ckpt, out: str | Path, opset: int = 17) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(_Plain(copy.deepcopy(ckpt.net).cpu().float().eval()), (x, t), str(tmp), input_names=["x", "t"],
+        torch.onnx.export(TensorNet(copy.deepcopy(ckpt.net).cpu().float().eval()), (x, t), str(tmp), input_names=["x", "t"],
                           output_names=["out"], dynamic_axes={"x": {0: "batch"}, "t": {0: "batch"}, "out": {0: "batch"}},
                           opset_version=opset, dynamo=False)
     os.replace(tmp, out)
@@ -258,4 +259,4 @@ def ort_int8(ckpt, spec: OrtInt8Spec) -> OrtNetwork:
 
 def compiled(ckpt, _: NoArgs) -> nn.Module:
     """torch.compile, fp32 (compiles per input shape)."""
-    return torch.compile(_Plain(ckpt.net.float().eval()))
+    return torch.compile(TensorNet(ckpt.net.float().eval()))

@@ -39,7 +39,7 @@ from ..models import image_shape
 from .calibration import COLLECTORS, CalibConfig
 from ..surgery.quant import QuantLayer
 from .artifacts import cache_dir, calibration_inputs, side_file
-from .onnx import _Plain, onnx_file
+from .onnx import TensorNet, onnx_file
 
 OV_FP32_NAME = "openvino.xml"
 OV_INT8_NAME = "openvino.int8.xml"
@@ -94,7 +94,7 @@ def convert(ckpt, source: str = "torch"):
         example = (torch.randn(2, *shape), torch.full((2,), 500.0))
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # tracing warnings of diffusers' shape checks
-            model = ov.convert_model(_Plain(copy.deepcopy(ckpt.net).float().eval()), example_input=example)
+            model = ov.convert_model(TensorNet(copy.deepcopy(ckpt.net).float().eval()), example_input=example)
         for port, name in zip(model.inputs, ("x", "t")):
             port.get_tensor().set_names({name})
     model.reshape({model.inputs[0]: ov.PartialShape([-1, *shape]), model.inputs[1]: ov.PartialShape([-1])})
