@@ -37,16 +37,21 @@ from leandiff.evaluate import EvalConfig, append_row, evaluate_checkpoint  # noq
 from leandiff.io import atomic_path  # noqa: E402
 from leandiff.models import image_shape  # noqa: E402
 from leandiff.runtime import get_runtime, runtime_network  # noqa: E402
+from leandiff.compress.quant import QuantStep, quant_step  # noqa: E402
+from leandiff.recipe import StepContext  # noqa: E402
+from leandiff.surgery.quant import check_keep, parse_keep  # noqa: E402
 
 BATCH = 64
 
 
-def variants(collectors, ov_collectors, compile_: bool):
-    """(row name, how to build its checkpoint: None | (backend, collector), runtime spec, FID-dom too?)."""
+def variants(collectors, ov_collectors, compile_: bool, keep: str = ""):
+    """(row name, how to build its checkpoint: None | (backend, collector[, kept modules]), runtime spec,
+    FID-dom too?)."""
     yield "torch fp32 eager", None, "eager", True
     yield "torch bf16 autocast", None, "bf16", True
     if compile_:
         yield "torch.compile fp32", None, "compile", False  # the eager graph compiled: same fp32 arithmetic
+        yield "torch.compile bf16", None, "compile-bf16", False  # bf16 autocast compiled: bf16's arithmetic
     yield "ORT fp32", None, "ort", True
     for c in collectors:
         yield f"ORT int8 [{c}]", ("ort", c), "ort-int8", True
@@ -60,6 +65,10 @@ def variants(collectors, ov_collectors, compile_: bool):
     yield f"OpenVINO int8 (NNCF) [{c}], dynamic batch", ("openvino", c), "openvino-int8(static=false)", False
     yield f"OpenVINO int8 (NNCF) [{c}, n=128], converted from ONNX", None, f"openvino-int8(calib={c},source=onnx)", False
     yield f"OpenVINO int8+bf16 (NNCF) [{c}]", ("openvino", c), "openvino-int8(bf16=true)", True
+    if keep:  # the modules a sensitivity probe found costly in int8, kept out of it (quant(keep=...))
+        yield f"ORT int8 [{c}, keep {keep}]", ("ort", c, keep), "ort-int8", True
+        yield f"OpenVINO int8 (NNCF) [{c}, keep {keep}]", ("openvino", c, keep), "openvino-int8", True
+        yield f"OpenVINO int8+bf16 (NNCF) [{c}, keep {keep}]", ("openvino", c, keep), "openvino-int8(bf16=true)", True
 
 
 def build(base, how, out: Path, n_calib: int, calib_steps: int):
@@ -67,8 +76,12 @@ def build(base, how, out: Path, n_calib: int, calib_steps: int):
         return base
     if (out / "leandiff.json").is_file():
         return load_checkpoint(out)
-    cc = CalibConfig(collector=how[1], n=n_calib, steps=calib_steps)
-    ck = (quantize_ort_int8 if how[0] == "ort" else quantize_openvino_int8)(base, cc, out)
+    if len(how) > 2:  # kept modules (or keep=auto): the recipe step itself, with the same calibration
+        step = QuantStep(runtime=f"{how[0]}-int8", calib=how[1], n=n_calib, steps=calib_steps, keep=how[2])
+        ck = quant_step(base, step, StepContext(step_dir=out))
+    else:
+        cc = CalibConfig(collector=how[1], n=n_calib, steps=calib_steps)
+        ck = (quantize_ort_int8 if how[0] == "ort" else quantize_openvino_int8)(base, cc, out)
     save_checkpoint(ck, out)
     return load_checkpoint(out)
 
@@ -108,10 +121,12 @@ def main():
     ap.add_argument("--collectors", default="qdiff,ndtc,uniform", help="calibration collectors of the ORT int8 variants")
     ap.add_argument("--ov-collectors", default="", help="those of the OpenVINO int8 variants (default: --collectors); "
                                                         "the first also makes the speed-work rows")
+    ap.add_argument("--keep", default="", help="int8 rows with these modules kept out of int8 too (quant(keep=...): "
+                    "paths joined by '+', or auto: chosen by measuring each backend's int8 model)")
     ap.add_argument("--n-calib", type=int, default=256)
     ap.add_argument("--calib-steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=7, help="alternating latency rounds")
-    ap.add_argument("--compile", action="store_true", help="a torch.compile latency row (~25 s to compile)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile fp32 and bf16 latency rows (~25 s each to compile)")
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--quality-only", action="store_true", help="stop after the FID-dom rows (time them in a later run)")
     ap.add_argument("--results-name", default="cpu_runtimes")
@@ -122,14 +137,16 @@ def main():
     collectors = [c.strip() for c in a.collectors.split(",")]
     ov_collectors = [c.strip() for c in (a.ov_collectors or a.collectors).split(",")]
     t_start, load_start = time.time(), os.getloadavg()
-    var = list(variants(collectors, ov_collectors, a.compile))
+    if a.keep != "auto":
+        check_keep(base.net, parse_keep(a.keep))
+    var = list(variants(collectors, ov_collectors, a.compile, a.keep))
     for _, _, rt, _ in var:
         get_runtime(rt)  # every spec checked before any work
 
     # --- quality: one FID-dom row per variant, through its own runtime ----------------------------------------------
     ckpts = {}
     for name, how, rt, quality in var:
-        ckpts[name] = build(base, how, out / "ckpt" / f"{how[0]}-{how[1]}" if how else out, a.n_calib, a.calib_steps)
+        ckpts[name] = build(base, how, out / "ckpt" / "-".join(how) if how else out, a.n_calib, a.calib_steps)
         if not quality or name in done or a.skip_quality:
             continue
         t0 = time.perf_counter()
@@ -208,6 +225,15 @@ def main():
         verdict.append(f"- Mixed int8/bf16 (`openvino-int8(bf16=true)`, opt-in): {by[plain]['median_ms'] / by[mixed]['median_ms']:.2f}× "
                        f"the speed of int8 with fp32 for the unquantized operations"
                        + (f", FID-dom ÷ fp32 {by[mixed]['fid_ratio']:.3f} vs {by[plain]['fid_ratio']:.3f}." if by[mixed]["fid_ratio"] and by[plain]["fid_ratio"] else "."))
+    c = ov_collectors[0]
+    for plain, kept in ((f"ORT int8 [{c}]", f"ORT int8 [{c}, keep {a.keep}]"),
+                        (f"OpenVINO int8 (NNCF) [{c}]", f"OpenVINO int8 (NNCF) [{c}, keep {a.keep}]"),
+                        (f"OpenVINO int8+bf16 (NNCF) [{c}]", f"OpenVINO int8+bf16 (NNCF) [{c}, keep {a.keep}]")):
+        if a.keep and plain in by and kept in by and by[plain]["fid_ratio"] and by[kept]["fid_ratio"]:
+            chosen = "+".join(ckpts[kept].meta["quant"].get("keep", [])) or "nothing"
+            verdict.append(f"- keep={a.keep} (kept out of int8: {chosen}): {kept} FID-dom ÷ fp32 {by[kept]['fid_ratio']:.3f} "
+                           f"(all int8: {by[plain]['fid_ratio']:.3f}) at {by[kept]['speedup']:.2f}× eager "
+                           f"(all int8: {by[plain]['speedup']:.2f}×).")
     if points:
         pareto_plot(points, RESULTS / f"{a.results_name}_pareto.png")
     n_note = (f"N={a.n}" + ("" if a.n >= 2048 else " (fewer than the issue's 2048, for time)")) if done else "no FID-dom rows"

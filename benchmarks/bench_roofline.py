@@ -37,7 +37,7 @@ from leandiff.models import architecture, build_network, image_shape  # noqa: E4
 from leandiff.runtime import runtime_network  # noqa: E402
 
 RUNTIMES = ("eager", "bf16", "ort", "ort-int8", "openvino", "openvino-bf16", "openvino-int8")
-FORMAT = {"eager": "fp32", "compile": "fp32", "ort": "fp32", "openvino": "fp32", "bf16": "bf16",
+FORMAT = {"eager": "fp32", "compile": "fp32", "ort": "fp32", "openvino": "fp32", "bf16": "bf16", "compile-bf16": "bf16",
           "openvino-bf16": "bf16", "ort-int8": "int8", "openvino-int8": "int8"}
 
 

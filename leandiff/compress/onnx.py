@@ -32,7 +32,7 @@ from ..denoiser import call_network
 from ..errors import UserError
 from ..models import image_shape
 from ..spec import NoArgs
-from ..surgery.quant import QuantLayer
+from ..surgery.quant import QuantLayer, in_kept
 from .artifacts import cache_dir, calibration_inputs, side_file
 from .calibration import COLLECTORS
 
@@ -134,15 +134,15 @@ class _Reader:
         self.pos = 0
 
 
-def excluded_nodes(model_path: str | Path, keep_first_last: bool, keep_time: bool) -> list[str]:
+def excluded_nodes(model_path: str | Path, keep_first_last: bool, keep_time: bool, keep: tuple[str, ...] = ()) -> list[str]:
     """Names of the Conv/Gemm/MatMul nodes kept in fp32: conv_in/conv_out and the time-embedding MLP,
     as the fake-quant path keeps them (the UNet's output ε̂ is multiplied by σ/α in x̂₀ at high t, so
-    an 8-bit grid on it is costly)."""
+    an 8-bit grid on it is costly), and those under the modules ``keep``."""
     import onnx
 
-    keep = (("/conv_in/", "/conv_out/") if keep_first_last else ()) + (("/time_embedding/",) if keep_time else ())
+    kept = (("conv_in", "conv_out") if keep_first_last else ()) + (("time_embedding",) if keep_time else ()) + tuple(keep)
     return [n.name for n in onnx.load(str(model_path)).graph.node
-            if n.op_type in ("Conv", "Gemm", "MatMul") and any(k in n.name for k in keep)]
+            if n.op_type in ("Conv", "Gemm", "MatMul") and in_kept(n.name, kept)]
 
 
 # leandiff observer -> ONNX Runtime calibration method; percentile cuts the same 0.01 % from each side
@@ -153,7 +153,7 @@ ORT_OBSERVERS = {"minmax": ("MinMax", {}), "percentile": ("Percentile", {"CalibP
 
 def quantize_onnx_int8(fp32: str | Path, out: str | Path, calib: tuple[torch.Tensor, torch.Tensor],
                        per_channel: bool = True, keep_first_last: bool = True, keep_time: bool = True,
-                       observer: str = "minmax") -> Path:
+                       observer: str = "minmax", keep: tuple[str, ...] = ()) -> Path:
     """Static int8: QDQ, QUInt8 activations, QInt8 weights (per channel), Conv/MatMul/Gemm only;
     first/last convolutions and the time embedding optionally kept in fp32; activation ranges by
     ONNX Runtime's MinMax or Percentile calibrator (``observer``)."""
@@ -172,7 +172,7 @@ def quantize_onnx_int8(fp32: str | Path, out: str | Path, calib: tuple[torch.Ten
             quantize_static(str(pre), str(tmp), _Reader(*calib), quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
                             op_types_to_quantize=["Conv", "MatMul", "Gemm"], calibrate_method=getattr(CalibrationMethod, method),
-                            nodes_to_exclude=excluded_nodes(pre, keep_first_last, keep_time),
+                            nodes_to_exclude=excluded_nodes(pre, keep_first_last, keep_time, keep),
                             extra_options=dict(extra))
         finally:
             os.chdir(cwd)
@@ -182,7 +182,8 @@ def quantize_onnx_int8(fp32: str | Path, out: str | Path, calib: tuple[torch.Ten
 
 
 def quantize_ort_int8(ckpt, ccfg, out_dir: str | Path, images=None, per_channel: bool = True,
-                      keep_first_last: bool = True, keep_time: bool = True, observer: str = "minmax"):
+                      keep_first_last: bool = True, keep_time: bool = True, observer: str = "minmax",
+                      keep: tuple[str, ...] = ()):
     """The quant(runtime=ort-int8) step: export, calibrate on collector ``ccfg``, write the int8 ONNX model
     into ``out_dir``; the returned checkpoint (same weights) records its runtime and calibration.
 
@@ -194,13 +195,13 @@ def quantize_ort_int8(ckpt, ccfg, out_dir: str | Path, images=None, per_channel:
     (out_dir / FP32_NAME).unlink(missing_ok=True)  # left by an older version of this step
     with tempfile.TemporaryDirectory(prefix="leandiff-fp32-") as d:
         fp32 = export_onnx(ckpt, Path(d) / FP32_NAME)
-        quantize_onnx_int8(fp32, out_dir / INT8_NAME, calib, per_channel, keep_first_last, keep_time, observer)
+        quantize_onnx_int8(fp32, out_dir / INT8_NAME, calib, per_channel, keep_first_last, keep_time, observer, keep)
     meta = copy.deepcopy(ckpt.meta)
     meta["runtime"] = {"name": "ort-int8", "args": {}}
     meta["quant"] = {"mode": "ONNX Runtime static int8 (real int8 kernels)", "w_bits": 8, "a_bits": 8,
                      "format": "QDQ", "activations": "QUInt8 per tensor", "weights": "QInt8 per channel" if per_channel else "QInt8 per tensor",
                      "op_types": ["Conv", "MatMul", "Gemm"],
-                     "keep_first_last": keep_first_last, "keep_time": keep_time, "files": [INT8_NAME], "calibration": asdict(ccfg),
+                     "keep_first_last": keep_first_last, "keep_time": keep_time, "keep": list(keep), "files": [INT8_NAME], "calibration": asdict(ccfg),
                      "files_note": f"{INT8_NAME} is what the ort-int8 runtime runs; model.safetensors keeps the "
                                    "fp32 weights for the eager/bf16 runtimes and later recipe steps; no fp32 ONNX "
                                    "is kept (runtime ort exports one into a cache when asked)"}

@@ -37,7 +37,7 @@ from ..checkpoint import Checkpoint
 from ..errors import UserError
 from ..models import image_shape
 from .calibration import COLLECTORS, CalibConfig
-from ..surgery.quant import QuantLayer
+from ..surgery.quant import QuantLayer, in_kept
 from .artifacts import cache_dir, calibration_inputs, side_file
 from .onnx import TensorNet, onnx_file
 
@@ -107,7 +107,8 @@ OV_OBSERVERS = ("minmax", "percentile")
 
 
 def quantize_ir_int8(model, out: str | Path, calib: tuple[torch.Tensor, torch.Tensor],
-                     keep_first_last: bool = True, keep_time: bool = True, observer: str = "minmax") -> Path:
+                     keep_first_last: bool = True, keep_time: bool = True, observer: str = "minmax",
+                     keep: tuple[str, ...] = ()) -> Path:
     """NNCF post-training int8 of the OpenVINO ``model`` (:func:`convert`), calibrated on ``calib`` (the
     network's inputs x [N, C, H, W] and t [N], fed one sample at a time: NNCF's subset is counted in
     dataset items), written as OpenVINO IR ``out``."""
@@ -120,28 +121,29 @@ def quantize_ir_int8(model, out: str | Path, calib: tuple[torch.Tensor, torch.Te
     xs, ts = calib
     items = [{"x": xs[i:i + 1].numpy().astype(np.float32), "t": ts[i:i + 1].numpy().astype(np.float32)}
              for i in range(xs.shape[0])]
-    keep = (_KEEP_FIRST_LAST if keep_first_last else ()) + (_KEEP_TIME if keep_time else ())
+    kept = (_KEEP_FIRST_LAST if keep_first_last else ()) + (_KEEP_TIME if keep_time else ()) + tuple(keep)
+    ignored = sorted({op.get_friendly_name() for op in model.get_ops() if in_kept(op.get_friendly_name(), kept)})
     ranges = RangeEstimatorParametersSet.MINMAX if observer == "minmax" else RangeEstimatorParametersSet.MEAN_QUANTILE
     nncf.set_log_level(40)  # errors only: NNCF logs every stage at INFO
     q = nncf.quantize(model, nncf.Dataset(items), preset=nncf.QuantizationPreset.MIXED, subset_size=len(items),
-                      ignored_scope=nncf.IgnoredScope(patterns=[f".*[./]{k}[./].*" for k in keep], validate=False),
+                      ignored_scope=nncf.IgnoredScope(names=ignored, validate=False),
                       advanced_parameters=AdvancedQuantizationParameters(activations_range_estimator_params=ranges))
     return _save_ir(q, Path(out))
 
 
 def quantize_openvino_int8(ckpt, ccfg: CalibConfig, out_dir: str | Path, images=None, keep_first_last: bool = True,
-                           keep_time: bool = True, observer: str = "minmax"):
+                           keep_time: bool = True, observer: str = "minmax", keep: tuple[str, ...] = ()):
     """The quant(runtime=openvino-int8) step: export, calibrate on collector ``ccfg``, quantize with NNCF, write
     ``openvino.int8.xml/.bin`` into ``out_dir``; the returned checkpoint (same weights) records its runtime."""
     out_dir = Path(out_dir)
     calib = calibration_inputs(ckpt, ccfg, images)
-    quantize_ir_int8(convert(ckpt), out_dir / OV_INT8_NAME, calib, keep_first_last, keep_time, observer)
+    quantize_ir_int8(convert(ckpt), out_dir / OV_INT8_NAME, calib, keep_first_last, keep_time, observer, keep)
     meta = copy.deepcopy(ckpt.meta)
     meta["runtime"] = {"name": "openvino-int8", "args": {}}
     meta["quant"] = {"mode": "OpenVINO int8 from NNCF post-training quantization (real int8 kernels)", "w_bits": 8,
                      "a_bits": 8, "source": "torch", "preset": "mixed", "activations": "asymmetric 8-bit per tensor",
                      "weights": "symmetric 8-bit per channel", "observer": observer, "fast_bias_correction": True,
-                     "keep_first_last": keep_first_last, "keep_time": keep_time,
+                     "keep_first_last": keep_first_last, "keep_time": keep_time, "keep": list(keep),
                      "files": [OV_INT8_NAME, Path(OV_INT8_NAME).with_suffix(".bin").name], "calibration": asdict(ccfg)}
     return Checkpoint(ckpt.net, copy.deepcopy(ckpt.arch), ckpt.schedule, ckpt.parameterization, meta)
 

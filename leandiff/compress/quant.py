@@ -24,7 +24,9 @@ the settings; the scales are buffers in ``model.safetensors``.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -36,11 +38,13 @@ from ..errors import UserError
 from ..models import image_shape
 from ..schedule import SPACINGS
 from ..surgery.quant import (OBSERVERS, QuantConfig, QuantLayer, affine_params, fake_quant, int_range,  # noqa: F401
-                             layer_op, quantizable, weight_scale, wrap_network)
+                             check_keep, layer_op, parse_keep, quantizable, weight_scale, wrap_network)
 from .adaround import adaround, adaround_layer, correct_bias, layer_inputs  # noqa: F401
 from .calibration import COLLECTORS, CalibConfig, collect  # noqa: F401
-from .onnx import quantize_ort_int8
-from .openvino import OV_OBSERVERS, quantize_openvino_int8, require
+from .artifacts import calibration_inputs
+from .onnx import OrtNetwork, export_onnx, quantize_onnx_int8, quantize_ort_int8
+from .openvino import OV_OBSERVERS, OvNetwork, convert, quantize_ir_int8, quantize_openvino_int8, require
+from .sensitivity import candidates, choose_keep
 
 
 
@@ -151,6 +155,9 @@ class QuantStep:
     per_channel: bool = True  # weight scale per output channel
     keep_first_last: bool = True  # conv_in / conv_out stay full precision
     keep_time: bool = True  # the time-embedding MLP stays full precision
+    keep: str = ""  # more modules kept full precision: paths joined by "+" (down_blocks.0+up_blocks.2), or auto
+    keep_tol: float = 1e-3  # keep=auto: largest relative output error of the int8 model on held-out inputs
+    keep_max: int = 3  # keep=auto: at most this many blocks kept
     t_groups: int = 1  # activation scales per timestep group
     w_round: str = "nearest"  # nearest | adaround
     adaround_iters: int = 400  # AdaRound steps per layer
@@ -167,6 +174,14 @@ class QuantStep:
             raise UserError(f"quant: unknown spacing {self.spacing!r}; expected one of {', '.join(SPACINGS)}")
         if self.calib not in COLLECTORS:
             raise UserError(f"quant: unknown calib {self.calib!r}; known: {', '.join(COLLECTORS)}")
+        if self.keep == "auto":
+            if self.runtime == "fake":
+                raise UserError("quant: keep=auto measures a real int8 backend: use runtime=ort-int8 or openvino-int8 "
+                                "(or name the modules: keep=down_blocks.0+up_blocks.2)")
+            if not self.keep_tol > 0 or self.keep_max < 0:
+                raise UserError(f"quant: keep_tol must be > 0 and keep_max >= 0; got {self.keep_tol}, {self.keep_max}")
+        else:
+            parse_keep(self.keep)
         if self.runtime == "ort-int8":
             if (self.w, self.a) != (8, 8) or self.t_groups != 1 or self.w_round != "nearest" or self.bias_correction:
                 raise UserError("quant: runtime=ort-int8 is W8A8 with one activation scale (t_groups=1) and "
@@ -193,7 +208,7 @@ class QuantStep:
     def quant_config(self) -> QuantConfig:
         return QuantConfig(w_bits=self.w, a_bits=self.a, per_channel=self.per_channel, observer=self.observer,
                            w_observer=self.w_observer, keep_first_last=self.keep_first_last, keep_time=self.keep_time,
-                           t_groups=self.t_groups, w_round=self.w_round, adaround_iters=self.adaround_iters,
+                           keep=() if self.keep == "auto" else parse_keep(self.keep), t_groups=self.t_groups, w_round=self.w_round, adaround_iters=self.adaround_iters,
                            bias_correction=self.bias_correction)
 
 
@@ -202,6 +217,28 @@ def deployed_steps(ckpt, fallback: int = 50) -> int:
     ``fallback``. A sampler a model card recommends (source "card") is not a property of the network."""
     rec = ckpt.meta.get("sampler") if isinstance(ckpt.meta.get("sampler"), dict) else {}
     return int(rec["nfe"]) if rec.get("nfe") and rec.get("source") != "card" else fallback
+
+
+def auto_keep(ckpt, cfg: QuantStep, ccfg: CalibConfig, images=None, log=print):
+    """keep=auto: the blocks :func:`~leandiff.compress.sensitivity.choose_keep` picks by quantizing with the
+    step's own backend; held out: a second draw of the collector (seed + 1, at most 64 inputs)."""
+    calib = calibration_inputs(ckpt, ccfg, images)
+    held_out = calibration_inputs(ckpt, replace(ccfg, n=min(64, ccfg.n), seed=ccfg.seed + 1), images)
+    count = iter(range(10 ** 6))
+    with tempfile.TemporaryDirectory(prefix="leandiff-keep-") as d:
+        if cfg.runtime == "ort-int8":
+            fp32 = export_onnx(ckpt, Path(d) / "fp32.onnx")
+
+            def build(keep):
+                return OrtNetwork(quantize_onnx_int8(fp32, Path(d) / f"q{next(count)}.onnx", calib, cfg.per_channel,
+                                                     cfg.keep_first_last, cfg.keep_time, cfg.observer, keep))
+        else:
+            model = convert(ckpt)
+
+            def build(keep):
+                return OvNetwork(quantize_ir_int8(model, Path(d) / f"q{next(count)}.xml", calib, cfg.keep_first_last,
+                                                  cfg.keep_time, cfg.observer, keep))
+        return choose_keep(build, ckpt.net.float().eval(), held_out, candidates(ckpt.net), cfg.keep_tol, cfg.keep_max, log)
 
 
 def quant_step(ckpt, cfg: QuantStep, ctx):
@@ -218,17 +255,24 @@ def quant_step(ckpt, cfg: QuantStep, ctx):
         interval = min(interval, max(1, steps // 4))
     ccfg = CalibConfig(collector=cfg.calib, n=cfg.n, steps=steps, spacing=cfg.spacing, interval=interval,
                        mu=cfg.mu, sigma=cfg.sigma, seed=ctx.seed)
+    keep = () if cfg.keep == "auto" else parse_keep(cfg.keep)
+    check_keep(ckpt.net, keep)
     images = None
     if ccfg.collector == "real":
         if not ctx.dataset:
             raise UserError("quant: calib=real needs --dataset")
         images = load_dataset(ctx.dataset, "train", ctx.data_dir, shape=image_shape(ckpt.arch)).images
+    if cfg.keep == "auto":
+        keep, trace = auto_keep(ckpt, cfg, ccfg, images)
+        out = quant_step(ckpt, replace(cfg, keep="+".join(keep)), ctx)
+        out.meta["quant"]["keep_auto"] = {"tol": cfg.keep_tol, "max_keep": cfg.keep_max, "trace": trace}
+        return out
     if cfg.runtime == "ort-int8":
         return quantize_ort_int8(ckpt, ccfg, ctx.step_dir, images=images, per_channel=cfg.per_channel,
                                  keep_first_last=cfg.keep_first_last, keep_time=cfg.keep_time,
-                                 observer=cfg.observer)
+                                 observer=cfg.observer, keep=keep)
     if cfg.runtime == "openvino-int8":
         return quantize_openvino_int8(ckpt, ccfg, ctx.step_dir, images=images, keep_first_last=cfg.keep_first_last,
-                                      keep_time=cfg.keep_time, observer=cfg.observer)
+                                      keep_time=cfg.keep_time, observer=cfg.observer, keep=keep)
     return fake_quantize(ckpt, cfg.quant_config(), ccfg, images)
 

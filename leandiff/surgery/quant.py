@@ -154,6 +154,7 @@ class QuantConfig:
     w_observer: str = "minmax"  # weight range estimator: minmax | mse
     keep_first_last: bool = True  # conv_in and conv_out stay full precision
     keep_time: bool = True  # the time-embedding MLP stays full precision
+    keep: tuple[str, ...] = ()  # more modules (and everything under them) kept full precision, by path
     t_groups: int = 1  # activation scales per timestep group (1 = one scale for all t)
     w_round: str = "nearest"  # weight rounding: nearest | adaround (learned on the calibration set)
     bias_correction: bool = False  # remove each layer's mean output shift from quantization (Nagel et al. 2019)
@@ -174,6 +175,32 @@ class QuantConfig:
             raise UserError(f"quant: unknown w_round {self.w_round!r}; known: nearest, adaround")
         if self.adaround_iters < 1:
             raise UserError(f"quant: adaround_iters must be >= 1, got {self.adaround_iters}")
+        object.__setattr__(self, "keep", tuple(self.keep))  # a list when read back from JSON
+
+
+def parse_keep(text: str) -> tuple[str, ...]:
+    """``keep=down_blocks.0+up_blocks.2``: module paths joined by ``+`` (empty: none)."""
+    parts = tuple(p for p in text.split("+") if p)
+    bad = [p for p in parts if not all(seg.isidentifier() or seg.isdigit() for seg in p.split("."))]
+    if bad:
+        raise UserError(f"quant: keep takes module paths joined by '+', e.g. down_blocks.0+up_blocks.2; got {bad[0]!r}")
+    return parts
+
+
+def check_keep(net: nn.Module, keep: tuple[str, ...]) -> None:
+    """Every kept path names a module of ``net`` (a typo would silently keep nothing)."""
+    names = {n for n, _ in net.named_modules()}
+    missing = [k for k in keep if k not in names]
+    if missing:
+        top = ", ".join(n for n, _ in net.named_children())
+        raise UserError(f"quant: keep={missing[0]} is no module of this network (its top-level modules: {top})")
+
+
+def in_kept(path: str, keep: tuple[str, ...]) -> bool:
+    """Whether a module path, or an exported node's name that holds one (ONNX ``/down_blocks.0/resnets.0/
+    conv1/Conv``, OpenVINO ``__module.net.down_blocks.0/aten::...``), lies under a kept module."""
+    dotted = "." + path.replace("/", ".") + "."
+    return any(f".{k}." in dotted for k in keep)
 
 
 def quantizable(net: nn.Module, cfg: QuantConfig) -> list[str]:
@@ -185,6 +212,8 @@ def quantizable(net: nn.Module, cfg: QuantConfig) -> list[str]:
         if cfg.keep_first_last and name in ("conv_in", "conv_out"):
             continue
         if cfg.keep_time and name.startswith(("time_embedding", "class_embedding")):
+            continue
+        if in_kept(name, cfg.keep):
             continue
         names.append(name)
     return names

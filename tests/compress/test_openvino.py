@@ -184,3 +184,18 @@ def test_cli_without_openvino_is_one_line_and_exit_2(tiny, tmp_path):
     assert p.returncode == 2, p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install 'leandiff[openvino]'" in lines[0] and "Traceback" not in p.stderr
+
+
+@needs_ov
+def test_keep_leaves_the_named_modules_out_of_nncf_int8(tiny, tmp_path):
+    import openvino as ov
+
+    from leandiff.compress.openvino import quantize_openvino_int8
+    from leandiff.surgery.quant import in_kept
+
+    ck = quantize_openvino_int8(tiny, CalibConfig(collector="real", n=16), tmp_path, images=_images(), keep=("down_blocks.0",))
+    assert ck.meta["quant"]["keep"] == ["down_blocks.0"]
+    convs = [op for op in ov.Core().read_model(str(tmp_path / "openvino.int8.xml")).get_ops() if op.get_type_name() == "Convolution"]
+    quantized = [op.get_friendly_name() for op in convs if op.input_value(0).get_node().get_type_name() == "FakeQuantize"]
+    assert quantized and not any(in_kept(n, ("down_blocks.0",)) for n in quantized)
+    assert any(in_kept(n, ("down_blocks.1",)) for n in quantized)

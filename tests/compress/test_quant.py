@@ -355,3 +355,73 @@ def test_calibration_follows_a_students_own_sampler(tiny, tmp_path):
         apply_recipe(copy.deepcopy(tiny), "quant(spacing=bogus)", tmp_path / "bad2")
     trailing = apply_recipe(copy.deepcopy(student), "quant(calib=qdiff,n=8,spacing=trailing)", tmp_path / "t")
     assert trailing.meta["quant"]["calibration"]["spacing"] == "trailing"
+
+
+def test_keep_leaves_the_named_modules_out_of_int8_in_every_quantizer(tiny, tmp_path):
+    """quant(keep=a+b): fake-quant wraps no layer under a kept module; ORT's int8 graph feeds no quantized
+    weight to a Conv/Gemm under it (and still to others); the step records it; a typo is one clear error."""
+    import onnx
+
+    from leandiff.compress.onnx import quantize_onnx_int8
+    from leandiff.recipe import parse_recipe
+    from leandiff.surgery.quant import QuantConfig, check_keep, in_kept, parse_keep, quantizable
+
+    keep = parse_keep("down_blocks.0+mid_block")
+    assert keep == ("down_blocks.0", "mid_block")
+    names = quantizable(tiny.net, QuantConfig(keep=keep))
+    assert names and not any(n.startswith(("down_blocks.0.", "mid_block.")) for n in names)
+    assert any(n.startswith("down_blocks.1.") for n in names)
+    assert in_kept("/down_blocks.0/resnets.0/conv1/Conv", keep) and not in_kept("/down_blocks.1/resnets.0/conv1/Conv", keep)
+    assert not in_kept("__module.net.up_blocks.0/aten::_convolution/Convolution", ("up_blocks.0.resnets.1",))
+
+    fp32 = export_onnx(tiny, tmp_path / "m.onnx")
+    calib = Q.collect(tiny.denoiser(), (1, 16, 16), Q.CalibConfig(collector="real", n=16, seed=3), _images(3))
+    g = onnx.load(str(quantize_onnx_int8(fp32, tmp_path / "k.onnx", calib, keep=keep))).graph
+    dq_out = {o for n in g.node if n.op_type == "DequantizeLinear" for o in n.output}
+    quantized = {n.name for n in g.node if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in dq_out}
+    assert quantized and not any(in_kept(n, keep) for n in quantized)
+    assert any("/down_blocks.1/" in n for n in quantized)
+
+    with pytest.raises(UserError, match="keep=down_blocks.7 is no module of this network"):
+        check_keep(tiny.net, ("down_blocks.7",))
+    with pytest.raises(UserError, match="module paths joined by"):
+        parse_recipe("quant(runtime=ort-int8,keep=\"down blocks\")")
+    ck = Q.quantize_ort_int8(tiny, Q.CalibConfig(collector="real", n=8), tmp_path / "q", images=_images(), keep=keep)
+    assert ck.meta["quant"]["keep"] == ["down_blocks.0", "mid_block"]
+
+
+def test_keep_auto_search_keeps_blocks_in_order_of_their_error_until_the_tolerance():
+    """choose_keep with a synthetic backend whose error is a known sum over the blocks left in int8."""
+    from leandiff.compress.sensitivity import candidates, choose_keep
+
+    weight = {"a": 4e-3, "b": 1e-3, "c": 1e-5}
+
+    def build(keep):
+        s = sum(w for b, w in weight.items() if b not in keep) ** 0.5
+        return lambda x, t: x * (1 + s)
+
+    held = (torch.randn(40, 1, 4, 4, generator=torch.Generator().manual_seed(0)), torch.zeros(40))
+    keep, trace = choose_keep(build, lambda x, t: x, held, ["c", "b", "a"], tol=1e-4, log=lambda s: None)
+    assert keep == ("a", "b")
+    assert [tuple(r["keep"]) for r in trace] == [(), ("c",), ("b",), ("a",), ("a", "b")]
+    assert trace[0]["rel_error"] == pytest.approx(sum(weight.values()), rel=1e-4)
+    assert trace[-1]["rel_error"] == pytest.approx(1e-5, rel=1e-3)
+    assert choose_keep(build, lambda x, t: x, held, ["a", "b"], tol=1e-2, log=lambda s: None)[0] == ()  # already met
+    assert choose_keep(build, lambda x, t: x, held, ["c", "b", "a"], tol=1e-9, max_keep=1, log=lambda s: None)[0] == ("a",)
+
+
+def test_keep_auto_on_ort_int8_records_its_search(tiny, tmp_path, monkeypatch):
+    from leandiff.compress.sensitivity import candidates
+    from leandiff.recipe import parse_recipe
+
+    assert candidates(tiny.net) == ["down_blocks.0", "down_blocks.1", "up_blocks.0", "up_blocks.1", "mid_block"]
+    monkeypatch.setattr(Q, "load_dataset",
+                        lambda *a, **k: type("D", (), {"images": _images()})())
+    ck = Q.quant_step(tiny, Q.QuantStep(runtime="ort-int8", calib="real", n=16, keep="auto", keep_tol=1e-12, keep_max=1),
+                      type("Ctx", (), {"step_dir": tmp_path, "seed": 0, "dataset": "test", "data_dir": None})())
+    auto = ck.meta["quant"]["keep_auto"]
+    assert len(auto["trace"]) == 1 + 5 and len(ck.meta["quant"]["keep"]) == 1  # nothing, each block; one kept
+    best = min(auto["trace"][1:], key=lambda r: r["rel_error"])
+    assert ck.meta["quant"]["keep"] == best["keep"] and best["rel_error"] < auto["trace"][0]["rel_error"]
+    with pytest.raises(UserError, match="keep=auto measures a real int8 backend"):
+        parse_recipe("quant(keep=auto)")
