@@ -48,6 +48,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ckpt", default="zoo:mnist-tiny", help="the leandiff model (a compressed checkpoint)")
     ap.add_argument("--base", default="zoo:mnist-tiny", help="the base model whose UNet DDPMPipeline runs")
+    ap.add_argument("--recipe", default=None, help="build the leandiff model from --ckpt by this recipe (into --work; "
+                    "a finished build is reused)")
+    ap.add_argument("--work", default="runs/bench/e2e_work", help="where --recipe builds its checkpoint")
     ap.add_argument("--solver", default="dpmpp-2m-sde")
     ap.add_argument("--nfe", type=int, default=10)
     ap.add_argument("--runtime", default="bf16")
@@ -65,6 +68,10 @@ def main():
     from diffusers import DDPMPipeline, DDPMScheduler
 
     base, ck = load_checkpoint(a.base), load_checkpoint(a.ckpt)
+    if a.recipe:
+        from leandiff.recipe import apply_recipe
+
+        ck = apply_recipe(ck, a.recipe, a.work, progress=False)
     s = base.schedule
     sched = DDPMScheduler(num_train_timesteps=s.num_timesteps, beta_start=s.beta_start, beta_end=s.beta_end,
                           beta_schedule="linear" if s.kind == "linear" else "squaredcos_cap_v2",
@@ -93,7 +100,7 @@ def main():
                                              runtime=a.runtime, latency=None, inception=False))
     fid = row["quality"]["fid_dom"]
     ratio, speed = fid / ref_fid, ips_ours / ips_pipe
-    md = (f"# End to end ({a.ckpt}, {a.solver}-{a.nfe} {spacing}, runtime {a.runtime}) vs diffusers DDPMPipeline-1000 on {a.base}\n\n"
+    md = (f"# End to end ({a.ckpt}{' > ' + a.recipe if a.recipe else ''}, {a.solver}-{a.nfe} {spacing}, runtime {a.runtime}) vs diffusers DDPMPipeline-1000 on {a.base}\n\n"
           f"Speed: batch {a.batch}, {a.rounds} alternating rounds, median, OMP_NUM_THREADS=1 on a shared 2-core machine.\n\n"
           f"| | images/s | FID-dom (N) |\n|---|---|---|\n"
           f"| diffusers DDPMPipeline, 1000 steps | {ips_pipe:.3f} | {ref_fid:.3f} ({ref_n}, model card{'' if a.reference_row == 'ddpm-1000' else ': ' + a.reference_row + ' row, not DDPM-1000'}) |\n"

@@ -8,7 +8,8 @@ with the evaluation harness (N samples, seed 0), reads the real-vs-real floor fr
 benchmarks/results/metrics.json when present, and writes card.json, CARD.md and grid.png beside the
 weights. The best row at <= --default-max-nfe NFE is recorded in the checkpoint as its default sampler
 (meta["sampler"], what `leandiff sample`/`eval` use when the user names none). Resumable: finished rows
-are kept in leandiff/zoo/NAME/card_rows.jsonl and skipped on a rerun.
+are kept in leandiff/zoo/NAME/card_rows.jsonl and skipped on a rerun; rows measured on other weights (a model
+shipped again under its name) are moved aside, never reused.
 """
 from __future__ import annotations
 
@@ -136,6 +137,11 @@ def main():
     ck = load_checkpoint(dst)
     ck.meta.pop("sampler", None)  # measure with explicit settings; the default is recorded at the end
     rows_path = dst / "card_rows.jsonl"
+    if rows_path.is_file() and any(r.get("weights") != ck.hash() for r in read_rows([rows_path])):
+        # rows of other weights (a model shipped again under its name) describe another network: start afresh
+        stale = rows_path.with_name(f"card_rows.stale-{next(r for r in read_rows([rows_path]) if r.get('weights') != ck.hash()).get('weights')}.jsonl")
+        rows_path.replace(stale)
+        print(f"{rows_path}: rows of other weights moved to {stale.name} (not shipped)")
     done = {r.get("card_key") or row_key(r["protocol"]["solver"], r["protocol"]["nfe"], None)
             for r in read_rows([rows_path])} if rows_path.is_file() else set()
     for solver, nfe, spacing, runtime in parse_rows(args.rows):
