@@ -127,7 +127,10 @@ def main():
     ap.add_argument("--default-max-nfe", type=int, default=20,
                     help="record the best row at <= this NFE as the checkpoint's default sampler (0: record none)")
     ap.add_argument("--trained-on", default="", help="where it was trained, when not this machine")
+    ap.add_argument("--continues", default="", help="the checkpoint this run started from (train --init): its "
+                    "training is added to the card's totals")
     args = ap.parse_args()
+    before = load_checkpoint(args.continues).meta.get("train", {}) if args.continues else None  # before dst is rewritten
 
     src = Path(args.ckpt)
     dst = ZOO_DIR / args.name
@@ -184,6 +187,10 @@ def main():
             "train": {k: tr.get(k) for k in ("steps", "completed_steps", "batch_size", "lr", "seed", "bf16",
                                              "wall_seconds", "cpu_seconds", "num_images", "ema_decay", "ema",
                                              "schedule", "parameterization", "weighting", "min_snr_gamma")},
+            "continues": ({"checkpoint": args.continues, "train": {k: before.get(k) for k in ("completed_steps", "cpu_seconds", "wall_seconds", "lr")},
+                           "total_steps": (before.get("completed_steps") or 0) + (tr.get("completed_steps") or 0),
+                           "total_cpu_seconds": (before.get("cpu_seconds") or 0) + (tr.get("cpu_seconds") or 0)}
+                          if before is not None else None),
             "weights": ck.hash(), "quality": q, "n": args.n, "real_vs_real_floor": floor, "reference": args.reference,
             "over_reference": {k: v["fid_dom"] / ref for k, v in q.items()} if ref else None,
             "ddpm1000_over_floor": (q["ddpm-1000"]["fid_dom"] / floor["fid_dom"]) if floor and "ddpm-1000" in q else None,
@@ -198,6 +205,10 @@ def main():
              f"bf16 {tr.get('bf16')}, wall time {tr.get('wall_seconds')} s"
              + (f", {cpu_s:.0f} core-seconds ({cpu_s / 3600:.2f} core-hours)" if cpu_s else "")
              + f" on {card['trained_on']}",
+             *([f"- continued (`train --init`) from a run of {before.get('completed_steps')} steps, "
+                f"{(before.get('cpu_seconds') or 0):.0f} core-seconds: {card['continues']['total_steps']} steps and "
+                f"{card['continues']['total_cpu_seconds']:.0f} core-seconds "
+                f"({card['continues']['total_cpu_seconds'] / 3600:.2f} core-hours) in all"] if before is not None else []),
              f"- predicts {ck.parameterization}, {ck.schedule.kind} schedule"
              + (f", weighting {tr.get('weighting')}" if tr.get("weighting") else ""),
              f"- weights {ck.hash()}", "",
