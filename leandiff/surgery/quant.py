@@ -192,7 +192,7 @@ def check_keep(net: nn.Module, keep: tuple[str, ...]) -> None:
     names = {n for n, _ in net.named_modules()}
     missing = [k for k in keep if k not in names]
     if missing:
-        top = ", ".join(n for n, _ in net.named_children())
+        top = ", ".join(f"{n}.0..{len(m) - 1}" if isinstance(m, nn.ModuleList) else n for n, m in net.named_children())
         raise UserError(f"quant: keep={missing[0]} is no module of this network (its top-level modules: {top})")
 
 
