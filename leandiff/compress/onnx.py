@@ -153,7 +153,8 @@ ORT_OBSERVERS = {"minmax": ("MinMax", {}), "percentile": ("Percentile", {"CalibP
 
 def quantize_onnx_int8(fp32: str | Path, out: str | Path, calib: tuple[torch.Tensor, torch.Tensor],
                        per_channel: bool = True, keep_first_last: bool = True, keep_time: bool = True,
-                       observer: str = "minmax", keep: tuple[str, ...] = ()) -> Path:
+                       observer: str = "minmax", keep: tuple[str, ...] = (),
+                       op_types: tuple[str, ...] = ("Conv", "MatMul", "Gemm")) -> Path:
     """Static int8: QDQ, QUInt8 activations, QInt8 weights (per channel), Conv/MatMul/Gemm only;
     first/last convolutions and the time embedding optionally kept in fp32; activation ranges by
     ONNX Runtime's MinMax or Percentile calibrator (``observer``)."""
@@ -171,7 +172,7 @@ def quantize_onnx_int8(fp32: str | Path, out: str | Path, calib: tuple[torch.Ten
             tmp = Path(d) / "int8.onnx"
             quantize_static(str(pre), str(tmp), _Reader(*calib), quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
-                            op_types_to_quantize=["Conv", "MatMul", "Gemm"], calibrate_method=getattr(CalibrationMethod, method),
+                            op_types_to_quantize=list(op_types), calibrate_method=getattr(CalibrationMethod, method),
                             nodes_to_exclude=excluded_nodes(pre, keep_first_last, keep_time, keep),
                             extra_options=dict(extra))
         finally:
