@@ -24,9 +24,8 @@ from leandiff.checkpoint import load_checkpoint  # noqa: E402
 from leandiff.compress.artifacts import calibration_inputs  # noqa: E402
 from leandiff.compress.calibration import CalibConfig  # noqa: E402
 from leandiff.compress.onnx import OrtNetwork, export_onnx, quantize_onnx_int8  # noqa: E402
-from leandiff.compress.sensitivity import relative_error  # noqa: E402
+from leandiff.compress.sensitivity import outputs, relative_error  # noqa: E402
 from leandiff.cost import LatencyConfig, measure_latency  # noqa: E402
-from leandiff.denoiser import call_network  # noqa: E402
 from leandiff.models import image_shape  # noqa: E402
 from leandiff.surgery.quant import check_keep, parse_keep  # noqa: E402
 
@@ -46,8 +45,7 @@ def main():
     check_keep(ck.net, keep)
     calib = calibration_inputs(ck, CalibConfig(collector="uniform", n=256, steps=20))
     xs, ts = calibration_inputs(ck, CalibConfig(collector="uniform", n=64, steps=20, seed=1))
-    with torch.no_grad():
-        ref = call_network(ck.net.float().eval(), xs, ts).float()
+    ref = outputs(ck.net.float().eval(), xs, ts)
     nets, errors = {"torch fp32 eager": ck.net.float().eval()}, {}
     with tempfile.TemporaryDirectory(prefix="leandiff-optypes-") as d:
         fp32 = export_onnx(ck, Path(d) / "fp32.onnx")

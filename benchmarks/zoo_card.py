@@ -140,9 +140,9 @@ def main():
     ck = load_checkpoint(dst)
     ck.meta.pop("sampler", None)  # measure with explicit settings; the default is recorded at the end
     rows_path = dst / "card_rows.jsonl"
-    if rows_path.is_file() and any(r.get("weights") != ck.hash() for r in read_rows([rows_path])):
-        # rows of other weights (a model shipped again under its name) describe another network: start afresh
-        stale = rows_path.with_name(f"card_rows.stale-{next(r for r in read_rows([rows_path]) if r.get('weights') != ck.hash()).get('weights')}.jsonl")
+    other = {r.get("weights") for r in read_rows([rows_path])} - {ck.hash()} if rows_path.is_file() else set()
+    if other:  # rows of other weights (a model shipped again under its name) describe another network: start afresh
+        stale = rows_path.with_name(f"card_rows.stale-{sorted(map(str, other))[0]}.jsonl")
         rows_path.replace(stale)
         print(f"{rows_path}: rows of other weights moved to {stale.name} (not shipped)")
     done = {r.get("card_key") or row_key(r["protocol"]["solver"], r["protocol"]["nfe"], None)

@@ -34,19 +34,22 @@ def candidates(net: nn.Module) -> list[str]:
     return out
 
 
-def relative_error(net: Network, reference: torch.Tensor, xs: torch.Tensor, ts: torch.Tensor, batch: int = 32) -> float:
-    """‖net − reference‖² / ‖reference‖² over the held-out inputs."""
+def outputs(net: Network, xs: torch.Tensor, ts: torch.Tensor, batch: int = 32) -> torch.Tensor:
+    """``net`` (a torch module or a runtime network) on the inputs, in batches, as fp32."""
     with torch.no_grad():
-        out = torch.cat([net(xs[i:i + batch], ts[i:i + batch]) for i in range(0, xs.shape[0], batch)])
-    return float(((out.float() - reference) ** 2).mean() / (reference ** 2).mean().clamp_min(1e-30))
+        return torch.cat([call_network(net, xs[i:i + batch], ts[i:i + batch]).float() for i in range(0, xs.shape[0], batch)])
+
+
+def relative_error(net: Network, reference: torch.Tensor, xs: torch.Tensor, ts: torch.Tensor) -> float:
+    """‖net − reference‖² / ‖reference‖² over the held-out inputs."""
+    return float(((outputs(net, xs, ts) - reference) ** 2).mean() / (reference ** 2).mean().clamp_min(1e-30))
 
 
 def choose_keep(build: Callable[[tuple[str, ...]], Network], fp_net: nn.Module, held_out, blocks: list[str],
                 tol: float = 1e-3, max_keep: int = 3, log: Callable[[str], None] = print) -> tuple[tuple[str, ...], list[dict]]:
     """The blocks to keep (see the module docstring) and the trace of every measured configuration."""
     xs, ts = held_out
-    with torch.no_grad():
-        ref = torch.cat([call_network(fp_net, xs[i:i + 32], ts[i:i + 32]).float() for i in range(0, xs.shape[0], 32)])
+    ref = outputs(fp_net, xs, ts)
     trace = []
 
     def measure(keep: tuple[str, ...]) -> float:
