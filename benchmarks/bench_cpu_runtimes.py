@@ -11,7 +11,9 @@ backend and collector. Speed: per-evaluation latency at batch 64 of all variants
 achieved GOP/s against this machine's peak of the variant's number format (``bench_roofline.peaks``).
 Latency-only rows check the speed work: OpenVINO with a dynamic batch instead of static shapes, and
 converted from the ONNX export instead of from PyTorch; int8 with the unquantized operations in bf16
-(mixed int8/bf16, which has its own FID-dom row).
+(mixed int8/bf16, which has its own FID-dom row). OpenVINO int8 places NNCF's quantizers at the GEMM
+inputs only (scope=gemm) without bias correction, leandiff's defaults; "NNCF defaults" rows keep NNCF's
+placement (scope=nncf) and its fast bias correction (bias_correction=true).
 Rows are appended to OUT/rows.jsonl as they finish; a killed run resumes.
 """
 from __future__ import annotations
@@ -29,9 +31,6 @@ from _common import RESULTS, write_results, resumable_rows  # noqa: E402
 from bench_roofline import FORMAT, peaks  # noqa: E402
 
 from leandiff.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from leandiff.compress.calibration import CalibConfig  # noqa: E402
-from leandiff.compress.onnx import quantize_ort_int8  # noqa: E402
-from leandiff.compress.openvino import quantize_openvino_int8  # noqa: E402
 from leandiff.cost import LatencyConfig, macs_per_image, measure_latency  # noqa: E402
 from leandiff.evaluate import EvalConfig, append_row, evaluate_checkpoint  # noqa: E402
 from leandiff.io import atomic_path  # noqa: E402
@@ -44,9 +43,15 @@ from leandiff.surgery.quant import check_keep, parse_keep  # noqa: E402
 BATCH = 64
 
 
+def _int8(backend, collector, keep="", scope="gemm", bias_correction=False) -> dict:
+    return {"backend": backend, "collector": collector, "keep": keep, "scope": scope, "bias_correction": bias_correction}
+
+
 def variants(collectors, ov_collectors, compile_: bool, keep: str = ""):
-    """(row name, how to build its checkpoint: None | (backend, collector[, kept modules]), runtime spec,
-    FID-dom too?)."""
+    """(row name, how to build its checkpoint: None | :func:`_int8` settings, runtime spec, FID-dom too?).
+    OpenVINO int8 rows use leandiff's defaults (NNCF's quantizers at the GEMM inputs only, no bias
+    correction); the "NNCF defaults" rows keep NNCF's own placement and its fast bias correction, and one
+    row its placement alone."""
     yield "torch fp32 eager", None, "eager", True
     yield "torch bf16 autocast", None, "bf16", True
     if compile_:
@@ -54,21 +59,25 @@ def variants(collectors, ov_collectors, compile_: bool, keep: str = ""):
         yield "torch.compile bf16", None, "compile-bf16", False  # bf16 autocast compiled: bf16's arithmetic
     yield "ORT fp32", None, "ort", True
     for c in collectors:
-        yield f"ORT int8 [{c}]", ("ort", c), "ort-int8", True
+        yield f"ORT int8 [{c}]", _int8("ort", c), "ort-int8", True
     yield "OpenVINO fp32", None, "openvino", True
     yield "OpenVINO fp32, dynamic batch", None, "openvino(static=false)", False
     yield "OpenVINO fp32, converted from ONNX", None, "openvino(source=onnx)", False
     yield "OpenVINO bf16", None, "openvino-bf16", True
     for c in ov_collectors:
-        yield f"OpenVINO int8 (NNCF) [{c}]", ("openvino", c), "openvino-int8", True
+        yield f"OpenVINO int8 (NNCF) [{c}]", _int8("openvino", c), "openvino-int8", True
     c = ov_collectors[0]
-    yield f"OpenVINO int8 (NNCF) [{c}], dynamic batch", ("openvino", c), "openvino-int8(static=false)", False
+    yield f"OpenVINO int8 (NNCF) [{c}], dynamic batch", _int8("openvino", c), "openvino-int8(static=false)", False
     yield f"OpenVINO int8 (NNCF) [{c}, n=128], converted from ONNX", None, f"openvino-int8(calib={c},source=onnx)", False
-    yield f"OpenVINO int8+bf16 (NNCF) [{c}]", ("openvino", c), "openvino-int8(bf16=true)", True
+    yield f"OpenVINO int8+bf16 (NNCF) [{c}]", _int8("openvino", c), "openvino-int8(bf16=true)", True
+    yield f"OpenVINO int8 (NNCF's placement) [{c}]", _int8("openvino", c, scope="nncf"), "openvino-int8", True
+    nncf = _int8("openvino", c, scope="nncf", bias_correction=True)
+    yield f"OpenVINO int8 (NNCF defaults) [{c}]", nncf, "openvino-int8", True
+    yield f"OpenVINO int8+bf16 (NNCF defaults) [{c}]", nncf, "openvino-int8(bf16=true)", True
     if keep:  # the modules a sensitivity probe found costly in int8, kept out of it (quant(keep=...))
-        yield f"ORT int8 [{c}, keep {keep}]", ("ort", c, keep), "ort-int8", True
-        yield f"OpenVINO int8 (NNCF) [{c}, keep {keep}]", ("openvino", c, keep), "openvino-int8", True
-        yield f"OpenVINO int8+bf16 (NNCF) [{c}, keep {keep}]", ("openvino", c, keep), "openvino-int8(bf16=true)", True
+        yield f"ORT int8 [{c}, keep {keep}]", _int8("ort", c, keep), "ort-int8", True
+        yield f"OpenVINO int8 (NNCF) [{c}, keep {keep}]", _int8("openvino", c, keep), "openvino-int8", True
+        yield f"OpenVINO int8+bf16 (NNCF) [{c}, keep {keep}]", _int8("openvino", c, keep), "openvino-int8(bf16=true)", True
 
 
 def build(base, how, out: Path, n_calib: int, calib_steps: int):
@@ -76,14 +85,20 @@ def build(base, how, out: Path, n_calib: int, calib_steps: int):
         return base
     if (out / "leandiff.json").is_file():
         return load_checkpoint(out)
-    if len(how) > 2:  # kept modules (or keep=auto): the recipe step itself, with the same calibration
-        step = QuantStep(runtime=f"{how[0]}-int8", calib=how[1], n=n_calib, steps=calib_steps, keep=how[2])
-        ck = quant_step(base, step, StepContext(step_dir=out))
-    else:
-        cc = CalibConfig(collector=how[1], n=n_calib, steps=calib_steps)
-        ck = (quantize_ort_int8 if how[0] == "ort" else quantize_openvino_int8)(base, cc, out)
-    save_checkpoint(ck, out)
+    # the recipe step itself (keep=auto measures the backend; the same calibration as the other rows)
+    step = QuantStep(runtime=f"{how['backend']}-int8", calib=how["collector"], n=n_calib, steps=calib_steps,
+                     keep=how["keep"], scope=how["scope"], bias_correction=how["bias_correction"])
+    save_checkpoint(quant_step(base, step, StepContext(step_dir=out)), out)
     return load_checkpoint(out)
+
+
+def build_dir(out: Path, how) -> Path:
+    """Where a variant's checkpoint is kept: one directory per distinct setting."""
+    if how is None:
+        return out
+    parts = [how["backend"], how["collector"], how["keep"], "" if how["scope"] == "gemm" else f"scope-{how['scope']}",
+             "bc" if how["bias_correction"] else ""]
+    return out / "ckpt" / "-".join(p for p in parts if p)
 
 
 def pareto_plot(points: list[dict], path: Path) -> None:
@@ -146,7 +161,7 @@ def main():
     # --- quality: one FID-dom row per variant, through its own runtime ----------------------------------------------
     ckpts = {}
     for name, how, rt, quality in var:
-        ckpts[name] = build(base, how, out / "ckpt" / "-".join(how) if how else out, a.n_calib, a.calib_steps)
+        ckpts[name] = build(base, how, build_dir(out, how), a.n_calib, a.calib_steps)
         if not quality or name in done or a.skip_quality:
             continue
         t0 = time.perf_counter()
@@ -234,6 +249,13 @@ def main():
             verdict.append(f"- keep={a.keep} (kept out of int8: {chosen}): {kept} FID-dom ÷ fp32 {by[kept]['fid_ratio']:.3f} "
                            f"(all int8: {by[plain]['fid_ratio']:.3f}) at {by[kept]['speedup']:.2f}× eager "
                            f"(all int8: {by[plain]['speedup']:.2f}×).")
+    ours, place, dflt = (f"OpenVINO int8 (NNCF) [{c}]", f"OpenVINO int8 (NNCF's placement) [{c}]",
+                         f"OpenVINO int8 (NNCF defaults) [{c}]")
+    if all(k in by and by[k]["fid_ratio"] for k in (ours, place, dflt)):
+        verdict.append(f"- leandiff's NNCF settings (quantizers at the GEMM inputs only, no bias correction) vs NNCF's "
+                       f"defaults: FID-dom ÷ fp32 {by[ours]['fid_ratio']:.3f} at {by[ours]['speedup']:.2f}× eager vs "
+                       f"{by[dflt]['fid_ratio']:.3f} at {by[dflt]['speedup']:.2f}×; NNCF's placement (residual adds, norms "
+                       f"in int8) without its bias correction: {by[place]['fid_ratio']:.3f} at {by[place]['speedup']:.2f}×.")
     if points:
         pareto_plot(points, RESULTS / f"{a.results_name}_pareto.png")
     n_note = (f"N={a.n}" + ("" if a.n >= 2048 else " (fewer than the issue's 2048, for time)")) if done else "no FID-dom rows"

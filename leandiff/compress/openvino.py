@@ -5,10 +5,14 @@
 - runtime ``openvino-bf16``: the same model with the bf16 precision hint (refused on a CPU without bf16);
 - runtime ``openvino-int8``: the model quantized by NNCF's post-training quantization
   (``nncf.quantize``: MIXED preset = asymmetric 8-bit activations, symmetric per-channel 8-bit weights;
-  NNCF's fast bias correction on, as by default) from leandiff's own calibration collectors
+  NNCF's bias correction off unless ``bias_correction=true``, see :func:`quantize_ir_int8`) from leandiff's own calibration collectors
   (:mod:`leandiff.compress.calibration`), with the same layers kept in full precision as the ONNX
   Runtime path (conv_in / conv_out, the time-embedding MLP); ``bf16=true`` runs the operations left
-  unquantized in bf16 instead of fp32 (mixed int8/bf16).
+  unquantized in bf16 instead of fp32 (mixed int8/bf16). Where the quantizers go is the ``scope``
+  (:data:`OV_SCOPES`): by default only at the inputs of the GEMMs (Convolution, MatMul), as leandiff's
+  fake-quant path simulates; ``scope=nncf`` keeps NNCF's own placement, which also quantizes the inputs
+  of Add, GroupNormalization, Concat, ... (an int8 residual stream: 5.7× the output error on
+  ``zoo:mnist-small-v2`` and no faster, measured in benchmarks/results/cpu_runtimes_small.md).
 
 Models are converted directly from the PyTorch network by ``openvino.convert_model`` (``source=torch``,
 the default: GroupNorm, SiLU and attention stay whole OpenVINO ops, measured faster than converting the
@@ -101,6 +105,19 @@ def convert(ckpt, source: str = "torch"):
     return model
 
 
+# where NNCF puts quantizers: "gemm" ignores every op type but the GEMMs (their inputs are the only
+# quantized activations; the residual adds, normalizations, concatenations and attention stay in the
+# unquantized precision); "nncf" is NNCF's own pattern-based placement (MIXED preset)
+OV_SCOPES = {"gemm": "inputs of Convolution/MatMul only", "nncf": "NNCF's placement (also Add, GroupNormalization, Concat, ... inputs)"}
+_GEMMS = {"Convolution", "GroupConvolution", "MatMul", "Parameter", "Result", "Constant"}  # not ignored by "gemm"
+
+
+def check_scope(scope: str, what: str = "openvino-int8") -> str:
+    if scope not in OV_SCOPES:
+        raise UserError(f"{what}: scope must be one of {', '.join(OV_SCOPES)}, got {scope!r}")
+    return scope
+
+
 # leandiff observer -> NNCF activation range estimator: min/max over the whole calibration set (as ORT's
 # MinMax), or NNCF's quantile estimator cutting the same 0.01 % from each side as the fake-quant percentile.
 OV_OBSERVERS = ("minmax", "percentile")
@@ -108,10 +125,14 @@ OV_OBSERVERS = ("minmax", "percentile")
 
 def quantize_ir_int8(model, out: str | Path, calib: tuple[torch.Tensor, torch.Tensor],
                      keep_first_last: bool = True, keep_time: bool = True, observer: str = "minmax",
-                     keep: tuple[str, ...] = ()) -> Path:
+                     keep: tuple[str, ...] = (), scope: str = "gemm", bias_correction: bool = False) -> Path:
     """NNCF post-training int8 of the OpenVINO ``model`` (:func:`convert`), calibrated on ``calib`` (the
     network's inputs x [N, C, H, W] and t [N], fed one sample at a time: NNCF's subset is counted in
-    dataset items), written as OpenVINO IR ``out``."""
+    dataset items), quantizers placed by ``scope`` (:data:`OV_SCOPES`), written as OpenVINO IR ``out``.
+    ``bias_correction`` runs NNCF's fast bias correction (its default; off by default here: on
+    ``zoo:mnist-small-v2`` it shifts the mean of the int8 model's output by −5e-2 at t < 50, where without
+    it the shift is −5e-3 — one static correction per layer does not fit activations whose mean moves
+    with t)."""
     nncf = require("nncf", "quantization to openvino-int8")
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
@@ -123,26 +144,29 @@ def quantize_ir_int8(model, out: str | Path, calib: tuple[torch.Tensor, torch.Te
              for i in range(xs.shape[0])]
     kept = (_KEEP_FIRST_LAST if keep_first_last else ()) + (_KEEP_TIME if keep_time else ()) + tuple(keep)
     ignored = sorted({op.get_friendly_name() for op in model.get_ops() if in_kept(op.get_friendly_name(), kept)})
+    types = sorted({op.get_type_name() for op in model.get_ops()} - _GEMMS) if check_scope(scope) == "gemm" else []
     ranges = RangeEstimatorParametersSet.MINMAX if observer == "minmax" else RangeEstimatorParametersSet.MEAN_QUANTILE
     nncf.set_log_level(40)  # errors only: NNCF logs every stage at INFO
     q = nncf.quantize(model, nncf.Dataset(items), preset=nncf.QuantizationPreset.MIXED, subset_size=len(items),
-                      ignored_scope=nncf.IgnoredScope(names=ignored, validate=False),
-                      advanced_parameters=AdvancedQuantizationParameters(activations_range_estimator_params=ranges))
+                      ignored_scope=nncf.IgnoredScope(names=ignored, types=types, validate=False),
+                      advanced_parameters=AdvancedQuantizationParameters(activations_range_estimator_params=ranges,
+                                                                         disable_bias_correction=not bias_correction))
     return _save_ir(q, Path(out))
 
 
 def quantize_openvino_int8(ckpt, ccfg: CalibConfig, out_dir: str | Path, images=None, keep_first_last: bool = True,
-                           keep_time: bool = True, observer: str = "minmax", keep: tuple[str, ...] = ()):
+                           keep_time: bool = True, observer: str = "minmax", keep: tuple[str, ...] = (),
+                           scope: str = "gemm", bias_correction: bool = False):
     """The quant(runtime=openvino-int8) step: export, calibrate on collector ``ccfg``, quantize with NNCF, write
     ``openvino.int8.xml/.bin`` into ``out_dir``; the returned checkpoint (same weights) records its runtime."""
     out_dir = Path(out_dir)
     calib = calibration_inputs(ckpt, ccfg, images)
-    quantize_ir_int8(convert(ckpt), out_dir / OV_INT8_NAME, calib, keep_first_last, keep_time, observer, keep)
+    quantize_ir_int8(convert(ckpt), out_dir / OV_INT8_NAME, calib, keep_first_last, keep_time, observer, keep, scope, bias_correction)
     meta = copy.deepcopy(ckpt.meta)
     meta["runtime"] = {"name": "openvino-int8", "args": {}}
     meta["quant"] = {"mode": "OpenVINO int8 from NNCF post-training quantization (real int8 kernels)", "w_bits": 8,
                      "a_bits": 8, "source": "torch", "preset": "mixed", "activations": "asymmetric 8-bit per tensor",
-                     "weights": "symmetric 8-bit per channel", "observer": observer, "fast_bias_correction": True,
+                     "weights": "symmetric 8-bit per channel", "scope": scope, "observer": observer, "bias_correction": "NNCF fast bias correction" if bias_correction else False,
                      "keep_first_last": keep_first_last, "keep_time": keep_time, "keep": list(keep),
                      "files": [OV_INT8_NAME, Path(OV_INT8_NAME).with_suffix(".bin").name], "calibration": asdict(ccfg)}
     return Checkpoint(ckpt.net, copy.deepcopy(ckpt.arch), ckpt.schedule, ckpt.parameterization, meta)
@@ -207,16 +231,18 @@ class OvInt8Spec:
     bf16: bool = False  # the operations left unquantized run in bf16 (mixed int8/bf16) instead of fp32
     static: bool = True  # compile per input shape with that shape fixed (else one dynamic-batch model)
     source: str = "torch"  # an on-the-fly calibration converts the PyTorch network (torch) or its ONNX export
+    scope: str = "gemm"  # an on-the-fly calibration's quantizer placement (OV_SCOPES)
 
     def __post_init__(self):
         if self.source not in SOURCES:
             raise UserError(f"openvino-int8: source must be one of {', '.join(SOURCES)}, got {self.source!r}")
+        check_scope(self.scope)
         if self.calib and self.calib not in COLLECTORS:
             raise UserError(f"openvino-int8: unknown calib {self.calib!r}; known: {', '.join(COLLECTORS)}")
 
     def describe(self) -> str:
         return ((", unquantized operations in bf16" if self.bf16 else "") + ("" if self.static else ", dynamic batch")
-                + ("" if self.source == "torch" else f", from {self.source}"))
+                + ("" if self.source == "torch" else f", from {self.source}") + ("" if self.scope == "gemm" else f", scope {self.scope}"))
 
 
 def ir_file(ckpt, source: str = "torch", int8: OvInt8Spec | None = None) -> Path:
@@ -229,12 +255,14 @@ def ir_file(ckpt, source: str = "torch", int8: OvInt8Spec | None = None) -> Path
         return found
     d = cache_dir(ckpt, "openvino-int8", int8.calib if int8 is not None else None)
     path = d / (name if source == "torch" else name.replace("openvino", f"openvino-{source}", 1))
+    if int8 is not None:  # the placement is part of the cached model's name (models cached before it had NNCF's)
+        path = path.with_name(path.name.replace(".int8", f".int8-{int8.scope}"))
     if path.is_file():
         return path
     if int8 is None:
         return _save_ir(convert(ckpt, source), path)
     require("nncf", "runtime openvino-int8")
-    return quantize_ir_int8(convert(ckpt, source), path, calibration_inputs(ckpt, int8.calib))
+    return quantize_ir_int8(convert(ckpt, source), path, calibration_inputs(ckpt, int8.calib), scope=int8.scope)
 
 
 def openvino_fp32(ckpt, spec: OvSpec) -> OvNetwork:

@@ -43,7 +43,7 @@ from .adaround import adaround, adaround_layer, correct_bias, layer_inputs  # no
 from .calibration import COLLECTORS, CalibConfig, collect  # noqa: F401
 from .artifacts import calibration_inputs
 from .onnx import OrtNetwork, export_onnx, quantize_onnx_int8, quantize_ort_int8
-from .openvino import OV_OBSERVERS, OvNetwork, convert, quantize_ir_int8, quantize_openvino_int8, require
+from .openvino import OV_OBSERVERS, OvNetwork, check_scope, convert, quantize_ir_int8, quantize_openvino_int8, require
 from .sensitivity import candidates, choose_keep
 
 
@@ -158,10 +158,11 @@ class QuantStep:
     keep: str = ""  # more modules kept full precision: paths joined by "+" (down_blocks.0+up_blocks.2), or auto
     keep_tol: float = 1e-3  # keep=auto: largest relative output error of the int8 model on held-out inputs
     keep_max: int = 3  # keep=auto: at most this many blocks kept
+    scope: str = "gemm"  # openvino-int8: quantizers at the GEMM inputs only, or NNCF's own placement (nncf)
     t_groups: int = 1  # activation scales per timestep group
     w_round: str = "nearest"  # nearest | adaround
     adaround_iters: int = 400  # AdaRound steps per layer
-    bias_correction: bool = False  # remove each layer's mean output shift (Nagel et al. 2019)
+    bias_correction: bool = False  # remove each layer's mean output shift (Nagel et al. 2019; openvino-int8: NNCF's)
 
     def __post_init__(self):
         if self.runtime not in QUANT_RUNTIMES:
@@ -182,6 +183,9 @@ class QuantStep:
                 raise UserError(f"quant: keep_tol must be > 0 and keep_max >= 0; got {self.keep_tol}, {self.keep_max}")
         else:
             parse_keep(self.keep)
+        check_scope(self.scope, "quant")
+        if self.scope != "gemm" and self.runtime != "openvino-int8":
+            raise UserError(f"quant: scope={self.scope} places NNCF's quantizers: it needs runtime=openvino-int8")
         if self.runtime == "ort-int8":
             if (self.w, self.a) != (8, 8) or self.t_groups != 1 or self.w_round != "nearest" or self.bias_correction:
                 raise UserError("quant: runtime=ort-int8 is W8A8 with one activation scale (t_groups=1) and "
@@ -191,11 +195,10 @@ class QuantStep:
                                 f"(ONNX Runtime's calibrators) and weights with minmax; got observer={self.observer}, "
                                 f"w_observer={self.w_observer}")
         elif self.runtime == "openvino-int8":
-            if (self.w, self.a) != (8, 8) or self.t_groups != 1 or self.w_round != "nearest" or self.bias_correction \
-                    or not self.per_channel:
+            if (self.w, self.a) != (8, 8) or self.t_groups != 1 or self.w_round != "nearest" or not self.per_channel:
                 raise UserError("quant: runtime=openvino-int8 is W8A8, per-channel weights, one activation scale "
-                                "(t_groups=1) and NNCF's own rounding and bias correction (w_round=nearest, "
-                                "bias_correction=false)")
+                                "(t_groups=1) and NNCF's own rounding (w_round=nearest); bias_correction=true runs "
+                                "NNCF's fast bias correction")
             if self.observer not in OV_OBSERVERS or self.w_observer != "minmax":
                 raise UserError(f"quant: runtime=openvino-int8 calibrates activations with observer="
                                 f"{'|'.join(OV_OBSERVERS)} and weights with minmax; got observer={self.observer}, "
@@ -237,7 +240,7 @@ def auto_keep(ckpt, cfg: QuantStep, ccfg: CalibConfig, images=None, log=print):
 
             def build(keep):
                 return OvNetwork(quantize_ir_int8(model, Path(d) / f"q{next(count)}.xml", calib, cfg.keep_first_last,
-                                                  cfg.keep_time, cfg.observer, keep))
+                                                  cfg.keep_time, cfg.observer, keep, cfg.scope, cfg.bias_correction))
         return choose_keep(build, ckpt.net.float().eval(), held_out, candidates(ckpt.net), cfg.keep_tol, cfg.keep_max, log)
 
 
@@ -273,6 +276,7 @@ def quant_step(ckpt, cfg: QuantStep, ctx):
                                  observer=cfg.observer, keep=keep)
     if cfg.runtime == "openvino-int8":
         return quantize_openvino_int8(ckpt, ccfg, ctx.step_dir, images=images, keep_first_last=cfg.keep_first_last,
-                                      keep_time=cfg.keep_time, observer=cfg.observer, keep=keep)
+                                      keep_time=cfg.keep_time, observer=cfg.observer, keep=keep, scope=cfg.scope,
+                                      bias_correction=cfg.bias_correction)
     return fake_quantize(ckpt, cfg.quant_config(), ccfg, images)
 

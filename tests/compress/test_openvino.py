@@ -151,7 +151,7 @@ def test_openvino_int8_spec_checks_its_arguments():
         get_runtime("openvino(source=tf)")
     from leandiff.recipe import parse_recipe
 
-    for bad in ("w=4", "t_groups=2", "bias_correction=true", "observer=mse", "per_channel=false"):
+    for bad in ("w=4", "t_groups=2", "observer=mse", "per_channel=false"):
         with pytest.raises(UserError, match="openvino-int8"):
             parse_recipe(f"quant(runtime=openvino-int8,{bad})")
 
@@ -199,3 +199,47 @@ def test_keep_leaves_the_named_modules_out_of_nncf_int8(tiny, tmp_path):
     quantized = [op.get_friendly_name() for op in convs if op.input_value(0).get_node().get_type_name() == "FakeQuantize"]
     assert quantized and not any(in_kept(n, ("down_blocks.0",)) for n in quantized)
     assert any(in_kept(n, ("down_blocks.1",)) for n in quantized)
+
+
+def _activation_quantizer_users(xml) -> set[str]:
+    """The op types fed by the model's activation FakeQuantize nodes (weights' quantizers excluded)."""
+    import openvino as ov
+
+    users = set()
+    for op in ov.Core().read_model(str(xml)).get_ops():
+        if op.get_type_name() == "FakeQuantize" and op.input_value(0).get_node().get_type_name() not in ("Constant", "Convert"):
+            users |= {t.get_node().get_type_name() for o in op.outputs() for t in o.get_target_inputs()}
+    return users
+
+
+@needs_ov
+def test_scope_gemm_quantizes_only_gemm_inputs_and_nncf_scope_more(tiny, tmp_path):
+    from leandiff.compress.openvino import quantize_openvino_int8
+
+    cc = CalibConfig(collector="real", n=16)
+    gemm = quantize_openvino_int8(tiny, cc, tmp_path / "g", images=_images())
+    nncf = quantize_openvino_int8(tiny, cc, tmp_path / "n", images=_images(), scope="nncf", bias_correction=True)
+    assert gemm.meta["quant"]["scope"] == "gemm" and nncf.meta["quant"]["scope"] == "nncf"
+    assert gemm.meta["quant"]["bias_correction"] is False and nncf.meta["quant"]["bias_correction"]
+    g, n = _activation_quantizer_users(tmp_path / "g" / "openvino.int8.xml"), _activation_quantizer_users(tmp_path / "n" / "openvino.int8.xml")
+    assert "Convolution" in g and g <= {"Convolution", "MatMul"}
+    assert n - {"Convolution", "MatMul"}  # NNCF's own placement also quantizes the residual adds / norms
+
+
+@needs_ov
+def test_scope_is_part_of_the_cached_on_the_fly_model(tiny, monkeypatch, tmp_path):
+    monkeypatch.setattr("leandiff.compress.artifacts.CACHE", tmp_path)
+    a = get_runtime("openvino-int8(calib=uniform)")(tiny).path
+    b = get_runtime("openvino-int8(calib=uniform,scope=nncf)")(tiny).path
+    assert a != b and a.endswith("openvino.int8-gemm.xml") and b.endswith("openvino.int8-nncf.xml")
+
+
+def test_scope_is_checked():
+    from leandiff.recipe import parse_recipe
+
+    with pytest.raises(UserError, match="scope must be one of gemm, nncf"):
+        get_runtime("openvino-int8(calib=uniform,scope=all)")
+    with pytest.raises(UserError, match="scope must be one of gemm, nncf"):
+        parse_recipe("quant(runtime=fake,scope=everything)")
+    with pytest.raises(UserError, match="needs runtime=openvino-int8"):
+        parse_recipe("quant(runtime=ort-int8,scope=nncf)")
