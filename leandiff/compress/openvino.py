@@ -11,8 +11,8 @@
   unquantized in bf16 instead of fp32 (mixed int8/bf16). Where the quantizers go is the ``scope``
   (:data:`OV_SCOPES`): by default only at the inputs of the GEMMs (Convolution, MatMul), as leandiff's
   fake-quant path simulates; ``scope=nncf`` keeps NNCF's own placement, which also quantizes the inputs
-  of Add, GroupNormalization, Concat, ... (an int8 residual stream: 5.7× the output error on
-  ``zoo:mnist-small-v2`` and no faster, measured in benchmarks/results/cpu_runtimes_small.md).
+  of Add, GroupNormalization, Concat, ... (an int8 residual stream: 6.6× the output error on
+  ``zoo:mnist-small-v2``, benchmarks/results/int8_error.md, and no faster, cpu_runtimes_small.md).
 
 Models are converted directly from the PyTorch network by ``openvino.convert_model`` (``source=torch``,
 the default: GroupNorm, SiLU and attention stay whole OpenVINO ops, measured faster than converting the
