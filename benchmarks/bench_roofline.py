@@ -37,7 +37,7 @@ from leandiff.cost import LatencyConfig, macs_per_image, measure_latency  # noqa
 from leandiff.models import architecture, build_network, image_shape  # noqa: E402
 from leandiff.runtime import runtime_network  # noqa: E402
 
-RUNTIMES = ("eager", "bf16", "ort", "ort-int8", "openvino", "openvino-bf16", "openvino-int8")
+RUNTIMES = ("eager", "bf16", "ort", "ort-int8", "openvino", "openvino-bf16", "openvino-int8", "openvino-int8(bf16=true)")
 FORMAT = {"eager": "fp32", "compile": "fp32", "ort": "fp32", "openvino": "fp32", "bf16": "bf16", "compile-bf16": "bf16",
           "openvino-bf16": "bf16", "ort-int8": "int8", "openvino-int8": "int8"}
 
@@ -190,7 +190,7 @@ def main():
                 for b in batches:
                     ms = lat[r][b]["median_ms"]
                     gops = 2 * macs * b / (ms / 1e3) / 1e9
-                    fmt = FORMAT[r]
+                    fmt = FORMAT[r.split("(")[0]]
                     rows.append({"model": name, "macs_per_image": macs, "runtime": r, "format": fmt, "threads": th,
                                  "batch": b, "median_ms": ms, "gops": gops, "fraction_of_peak": gops / peak[th][fmt]["best"]})
             print(name, f"{th} thread(s), batch {batches[-1]}, fraction of peak:",
@@ -218,7 +218,7 @@ def main():
         for th in threads:
             for r in runtimes:
                 cells = {x["batch"]: x for x in sel if x["threads"] == th and x["runtime"] == r}
-                md.append(f"| {th} | {r} | {FORMAT[r]} | " + " | ".join(
+                md.append(f"| {th} | {r} | {FORMAT[r.split('(')[0]]} | " + " | ".join(
                     f"{cells[b]['gops']:.0f} ({cells[b]['fraction_of_peak']:.1%})" for b in batches)
                     + f" | {cells[batches[-1]]['median_ms']:.2f} |")
         md.append("")
