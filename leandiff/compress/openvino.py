@@ -166,7 +166,7 @@ def quantize_openvino_int8(ckpt, ccfg: CalibConfig, out_dir: str | Path, images=
     meta["runtime"] = {"name": "openvino-int8", "args": {}}
     meta["quant"] = {"mode": "OpenVINO int8 from NNCF post-training quantization (real int8 kernels)", "w_bits": 8,
                      "a_bits": 8, "source": "torch", "preset": "mixed", "activations": "asymmetric 8-bit per tensor",
-                     "weights": "symmetric 8-bit per channel", "scope": scope, "observer": observer, "bias_correction": "NNCF fast bias correction" if bias_correction else False,
+                     "weights": "symmetric 8-bit per channel", "scope": scope, "observer": observer, "bias_correction": bias_correction,
                      "keep_first_last": keep_first_last, "keep_time": keep_time, "keep": list(keep),
                      "files": [OV_INT8_NAME, Path(OV_INT8_NAME).with_suffix(".bin").name], "calibration": asdict(ccfg)}
     return Checkpoint(ckpt.net, copy.deepcopy(ckpt.arch), ckpt.schedule, ckpt.parameterization, meta)
