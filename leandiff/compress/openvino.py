@@ -183,8 +183,11 @@ class OvNetwork:
         self.ov = require()
         self.path, self.precision, self.static = str(path), precision, static
         self.core = self.ov.Core()
+        # ENABLE_CPU_PINNING off: with pinning (OpenVINO's default on Linux) a one-thread model pinned the calling
+        # Python thread to core 0 for the rest of the process (seen in `leandiff eval`), so two such processes on
+        # a 2-core machine shared core 0 while core 1 idled, and torch work after it ran on one core
         self.config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
-                       "PERFORMANCE_HINT": hint, "NUM_STREAMS": streams}
+                       "PERFORMANCE_HINT": hint, "NUM_STREAMS": streams, "ENABLE_CPU_PINNING": False}
         self.model = self.core.read_model(self.path)
         self.requests: dict[tuple, object] = {}  # input shape (or None: dynamic) -> infer request
 

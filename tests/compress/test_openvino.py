@@ -5,6 +5,7 @@ except the missing-install tests, which simulate the absence."""
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import subprocess
 import sys
@@ -82,6 +83,17 @@ def test_openvino_fp32_equals_torch(tiny, monkeypatch, tmp_path):
     from_onnx = runtime_network(tiny, "openvino(source=onnx)")  # converted from the ONNX export instead
     torch.testing.assert_close(from_onnx(x, t), ref, atol=1e-4, rtol=0)
     assert from_onnx.path != net.path
+
+
+@needs_ov
+def test_openvino_leaves_the_calling_thread_unpinned(tiny, monkeypatch, tmp_path):
+    # OpenVINO pins its threads by default on Linux; with one thread that pinned the caller to core 0
+    monkeypatch.setattr("leandiff.compress.artifacts.CACHE", tmp_path)
+    net = runtime_network(tiny, "openvino")
+    before = os.sched_getaffinity(0)
+    net(torch.randn(2, 1, 16, 16), 10.0)
+    assert net.requests[(2, 1, 16, 16)].get_compiled_model().get_property("ENABLE_CPU_PINNING") is False
+    assert os.sched_getaffinity(0) == before
 
 
 @needs_ov
