@@ -12,8 +12,11 @@ achieved GOP/s against this machine's peak of the variant's number format (``ben
 Latency-only rows check the speed work: OpenVINO with a dynamic batch instead of static shapes, and
 converted from the ONNX export instead of from PyTorch; int8 with the unquantized operations in bf16
 (mixed int8/bf16, which has its own FID-dom row). OpenVINO int8 places NNCF's quantizers at the GEMM
-inputs only (scope=gemm) without bias correction, leandiff's defaults; "NNCF defaults" rows keep NNCF's
-placement (scope=nncf) and its fast bias correction (bias_correction=true).
+inputs only (scope=gemm) without bias correction, and converts GroupNorm to per-channel reductions
+(groupnorm=reduce), leandiff's defaults; "NNCF defaults" rows keep NNCF's placement (scope=nncf), its fast
+bias correction (bias_correction=true) and OpenVINO's own GroupNormalization op (groupnorm=ov): what a
+user gets from ``ov.convert_model`` + ``nncf.quantize``. Latency-only "GroupNorm as OpenVINO's op" rows
+measure the GroupNorm rewrite alone.
 Rows are appended to OUT/rows.jsonl as they finish; a killed run resumes.
 """
 from __future__ import annotations
@@ -43,8 +46,9 @@ from leandiff.surgery.quant import check_keep, parse_keep  # noqa: E402
 BATCH = 64
 
 
-def _int8(backend, collector, keep="", scope="gemm", bias_correction=False) -> dict:
-    return {"backend": backend, "collector": collector, "keep": keep, "scope": scope, "bias_correction": bias_correction}
+def _int8(backend, collector, keep="", scope="gemm", bias_correction=False, groupnorm="reduce") -> dict:
+    return {"backend": backend, "collector": collector, "keep": keep, "scope": scope, "bias_correction": bias_correction,
+            "groupnorm": groupnorm}
 
 
 def variants(collectors, ov_collectors, compile_: bool, keep: str = ""):
@@ -64,14 +68,17 @@ def variants(collectors, ov_collectors, compile_: bool, keep: str = ""):
     yield "OpenVINO fp32, dynamic batch", None, "openvino(static=false)", False
     yield "OpenVINO fp32, converted from ONNX", None, "openvino(source=onnx)", False
     yield "OpenVINO bf16", None, "openvino-bf16", True
+    yield "OpenVINO bf16, GroupNorm as OpenVINO's op", None, "openvino-bf16(groupnorm=ov)", False
     for c in ov_collectors:
         yield f"OpenVINO int8 (NNCF) [{c}]", _int8("openvino", c), "openvino-int8", True
     c = ov_collectors[0]
     yield f"OpenVINO int8 (NNCF) [{c}], dynamic batch", _int8("openvino", c), "openvino-int8(static=false)", False
     yield f"OpenVINO int8 (NNCF) [{c}, n=128], converted from ONNX", None, f"openvino-int8(calib={c},source=onnx)", False
     yield f"OpenVINO int8+bf16 (NNCF) [{c}]", _int8("openvino", c), "openvino-int8(bf16=true)", True
+    yield (f"OpenVINO int8+bf16 (NNCF) [{c}], GroupNorm as OpenVINO's op", _int8("openvino", c, groupnorm="ov"),
+           "openvino-int8(bf16=true)", False)
     yield f"OpenVINO int8 (NNCF's placement) [{c}]", _int8("openvino", c, scope="nncf"), "openvino-int8", True
-    nncf = _int8("openvino", c, scope="nncf", bias_correction=True)
+    nncf = _int8("openvino", c, scope="nncf", bias_correction=True, groupnorm="ov")
     yield f"OpenVINO int8 (NNCF defaults) [{c}]", nncf, "openvino-int8", True
     yield f"OpenVINO int8+bf16 (NNCF defaults) [{c}]", nncf, "openvino-int8(bf16=true)", True
     if keep:  # the modules a sensitivity probe found costly in int8, kept out of it (quant(keep=...))
@@ -87,7 +94,8 @@ def build(base, how, out: Path, n_calib: int, calib_steps: int):
         return load_checkpoint(out)
     # the recipe step itself (keep=auto measures the backend; the same calibration as the other rows)
     step = QuantStep(runtime=f"{how['backend']}-int8", calib=how["collector"], n=n_calib, steps=calib_steps,
-                     keep=how["keep"], scope=how["scope"], bias_correction=how["bias_correction"])
+                     keep=how["keep"], scope=how["scope"], bias_correction=how["bias_correction"],
+                     groupnorm=how.get("groupnorm", "reduce"))
     save_checkpoint(quant_step(base, step, StepContext(step_dir=out)), out)
     return load_checkpoint(out)
 
@@ -97,7 +105,7 @@ def build_dir(out: Path, how) -> Path:
     if how is None:
         return out
     parts = [how["backend"], how["collector"], how["keep"], "" if how["scope"] == "gemm" else f"scope-{how['scope']}",
-             "bc" if how["bias_correction"] else ""]
+             "bc" if how["bias_correction"] else "", "" if how.get("groupnorm", "reduce") == "reduce" else f"gn-{how['groupnorm']}"]
     return out / "ckpt" / "-".join(p for p in parts if p)
 
 

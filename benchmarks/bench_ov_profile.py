@@ -67,20 +67,21 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--calls", type=int, default=10)
     ap.add_argument("--peak", type=float, default=None,
-                    help="the int8 peak in GOP/s at this thread count (bench_roofline.py's; default: read from "
-                         "benchmarks/results/roofline.json)")
+                    help="the peak of the runtime's number format in GOP/s at this thread count (default: "
+                         "bench_roofline.py's, read from benchmarks/results/roofline.json)")
     ap.add_argument("--results-name", default="ov_profile")
     a = ap.parse_args()
     threads = torch.get_num_threads()
+    fmt = "int8" if a.runtime.startswith("openvino-int8") else "bf16" if a.runtime.startswith("openvino-bf16") else "fp32"
     peak = a.peak
     if peak is None:
         from leandiff.io import read_json
 
         roof = Path(__file__).resolve().parent / "results" / "roofline.json"
         try:
-            peak = float(read_json(roof)["peak"][str(threads)]["int8"]["best"])
+            peak = float(read_json(roof)["peak"][str(threads)][fmt]["best"])
         except (OSError, KeyError, TypeError, ValueError):
-            raise UserError(f"{roof}: no int8 peak for {threads} thread(s); pass --peak") from None
+            raise UserError(f"{roof}: no {fmt} peak for {threads} thread(s); pass --peak") from None
     ck = load_checkpoint(a.ckpt)
     shape = image_shape(ck.arch)
     net = runtime_network(ck, a.runtime)
@@ -107,7 +108,7 @@ def main():
           f"OpenVINO per-node counters (PERF_COUNT), mean of {a.calls} inferences after {a.warmup} warm-up calls. "
           f"Sum of node times {total / 1e3:.2f} ms per evaluation; {2 * macs / 1e9:.1f} GOP (2 × MACs, "
           f"FlopCounterMode on the PyTorch network).\n",
-          f"- Whole evaluation (sum of node times): **{whole:.0f} GOP/s = {whole / peak:.1%}** of the int8 peak "
+          f"- Whole evaluation (sum of node times): **{whole:.0f} GOP/s = {whole / peak:.1%}** of the {fmt} peak "
           f"({peak:.0f} GOP/s, bench_roofline.py).",
           f"- GEMM nodes alone ({', '.join(sorted(GEMM_TYPES & {n['type'] for n in nodes}))}; with what OpenVINO "
           f"fused into them): {gemm_us / total:.1%} of the time; all MACs in that time = **{in_gemm:.0f} GOP/s = "
@@ -125,7 +126,7 @@ def main():
     text = "\n".join(md) + "\n"
     print(text)
     write_results(a.results_name, {"total_us": total, "gemm_us": gemm_us, "gops_whole": whole, "gops_in_gemm": in_gemm,
-                                   "peak_int8": peak, "macs": macs, "threads": threads, "settings": vars(a),
+                                   "format": fmt, "peak": peak, "macs": macs, "threads": threads, "settings": vars(a),
                                    "by_type": [{"type": ty, "kernel": k, "nodes": c, "us": us} for (ty, k), (us, c) in rows],
                                    "nodes": nodes}, text)
 

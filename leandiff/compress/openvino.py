@@ -52,6 +52,59 @@ SOURCES = ("torch", "onnx")
 # modules kept in full precision (as excluded_nodes does for ORT); OpenVINO op names hold the module path,
 # "__module.net.conv_in/aten::_convolution/..." from PyTorch, "/net/conv_in/Conv/..." from ONNX
 _KEEP_FIRST_LAST, _KEEP_TIME = ("conv_in", "conv_out"), ("time_embedding",)
+# how GroupNorm reaches OpenVINO (the ``groupnorm`` argument of the runtimes and of quant): "reduce" writes
+# it as per-channel reductions (:class:`ReducedGroupNorm`), "ov" as OpenVINO's GroupNormalization op
+GROUPNORMS = {"reduce": "per-channel ReduceMean + one scale/shift (no reshape of the activations)",
+              "ov": "OpenVINO's GroupNormalization op"}
+
+
+class ReducedGroupNorm(torch.nn.Module):
+    """GroupNorm written so that OpenVINO's CPU plugin keeps the activations in the convolutions' layout.
+
+    In bf16 and int8 models the plugin lowers GroupNormalization to Reshape [N, G, -1] → MVN → Reshape,
+    which needs the planar (nchw) layout, while its convolutions run in nhwc: every GroupNorm was wrapped in
+    two layout Reorders (``benchmarks/results/ov_profile.md``). Here the statistics come from per-channel
+    means over the spatial axes (ReduceMean keeps any layout), averaged over each group on the small
+    [N, C] tensor, and the normalisation is one per-channel scale and shift, which the plugin fuses with the
+    SiLU and the quantizer that follow. The variance is the centred one (mean of (x - group mean)²), not
+    E[x²] - E[x]², which cancels badly in bf16. Equal to ``torch.nn.GroupNorm`` up to rounding."""
+
+    def __init__(self, gn: torch.nn.GroupNorm):
+        super().__init__()
+        self.groups, self.eps, self.affine = gn.num_groups, gn.eps, gn.affine
+        self.weight, self.bias = gn.weight, gn.bias
+
+    def _group_mean(self, m: torch.Tensor) -> torch.Tensor:  # [N, C, 1, ...] -> its group means, per channel
+        n, c = m.shape[:2]
+        g = m.reshape(n, self.groups, c // self.groups).mean(-1, keepdim=True)
+        return g.expand(n, self.groups, c // self.groups).reshape(m.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = tuple(range(2, x.dim()))
+        mean = self._group_mean(x.mean(dims, keepdim=True))
+        d = x - mean
+        scale = torch.rsqrt(self._group_mean((d * d).mean(dims, keepdim=True)) + self.eps)
+        if self.affine:
+            view = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+            scale = scale * self.weight.view(view)
+            return d * scale + self.bias.view(view)
+        return d * scale
+
+
+def reduced_groupnorm(net: torch.nn.Module) -> torch.nn.Module:
+    """``net`` with every ``torch.nn.GroupNorm`` replaced by a :class:`ReducedGroupNorm` sharing its
+    parameters (in place; pass a copy)."""
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.GroupNorm):
+                setattr(parent, name, ReducedGroupNorm(child))
+    return net
+
+
+def check_groupnorm(groupnorm: str, what: str = "openvino") -> str:
+    if groupnorm not in GROUPNORMS:
+        raise UserError(f"{what}: groupnorm must be one of {', '.join(GROUPNORMS)}, got {groupnorm!r}")
+    return groupnorm
 
 
 def require(module: str = "openvino", what: str = "runtime openvino"):
@@ -82,12 +135,14 @@ def _save_ir(model, out: Path) -> Path:
     return out
 
 
-def convert(ckpt, source: str = "torch"):
+def convert(ckpt, source: str = "torch", groupnorm: str = "reduce"):
     """The checkpoint's network as an OpenVINO model (inputs ``x`` [B, C, H, W], ``t`` [B], dynamic batch):
-    ``ov.convert_model`` of the PyTorch network itself, or of its ONNX export."""
+    ``ov.convert_model`` of the PyTorch network itself (its GroupNorms as ``groupnorm`` says:
+    :data:`GROUPNORMS`), or of its ONNX export."""
     ov = require()
     if source not in SOURCES:
         raise UserError(f"openvino: source must be one of {', '.join(SOURCES)}, got {source!r}")
+    check_groupnorm(groupnorm)
     if any(isinstance(m, QuantLayer) for m in ckpt.net.modules()):
         raise UserError("openvino: fake-quant checkpoints are simulations; convert the full-precision checkpoint "
                         "and use quant(runtime=openvino-int8) for real int8")
@@ -98,7 +153,9 @@ def convert(ckpt, source: str = "torch"):
         example = (torch.randn(2, *shape), torch.full((2,), 500.0))
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # tracing warnings of diffusers' shape checks
-            model = ov.convert_model(TensorNet(copy.deepcopy(ckpt.net).float().eval()), example_input=example)
+            net = copy.deepcopy(ckpt.net).float().eval()
+            model = ov.convert_model(TensorNet(reduced_groupnorm(net) if groupnorm == "reduce" else net),
+                                     example_input=example)
         for port, name in zip(model.inputs, ("x", "t")):
             port.get_tensor().set_names({name})
     model.reshape({model.inputs[0]: ov.PartialShape([-1, *shape]), model.inputs[1]: ov.PartialShape([-1])})
@@ -156,17 +213,18 @@ def quantize_ir_int8(model, out: str | Path, calib: tuple[torch.Tensor, torch.Te
 
 def quantize_openvino_int8(ckpt, ccfg: CalibConfig, out_dir: str | Path, images=None, keep_first_last: bool = True,
                            keep_time: bool = True, observer: str = "minmax", keep: tuple[str, ...] = (),
-                           scope: str = "gemm", bias_correction: bool = False):
-    """The quant(runtime=openvino-int8) step: export, calibrate on collector ``ccfg``, quantize with NNCF, write
-    ``openvino.int8.xml/.bin`` into ``out_dir``; the returned checkpoint (same weights) records its runtime."""
+                           scope: str = "gemm", bias_correction: bool = False, groupnorm: str = "reduce"):
+    """The quant(runtime=openvino-int8) step: export (GroupNorm as ``groupnorm``), calibrate on collector
+    ``ccfg``, quantize with NNCF, write ``openvino.int8.xml/.bin`` into ``out_dir``; the returned checkpoint
+    (same weights) records its runtime."""
     out_dir = Path(out_dir)
     calib = calibration_inputs(ckpt, ccfg, images)
-    quantize_ir_int8(convert(ckpt), out_dir / OV_INT8_NAME, calib, keep_first_last, keep_time, observer, keep, scope, bias_correction)
+    quantize_ir_int8(convert(ckpt, groupnorm=groupnorm), out_dir / OV_INT8_NAME, calib, keep_first_last, keep_time, observer, keep, scope, bias_correction)
     meta = copy.deepcopy(ckpt.meta)
     meta["runtime"] = {"name": "openvino-int8", "args": {}}
     meta["quant"] = {"mode": "OpenVINO int8 from NNCF post-training quantization (real int8 kernels)", "w_bits": 8,
                      "a_bits": 8, "source": "torch", "preset": "mixed", "activations": "asymmetric 8-bit per tensor",
-                     "weights": "symmetric 8-bit per channel", "scope": scope, "observer": observer, "bias_correction": bias_correction,
+                     "weights": "symmetric 8-bit per channel", "scope": scope, "groupnorm": groupnorm, "observer": observer, "bias_correction": bias_correction,
                      "keep_first_last": keep_first_last, "keep_time": keep_time, "keep": list(keep),
                      "files": [OV_INT8_NAME, Path(OV_INT8_NAME).with_suffix(".bin").name], "calibration": asdict(ccfg)}
     return Checkpoint(ckpt.net, copy.deepcopy(ckpt.arch), ckpt.schedule, ckpt.parameterization, meta)
@@ -215,13 +273,16 @@ class OvSpec:
 
     static: bool = True  # compile per input shape with that shape fixed (else one dynamic-batch model)
     source: str = "torch"  # convert the PyTorch network (torch) or its ONNX export (onnx)
+    groupnorm: str = "reduce"  # how a conversion from torch writes GroupNorm (GROUPNORMS)
 
     def __post_init__(self):
         if self.source not in SOURCES:
             raise UserError(f"openvino: source must be one of {', '.join(SOURCES)}, got {self.source!r}")
+        check_groupnorm(self.groupnorm)
 
     def describe(self) -> str:
-        return ("" if self.static else ", dynamic batch") + ("" if self.source == "torch" else f", from {self.source}")
+        return (("" if self.static else ", dynamic batch") + ("" if self.source == "torch" else f", from {self.source}")
+                + ("" if self.groupnorm == "reduce" else f", GroupNorm {self.groupnorm}"))
 
 
 @dataclass(frozen=True)
@@ -235,22 +296,26 @@ class OvInt8Spec:
     static: bool = True  # compile per input shape with that shape fixed (else one dynamic-batch model)
     source: str = "torch"  # an on-the-fly calibration converts the PyTorch network (torch) or its ONNX export
     scope: str = "gemm"  # an on-the-fly calibration's quantizer placement (OV_SCOPES)
+    groupnorm: str = "reduce"  # how an on-the-fly conversion from torch writes GroupNorm (GROUPNORMS)
 
     def __post_init__(self):
         if self.source not in SOURCES:
             raise UserError(f"openvino-int8: source must be one of {', '.join(SOURCES)}, got {self.source!r}")
         check_scope(self.scope)
+        check_groupnorm(self.groupnorm, "openvino-int8")
         if self.calib and self.calib not in COLLECTORS:
             raise UserError(f"openvino-int8: unknown calib {self.calib!r}; known: {', '.join(COLLECTORS)}")
 
     def describe(self) -> str:
         return ((", unquantized operations in bf16" if self.bf16 else "") + ("" if self.static else ", dynamic batch")
-                + ("" if self.source == "torch" else f", from {self.source}") + ("" if self.scope == "gemm" else f", scope {self.scope}"))
+                + ("" if self.source == "torch" else f", from {self.source}") + ("" if self.scope == "gemm" else f", scope {self.scope}")
+                + ("" if self.groupnorm == "reduce" else f", GroupNorm {self.groupnorm}"))
 
 
-def ir_file(ckpt, source: str = "torch", int8: OvInt8Spec | None = None) -> Path:
+def ir_file(ckpt, source: str = "torch", int8: OvInt8Spec | None = None, groupnorm: str = "reduce") -> Path:
     """The checkpoint's OpenVINO IR side file (fp32, or int8 when ``int8`` is given), else one converted
-    from ``source`` (and, for int8 with a ``calib``, calibrated as ``ort-int8(calib=...)`` is) into the cache."""
+    from ``source`` (GroupNorm as ``groupnorm``; for int8 the spec's) and, for int8 with a ``calib``,
+    calibrated as ``ort-int8(calib=...)`` is, into the cache."""
     require()
     name = OV_INT8_NAME if int8 is not None else OV_FP32_NAME
     found = side_file(ckpt, name) if source == "torch" else None
@@ -260,24 +325,27 @@ def ir_file(ckpt, source: str = "torch", int8: OvInt8Spec | None = None) -> Path
     path = d / (name if source == "torch" else name.replace("openvino", f"openvino-{source}", 1))
     if int8 is not None:  # the placement is part of the cached model's name (models cached before it had NNCF's)
         path = path.with_name(path.name.replace(".int8", f".int8-{int8.scope}"))
+        groupnorm = int8.groupnorm
+    if source == "torch":  # and so is the GroupNorm form (models cached before it had OpenVINO's op)
+        path = path.with_name(path.name.replace(".xml", f".gn-{groupnorm}.xml"))
     if path.is_file():
         return path
     if int8 is None:
-        return _save_ir(convert(ckpt, source), path)
+        return _save_ir(convert(ckpt, source, groupnorm), path)
     require("nncf", "runtime openvino-int8")
-    return quantize_ir_int8(convert(ckpt, source), path, calibration_inputs(ckpt, int8.calib), scope=int8.scope)
+    return quantize_ir_int8(convert(ckpt, source, groupnorm), path, calibration_inputs(ckpt, int8.calib), scope=int8.scope)
 
 
 def openvino_fp32(ckpt, spec: OvSpec) -> OvNetwork:
     """OpenVINO fp32 (CPU)."""
-    return OvNetwork(ir_file(ckpt, spec.source), "f32", spec.static)
+    return OvNetwork(ir_file(ckpt, spec.source, groupnorm=spec.groupnorm), "f32", spec.static)
 
 
 def openvino_bf16(ckpt, spec: OvSpec) -> OvNetwork:
     """OpenVINO with the bf16 precision hint (CPU with AVX-512 BF16 or AMX)."""
     if not has_bf16():
         raise UserError("runtime openvino-bf16: this CPU has no bf16 kernels in OpenVINO (use openvino)")
-    return OvNetwork(ir_file(ckpt, spec.source), "bf16", spec.static)
+    return OvNetwork(ir_file(ckpt, spec.source, groupnorm=spec.groupnorm), "bf16", spec.static)
 
 
 def openvino_int8(ckpt, spec: OvInt8Spec) -> OvNetwork:

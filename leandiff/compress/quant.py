@@ -43,7 +43,7 @@ from .adaround import adaround, adaround_layer, correct_bias, layer_inputs  # no
 from .calibration import COLLECTORS, CalibConfig, collect  # noqa: F401
 from .artifacts import calibration_inputs
 from .onnx import OrtNetwork, export_onnx, quantize_onnx_int8, quantize_ort_int8
-from .openvino import OV_OBSERVERS, OvNetwork, check_scope, convert, quantize_ir_int8, quantize_openvino_int8, require
+from .openvino import OV_OBSERVERS, OvNetwork, check_groupnorm, check_scope, convert, quantize_ir_int8, quantize_openvino_int8, require
 from .sensitivity import candidates, choose_keep
 
 
@@ -159,6 +159,7 @@ class QuantStep:
     keep_tol: float = 1e-3  # keep=auto: largest relative output error of the int8 model on held-out inputs
     keep_max: int = 3  # keep=auto: at most this many blocks kept
     scope: str = "gemm"  # openvino-int8: quantizers at the GEMM inputs only, or NNCF's own placement (nncf)
+    groupnorm: str = "reduce"  # openvino-int8: GroupNorm as per-channel reductions, or OpenVINO's op (ov)
     t_groups: int = 1  # activation scales per timestep group
     w_round: str = "nearest"  # nearest | adaround
     adaround_iters: int = 400  # AdaRound steps per layer
@@ -186,6 +187,9 @@ class QuantStep:
         check_scope(self.scope, "quant")
         if self.scope != "gemm" and self.runtime != "openvino-int8":
             raise UserError(f"quant: scope={self.scope} places NNCF's quantizers: it needs runtime=openvino-int8")
+        check_groupnorm(self.groupnorm, "quant")
+        if self.groupnorm != "reduce" and self.runtime != "openvino-int8":
+            raise UserError(f"quant: groupnorm={self.groupnorm} is how OpenVINO gets GroupNorm: it needs runtime=openvino-int8")
         if self.runtime == "ort-int8":
             if (self.w, self.a) != (8, 8) or self.t_groups != 1 or self.w_round != "nearest" or self.bias_correction:
                 raise UserError("quant: runtime=ort-int8 is W8A8 with one activation scale (t_groups=1) and "
@@ -236,7 +240,7 @@ def auto_keep(ckpt, cfg: QuantStep, ccfg: CalibConfig, images=None, log=print):
                 return OrtNetwork(quantize_onnx_int8(fp32, Path(d) / f"q{next(count)}.onnx", calib, cfg.per_channel,
                                                      cfg.keep_first_last, cfg.keep_time, cfg.observer, keep))
         else:
-            model = convert(ckpt)
+            model = convert(ckpt, groupnorm=cfg.groupnorm)
 
             def build(keep):
                 return OvNetwork(quantize_ir_int8(model, Path(d) / f"q{next(count)}.xml", calib, cfg.keep_first_last,
@@ -277,6 +281,6 @@ def quant_step(ckpt, cfg: QuantStep, ctx):
     if cfg.runtime == "openvino-int8":
         return quantize_openvino_int8(ckpt, ccfg, ctx.step_dir, images=images, keep_first_last=cfg.keep_first_last,
                                       keep_time=cfg.keep_time, observer=cfg.observer, keep=keep, scope=cfg.scope,
-                                      bias_correction=cfg.bias_correction)
+                                      bias_correction=cfg.bias_correction, groupnorm=cfg.groupnorm)
     return fake_quantize(ckpt, cfg.quant_config(), ccfg, images)
 

@@ -72,7 +72,7 @@ def test_openvino_fp32_equals_torch(tiny, monkeypatch, tmp_path):
     with torch.no_grad():
         ref = tiny.net(x, t).sample
     torch.testing.assert_close(net(x, t), ref, atol=1e-4, rtol=0)
-    assert net.path.startswith(str(tmp_path)) and net.path.endswith("openvino.xml")
+    assert net.path.startswith(str(tmp_path)) and net.path.endswith("openvino.gn-reduce.xml")
     assert runtime_network(tiny, "openvino").path == net.path  # converted once, then read from the cache
     torch.testing.assert_close(net(x[:3], t[:3]), ref[:3], atol=1e-4, rtol=0)
     assert len(net.requests) == 2  # static shapes: one compiled model per input shape
@@ -243,7 +243,7 @@ def test_scope_is_part_of_the_cached_on_the_fly_model(tiny, monkeypatch, tmp_pat
     monkeypatch.setattr("leandiff.compress.artifacts.CACHE", tmp_path)
     a = get_runtime("openvino-int8(calib=uniform)")(tiny).path
     b = get_runtime("openvino-int8(calib=uniform,scope=nncf)")(tiny).path
-    assert a != b and a.endswith("openvino.int8-gemm.xml") and b.endswith("openvino.int8-nncf.xml")
+    assert a != b and a.endswith("openvino.int8-gemm.gn-reduce.xml") and b.endswith("openvino.int8-nncf.gn-reduce.xml")
 
 
 def test_scope_is_checked():
@@ -255,3 +255,67 @@ def test_scope_is_checked():
         parse_recipe("quant(runtime=fake,scope=everything)")
     with pytest.raises(UserError, match="needs runtime=openvino-int8"):
         parse_recipe("quant(runtime=ort-int8,scope=nncf)")
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shape", [(3, 8, 5, 7), (2, 12, 9)])
+def test_reduced_groupnorm_equals_torch_groupnorm(affine, shape):
+    from leandiff.compress.openvino import ReducedGroupNorm
+
+    gn = torch.nn.GroupNorm(4, shape[1], eps=1e-5, affine=affine)
+    if affine:
+        with torch.no_grad():
+            gn.weight.normal_(), gn.bias.normal_()
+    x = torch.randn(*shape) * 3 + 5  # a mean far from 0: the centred variance keeps it exact
+    with torch.no_grad():
+        torch.testing.assert_close(ReducedGroupNorm(gn)(x), gn(x), atol=1e-5, rtol=1e-5)
+
+
+def test_reduced_groupnorm_swaps_every_groupnorm_and_shares_parameters(tiny):
+    import copy
+
+    from leandiff.compress.openvino import ReducedGroupNorm, reduced_groupnorm
+
+    net = copy.deepcopy(tiny.net)
+    weights = [id(m.weight) for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]
+    net = reduced_groupnorm(net)
+    assert weights and not any(isinstance(m, torch.nn.GroupNorm) for m in net.modules())
+    assert [id(m.weight) for m in net.modules() if isinstance(m, ReducedGroupNorm)] == weights  # shared, not copied
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([3.0, 700.0])
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, t).sample, tiny.net(x, t).sample, atol=1e-5, rtol=1e-5)
+
+
+@needs_ov
+def test_groupnorm_reduce_has_no_groupnormalization_op_and_ov_keeps_it(tiny, monkeypatch, tmp_path):
+    from leandiff.compress.openvino import convert
+
+    def types(model):
+        return {op.get_type_name() for op in model.get_ops()}
+
+    assert "GroupNormalization" not in types(convert(tiny)) and "ReduceMean" in types(convert(tiny))
+    assert "GroupNormalization" in types(convert(tiny, groupnorm="ov"))
+    monkeypatch.setattr("leandiff.compress.artifacts.CACHE", tmp_path)
+    a, b = runtime_network(tiny, "openvino"), runtime_network(tiny, "openvino(groupnorm=ov)")
+    assert a.path != b.path and a.path.endswith("openvino.gn-reduce.xml") and b.path.endswith("openvino.gn-ov.xml")
+    x, t = torch.randn(3, 1, 16, 16), torch.tensor([0.0, 400.0, 999.0])
+    torch.testing.assert_close(a(x, t), b(x, t), atol=1e-4, rtol=0)
+    q = quantize_openvino_int8_meta(tiny, tmp_path / "q", groupnorm="ov")
+    assert q.meta["quant"]["groupnorm"] == "ov"
+
+
+def quantize_openvino_int8_meta(tiny, out, **kw):
+    from leandiff.compress.openvino import quantize_openvino_int8
+
+    return quantize_openvino_int8(tiny, CalibConfig(collector="real", n=8), out, images=_images(), **kw)
+
+
+def test_groupnorm_is_checked():
+    from leandiff.recipe import parse_recipe
+
+    with pytest.raises(UserError, match="groupnorm must be one of reduce, ov"):
+        get_runtime("openvino(groupnorm=mvn)")
+    with pytest.raises(UserError, match="groupnorm must be one of reduce, ov"):
+        get_runtime("openvino-int8(calib=uniform,groupnorm=x)")
+    with pytest.raises(UserError, match="needs runtime=openvino-int8"):
+        parse_recipe("quant(runtime=ort-int8,groupnorm=ov)")
