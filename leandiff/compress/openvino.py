@@ -15,8 +15,9 @@
   ``zoo:mnist-small-v2``, benchmarks/results/int8_error.md, and no faster, cpu_runtimes_small.md).
 
 Models are converted directly from the PyTorch network by ``openvino.convert_model`` (``source=torch``,
-the default: GroupNorm, SiLU and attention stay whole OpenVINO ops, measured faster than converting the
-ONNX export, whose GroupNorm is a Reshape/InstanceNorm chain: benchmarks/results/cpu_runtimes.md), or
+the default: SiLU and attention stay whole OpenVINO ops, measured faster than converting the ONNX export,
+whose GroupNorm is a Reshape/InstanceNorm chain: benchmarks/results/cpu_runtimes.md; GroupNorm itself is
+written as per-channel reductions, :class:`ReducedGroupNorm`, unless ``groupnorm=ov``), or
 from the same ONNX export as the ONNX Runtime runtimes (``source=onnx``), and saved as OpenVINO IR
 (``.xml`` + ``.bin``, weights kept in fp32): side files of the checkpoint (``openvino.int8.xml`` written
 by ``quant(runtime=openvino-int8)``), else converted (and, for int8 with a ``calib``, calibrated) once
