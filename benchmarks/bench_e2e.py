@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
 
 from leandiff.checkpoint import load_checkpoint, resolve  # noqa: E402
+from leandiff.cost import machine_load  # noqa: E402
 from leandiff.errors import UserError  # noqa: E402
 from leandiff.io import read_json  # noqa: E402
 from leandiff.denoiser import Denoiser  # noqa: E402
@@ -109,6 +110,7 @@ def main():
     picks = pick_nfe(ck, a, spacing, ref_fid) if a.pick_nfe else []
     cfg = SampleConfig(solver=a.solver, nfe=a.nfe, n=a.batch, seed=0, batch_size=a.batch, spacing=spacing)
     t_pipe, t_ours = [], []
+    load_start = machine_load()
     for _ in range(a.rounds):
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -122,12 +124,14 @@ def main():
         t_ours.append(time.perf_counter() - t0)
         print(f"round: DDPMPipeline-1000 {t_pipe[-1]:.1f} s, leandiff {t_ours[-1]:.3f} s ({a.batch} images)", flush=True)
     ips_pipe, ips_ours = a.batch / statistics.median(t_pipe), a.batch / statistics.median(t_ours)
+    load_end = machine_load()
     row = evaluate_checkpoint(ck, EvalConfig(solver=a.solver, nfe=a.nfe, n=a.n, seed=0, batch_size=256, spacing=spacing,
                                              runtime=a.runtime, latency=None, inception=False))
     fid = row["quality"]["fid_dom"]
     ratio, speed = fid / ref_fid, ips_ours / ips_pipe
     md = (f"# End to end ({a.ckpt}{' > ' + a.recipe if a.recipe else ''}, {a.solver}-{a.nfe} {spacing}, runtime {a.runtime}) vs diffusers DDPMPipeline-1000 on {a.base}\n\n"
-          f"Speed: batch {a.batch}, {a.rounds} alternating rounds, median, OMP_NUM_THREADS=1 on a shared 2-core machine.\n\n"
+          f"Speed: batch {a.batch}, {a.rounds} alternating rounds, median, OMP_NUM_THREADS=1 on a shared 2-core machine "
+          f"(1-minute load average {load_start['loadavg_1m']:.2f} before the rounds, {load_end['loadavg_1m']:.2f} after).\n\n"
           f"| | images/s | FID-dom (N) |\n|---|---|---|\n"
           f"| diffusers DDPMPipeline, 1000 steps | {ips_pipe:.3f} | {ref_fid:.3f} ({ref_n}, model card{'' if a.reference_row == 'ddpm-1000' else ': ' + a.reference_row + ' row, not DDPM-1000'}) |\n"
           f"| leandiff {a.solver}-{a.nfe} {a.runtime} | {ips_ours:.1f} | {fid:.4f} ({a.n}) |\n\n"
@@ -142,6 +146,7 @@ def main():
     write_results(a.results_name, {"pick_nfe": [{"nfe": k, "fid_dom": f} for k, f in picks],"images_per_s_pipeline": ips_pipe, "images_per_s_leandiff": ips_ours,
                                    "speedup": speed, "fid_dom": fid, "ddpm1000_fid_dom_card": ref_fid,
                                    "fid_ratio_vs_ddpm1000_card": ratio, "t_pipe": t_pipe, "t_ours": t_ours,
+                                   "load_start": load_start, "load_end": load_end,
                                    "settings": vars(a)}, md)
 
 

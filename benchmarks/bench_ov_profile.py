@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
 
 from leandiff.checkpoint import load_checkpoint  # noqa: E402
-from leandiff.cost import macs_per_image  # noqa: E402
+from leandiff.cost import machine_load, macs_per_image  # noqa: E402
 from leandiff.errors import UserError  # noqa: E402
 from leandiff.models import image_shape  # noqa: E402
 from leandiff.runtime import runtime_network  # noqa: E402
@@ -89,6 +89,7 @@ def main():
     x = torch.randn(a.batch, *shape, generator=g)
     t = torch.full((a.batch,), 500.0)
     nodes = profile(net, x, t, a.warmup, a.calls)
+    load = machine_load()
     macs = macs_per_image(ck.net, shape) * a.batch
     total = sum(n["us"] for n in nodes)
     gemm_us = sum(n["us"] for n in nodes if n["type"] in GEMM_TYPES)
@@ -107,7 +108,8 @@ def main():
     md = [f"# Where the time goes: {a.ckpt}, runtime {a.runtime}, batch {a.batch}, {threads} thread(s)\n",
           f"OpenVINO per-node counters (PERF_COUNT), mean of {a.calls} inferences after {a.warmup} warm-up calls. "
           f"Sum of node times {total / 1e3:.2f} ms per evaluation; {2 * macs / 1e9:.1f} GOP (2 × MACs, "
-          f"FlopCounterMode on the PyTorch network).\n",
+          f"FlopCounterMode on the PyTorch network). 1-minute load average {load['loadavg_1m']:.2f} on "
+          f"{load['cores']} cores.\n",
           f"- Whole evaluation (sum of node times): **{whole:.0f} GOP/s = {whole / peak:.1%}** of the {fmt} peak "
           f"({peak:.0f} GOP/s, bench_roofline.py).",
           f"- GEMM nodes alone ({', '.join(sorted(GEMM_TYPES & {n['type'] for n in nodes}))}; with what OpenVINO "
@@ -126,7 +128,7 @@ def main():
     text = "\n".join(md) + "\n"
     print(text)
     write_results(a.results_name, {"total_us": total, "gemm_us": gemm_us, "gops_whole": whole, "gops_in_gemm": in_gemm,
-                                   "format": fmt, "peak": peak, "macs": macs, "threads": threads, "settings": vars(a),
+                                   "format": fmt, "peak": peak, "macs": macs, "threads": threads, "load": load, "settings": vars(a),
                                    "by_type": [{"type": ty, "kernel": k, "nodes": c, "us": us} for (ty, k), (us, c) in rows],
                                    "nodes": nodes}, text)
 

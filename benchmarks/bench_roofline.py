@@ -12,7 +12,9 @@ the alternating rounds (:func:`leandiff.cost.measure_latency`), as a fraction of
 runtime's number format. int8 runtimes keep some operations in fp32 (GroupNorm, SiLU, softmax,
 conv_in/conv_out, the time MLP): their fraction is against the int8 peak, the format of the bulk of
 their MACs. Models other than the zoo's are random-weight configurations (latency only), int8 models
-calibrated on 16 samples (the calibration changes scale values, not the graph or its cost).
+calibrated on 16 samples (the calibration changes scale values, not the graph or its cost). OpenVINO
+converts GroupNorm to per-channel reductions (leandiff's default); the ``groupnorm=ov`` rows keep
+OpenVINO's GroupNormalization op (its int8 model calibrated on the fly by the uniform collector).
 """
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ from leandiff.cost import LatencyConfig, macs_per_image, measure_latency  # noqa
 from leandiff.models import architecture, build_network, image_shape  # noqa: E402
 from leandiff.runtime import runtime_network  # noqa: E402
 
-RUNTIMES = ("eager", "bf16", "ort", "ort-int8", "openvino", "openvino-bf16", "openvino-int8", "openvino-int8(bf16=true)")
+RUNTIMES = ("eager", "bf16", "ort", "ort-int8", "openvino", "openvino-bf16", "openvino-bf16(groupnorm=ov)", "openvino-int8",
+            "openvino-int8(bf16=true)", "openvino-int8(calib=uniform,bf16=true,groupnorm=ov)")
 FORMAT = {"eager": "fp32", "compile": "fp32", "ort": "fp32", "openvino": "fp32", "bf16": "bf16", "compile-bf16": "bf16",
           "openvino-bf16": "bf16", "ort-int8": "int8", "openvino-int8": "int8"}
 
