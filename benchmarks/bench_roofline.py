@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -171,7 +173,7 @@ def main():
     work = Path(a.out)
     work.mkdir(parents=True, exist_ok=True)
     threads = [int(x) for x in a.threads.split(",")]
-    runtimes = [r.strip() for r in a.runtimes.split(",")]
+    runtimes = [r.strip() for r in re.split(r",(?![^()]*\))", a.runtimes)]  # commas inside NAME(k=v,...) stay
     t_start, load_start = time.time(), os.getloadavg()
 
     peak = {}
@@ -187,7 +189,8 @@ def main():
         batches = tuple(int(b) for b in (a.large_batches if name == "cifar10-ddpm" else a.batches).split(","))
         for th in threads:
             torch.set_num_threads(th)  # ORT and OpenVINO take their thread count from torch when built
-            nets = {r: runtime_network(ck, r) for r in runtimes}
+            # a runtime that names a calibration is built on the fly (the checkpoint without its side files)
+            nets = {r: runtime_network(replace(ck, path=None) if "calib=" in r else ck, r) for r in runtimes}
             lat = measure_latency(nets, shape, LatencyConfig(batch_sizes=batches, rounds=a.rounds, warmup=1))
             for r in runtimes:
                 for b in batches:

@@ -32,7 +32,7 @@ import importlib
 import os
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -313,6 +313,18 @@ class OvInt8Spec:
                 + ("" if self.groupnorm == "reduce" else f", GroupNorm {self.groupnorm}"))
 
 
+def _check_own_model(ckpt, spec: OvInt8Spec) -> None:
+    """A checkpoint's own int8 model wins over an on-the-fly calibration; a placement or GroupNorm form asked
+    for that it was not built with is an error, never silently ignored."""
+    rec = ckpt.meta.get("quant") or {}
+    asked = [f"{f.name}={getattr(spec, f.name)}" for f in fields(OvInt8Spec) if f.name in ("scope", "groupnorm")
+             and getattr(spec, f.name) != f.default and rec.get(f.name) != getattr(spec, f.name)]
+    if asked:
+        raise UserError(f"runtime openvino-int8({','.join(asked)}): this checkpoint has its own int8 model, built "
+                        + ", ".join(f"{k}={rec.get(k, '?')}" for k in ("scope", "groupnorm"))
+                        + "; these options apply to an on-the-fly calibration of a checkpoint without one")
+
+
 def ir_file(ckpt, source: str = "torch", int8: OvInt8Spec | None = None, groupnorm: str = "reduce") -> Path:
     """The checkpoint's OpenVINO IR side file (fp32, or int8 when ``int8`` is given), else one converted
     from ``source`` (GroupNorm as ``groupnorm``; for int8 the spec's) and, for int8 with a ``calib``,
@@ -321,6 +333,8 @@ def ir_file(ckpt, source: str = "torch", int8: OvInt8Spec | None = None, groupno
     name = OV_INT8_NAME if int8 is not None else OV_FP32_NAME
     found = side_file(ckpt, name) if source == "torch" else None
     if found is not None:
+        if int8 is not None:
+            _check_own_model(ckpt, int8)
         return found
     d = cache_dir(ckpt, "openvino-int8", int8.calib if int8 is not None else None)
     path = d / (name if source == "torch" else name.replace("openvino", f"openvino-{source}", 1))

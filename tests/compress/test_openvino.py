@@ -156,6 +156,15 @@ def test_quant_recipe_checkpoint_reloads_and_samples_with_its_runtime_by_default
     assert out.shape == (2, 1, 16, 16) and torch.isfinite(out).all()
 
 
+@needs_ov
+def test_own_int8_model_is_not_silently_swapped_for_other_options(int8_dir):
+    ck = load_checkpoint(int8_dir)  # built with the defaults: scope gemm, GroupNorm reduce
+    assert get_runtime("openvino-int8(calib=uniform,groupnorm=reduce)")(ck).path == str(int8_dir / "openvino.int8.xml")
+    for asked in ("groupnorm=ov", "scope=nncf"):
+        with pytest.raises(UserError, match=f"openvino-int8\\({asked}\\): this checkpoint has its own int8 model"):
+            get_runtime(f"openvino-int8(calib=uniform,{asked})")(ck)
+
+
 def test_openvino_int8_spec_checks_its_arguments():
     with pytest.raises(UserError, match="unknown calib"):
         get_runtime("openvino-int8(calib=nope)")
