@@ -7,3 +7,8 @@ a bug and keeps its traceback.
 
 class UserError(ValueError):
     """Bad input from the user: a path, a file, a name, a number. The message is the whole story."""
+
+
+class MissingExtra(UserError):
+    """An optional extra (``pip install leandiff[NAME]``) is not installed: what needs it cannot run here, the
+    rest can (a study skips the rows that need it, with a note)."""

@@ -21,7 +21,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .errors import UserError
+from .errors import MissingExtra, UserError
 
 REQUIRED = object()  # marker default in :func:`arguments`: the argument must be given
 
@@ -230,6 +230,8 @@ def bind(cls, args: dict, where: str):
             if g is not None and f.name in nested and f.name not in kwargs:
                 kwargs[f.name] = dataclasses.replace(_default(f), **nested[f.name])
         return cls(**kwargs)
+    except MissingExtra as e:  # stays what it is: a study skips what needs the extra
+        raise MissingExtra(f"{where}: {e}") from None
     except UserError as e:
         raise RecipeError(f"{where}: {e}") from None
 

@@ -52,6 +52,9 @@ A model may carry ``label`` (the rows' checkpoint name; default its checkpoint's
 (another model of the study: its cells are skipped, with a note, unless its lineage starts from that
 model's weights: a shipped student of another base is not compared with this one).
 
+A model whose recipe, or a cell whose runtime, needs an optional extra this install lacks (``openvino``)
+is skipped with a note naming the extra, and the rest of the study runs.
+
 Each finished cell is appended to ``DIR/results.jsonl`` at once; a rerun skips cells already
 there (so a killed study resumes). Compressed checkpoints are built once into
 ``DIR/ckpts/<hash of base + recipe>`` (``apply_recipe`` itself resumes finished steps). The
@@ -69,7 +72,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError
+from .errors import MissingExtra, UserError
 
 RELATIONS = {
     "a < b*factor": lambda a, b, f: a < b * f,
@@ -254,7 +257,7 @@ def run_study(study: Study, out_dir: str | Path, *, progress: bool = True, log=p
     done = {r["study_cell_key"]: r for r in read_rows([res])} if res.exists() else {}
     todo = cells(study)
     models = {m.name: m for m in study.models}
-    ckpts, shared, timed, skipped = {}, {}, {}, set()
+    ckpts, shared, timed, skipped, skipped_cells = {}, {}, {}, set(), set()
     t_start = time.perf_counter()
 
     def checkpoint(name: str):
@@ -275,7 +278,12 @@ def run_study(study: Study, out_dir: str | Path, *, progress: bool = True, log=p
         if key in done and not study.latency_pass:
             log(f"[{i + 1}/{len(todo)}] {c['model']} {c['solver']}-{c['nfe']} {c['runtime']}: done, skipped")
             continue
-        ck = checkpoint(c["model"])
+        try:
+            ck = checkpoint(c["model"])
+        except MissingExtra as e:  # its recipe needs an optional extra this install lacks
+            log(f"note: {m.label or m.ckpt or m.name}: {e}; its cells are skipped")
+            skipped.add(c["model"])
+            continue
         rt = runtime_label(ck.sampling_defaults()[2]) if c["runtime"] == "ckpt" else c["runtime"]
         timed[(c["model"], rt)] = ck
         if key in done:
@@ -289,8 +297,14 @@ def run_study(study: Study, out_dir: str | Path, *, progress: bool = True, log=p
             shared[ds] = _shared(ck, cfg)
         grid = out / "grids" / f"{c['model']}-{c['solver']}-{c['nfe']}-{rt.replace(':', '')}.png" if study.grids else None
         t0 = time.perf_counter()
-        with heartbeat(f"[{i + 1}/{len(todo)}] {c['model']} {c['solver']}-{c['nfe']} on {rt}", log):
-            row = evaluate_checkpoint(ck, cfg, progress=progress, log=log, grid_path=grid, **shared[ds])
+        try:
+            with heartbeat(f"[{i + 1}/{len(todo)}] {c['model']} {c['solver']}-{c['nfe']} on {rt}", log):
+                row = evaluate_checkpoint(ck, cfg, progress=progress, log=log, grid_path=grid, **shared[ds])
+        except MissingExtra as e:  # its runtime needs an optional extra this install lacks
+            log(f"note: [{i + 1}/{len(todo)}] {c['model']} {c['solver']}-{c['nfe']} on {rt}: {e}; the cell is skipped")
+            timed.pop((c["model"], rt), None)
+            skipped_cells.add(key)
+            continue
         if m.label:
             row["checkpoint"] = m.label
         row.update({"study_cell": c, "study_cell_key": key, "study_model": c["model"], "study_runtime": rt,
@@ -299,7 +313,7 @@ def run_study(study: Study, out_dir: str | Path, *, progress: bool = True, log=p
         done[key] = row
         log(f"[{i + 1}/{len(todo)}] {c['model']} {c['solver']}-{c['nfe']} {rt}: FID-dom "
             f"{row['quality']['fid_dom']:.4f} ({row['study_seconds']:.0f} s, {time.perf_counter() - t_start:.0f} s so far)")
-    rows = [done[cell_key(c)] for c in todo if c["model"] not in skipped]
+    rows = [done[cell_key(c)] for c in todo if c["model"] not in skipped and cell_key(c) not in skipped_cells]
     if study.latency_pass and any("latency_ms" not in r["cost"] for r in rows):
         with heartbeat("latency of every cell's network, one pass", log):
             latency_pass(rows, timed, LatencyConfig(**{k: tuple(v) if k == "batch_sizes" else v

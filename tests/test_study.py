@@ -66,6 +66,25 @@ def test_study_runs_kills_and_resumes(tmp_path):
     assert (out / "report" / "index.html").is_file() and "findings" in (out / "findings.md").read_text()
 
 
+def test_rows_needing_a_missing_optional_extra_are_skipped_with_a_note(tmp_path, monkeypatch):
+    import sys
+
+    for module in ("openvino", "nncf"):  # as if the openvino extra were not installed
+        monkeypatch.setitem(sys.modules, module, None)
+    p = tmp_path / "s.toml"
+    p.write_text(STUDY.split("[[models]]")[0].replace('runtimes = ["ckpt"]', 'runtimes = ["ckpt", "openvino"]')
+                 .replace("nfe = [2, 4]", "nfe = [2]")
+                 + '[[models]]\nname = "base"\nckpt = "zoo:mnist-tiny"\n\n[[models]]\nname = "ov8"\n'
+                   'base = "zoo:mnist-tiny"\nrecipe = "quant(runtime=openvino-int8,calib=uniform,n=8,steps=2)"\n')
+    logs = []
+    rows = run_study(load_study(p), tmp_path / "out", progress=False, log=logs.append)
+    assert [(r["study_model"], r["study_runtime"]) for r in rows] == [("base", "eager")]
+    notes = [m for m in logs if m.startswith("note:")]
+    assert len(notes) == 2 and all("leandiff[openvino]" in m or "openvino" in m for m in notes)
+    assert "the cell is skipped" in notes[0] and "its cells are skipped" in notes[1]
+    assert (tmp_path / "out" / "report" / "index.html").is_file()
+
+
 @pytest.mark.parametrize("text,msg", [
     ("solvers = ['ddim']\nnfe = [2]\n", "models"),
     ("solvers = ['ddim']\nnfe = [2]\n[[models]]\nname = 'x'\n", "either ckpt"),

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import Checkpoint
-from ..errors import UserError
+from ..errors import MissingExtra, UserError
 from ..models import image_shape
 from .calibration import COLLECTORS, CalibConfig
 from ..surgery.quant import QuantLayer, in_kept
@@ -113,7 +113,7 @@ def require(module: str = "openvino", what: str = "runtime openvino"):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise UserError(f"{what} needs the {module} package, which is not installed: {EXTRA}") from None
+        raise MissingExtra(f"{what} needs the {module} package, which is not installed: {EXTRA}") from None
 
 
 def has_bf16() -> bool:
