@@ -261,28 +261,34 @@ def run_study(study: Study, out_dir: str | Path, *, progress: bool = True, log=p
     t_start = time.perf_counter()
 
     def checkpoint(name: str):
+        """The model's checkpoint; None (the model skipped, with a note) when its recipe needs an optional
+        extra this install lacks."""
         if name not in ckpts:
-            with heartbeat(f"study: making {name}", log):
-                ckpts[name] = model_checkpoint(out, models[name], log=log, models=models, device=device)
+            try:
+                with heartbeat(f"study: making {name}", log):
+                    ckpts[name] = model_checkpoint(out, models[name], log=log, models=models, device=device)
+            except MissingExtra as e:
+                m = models[name]
+                log(f"note: {m.label or m.ckpt or m.name}: {e}; its cells are skipped")
+                ckpts[name] = None
+                skipped.add(name)
         return ckpts[name]
 
     for i, c in enumerate(todo):
         key, m = cell_key(c), models[c["model"]]
-        if m.made_from is not None and c["model"] not in skipped and not _made_from(checkpoint(c["model"]),
-                                                                                    checkpoint(m.made_from)):
-            log(f"note: {m.label or m.ckpt or m.name} was not made from {models[m.made_from].label or m.made_from}; "
-                f"its cells are skipped")
-            skipped.add(c["model"])
+        if m.made_from is not None and c["model"] not in skipped:
+            ck, base = checkpoint(c["model"]), checkpoint(m.made_from)
+            if ck is not None and base is not None and not _made_from(ck, base):
+                log(f"note: {m.label or m.ckpt or m.name} was not made from {models[m.made_from].label or m.made_from}; "
+                    f"its cells are skipped")
+                skipped.add(c["model"])
         if c["model"] in skipped:
             continue
         if key in done and not study.latency_pass:
             log(f"[{i + 1}/{len(todo)}] {c['model']} {c['solver']}-{c['nfe']} {c['runtime']}: done, skipped")
             continue
-        try:
-            ck = checkpoint(c["model"])
-        except MissingExtra as e:  # its recipe needs an optional extra this install lacks
-            log(f"note: {m.label or m.ckpt or m.name}: {e}; its cells are skipped")
-            skipped.add(c["model"])
+        ck = checkpoint(c["model"])
+        if ck is None:
             continue
         rt = runtime_label(ck.sampling_defaults()[2]) if c["runtime"] == "ckpt" else c["runtime"]
         timed[(c["model"], rt)] = ck

@@ -75,7 +75,8 @@ def test_rows_needing_a_missing_optional_extra_are_skipped_with_a_note(tmp_path,
     p.write_text(STUDY.split("[[models]]")[0].replace('runtimes = ["ckpt"]', 'runtimes = ["ckpt", "openvino"]')
                  .replace("nfe = [2, 4]", "nfe = [2]")
                  + '[[models]]\nname = "base"\nckpt = "zoo:mnist-tiny"\n\n[[models]]\nname = "ov8"\n'
-                   'base = "zoo:mnist-tiny"\nrecipe = "quant(runtime=openvino-int8,calib=uniform,n=8,steps=2)"\n')
+                   'base = "zoo:mnist-tiny"\nrecipe = "quant(runtime=openvino-int8,calib=uniform,n=8,steps=2)"\n'
+                   'made_from = "base"\n')  # its lineage check needs the checkpoint too
     logs = []
     rows = run_study(load_study(p), tmp_path / "out", progress=False, log=logs.append)
     assert [(r["study_model"], r["study_runtime"]) for r in rows] == [("base", "eager")]
