@@ -19,11 +19,14 @@ EDM_SIGMA_DATA = 0.5  # Karras et al. 2022, Table 1 (data in [-1, 1])
 SETTINGS = {"edm": {"sigma_data": EDM_SIGMA_DATA},
             # consistency models (Song et al. 2023, App. C): EDM's c_in with a boundary at sigma_min
             "cm": {"sigma_data": EDM_SIGMA_DATA, "sigma_min": 0.002}}
+# a consistency model may wrap a network that keeps another parameterization (``cm(...,base=v)``):
+# f = c_skip·x̄ + (1 − c_skip)·x̂₀ of that parameterization (see :func:`cm_base_skip`)
+CM_BASES = ("eps", "v", "x0", "edm")
 
 
 def parse_parameterization(p: str) -> tuple[str, dict]:
-    """``eps`` | ``v`` | ``x0`` | ``edm`` | ``edm(sigma_data=S)`` | ``cm(sigma_data=S,sigma_min=M)``
-    -> (kind, settings with defaults filled)."""
+    """``eps`` | ``v`` | ``x0`` | ``edm`` | ``edm(sigma_data=S)`` | ``cm(sigma_data=S,sigma_min=M[,base=B])``
+    -> (kind, settings with defaults filled; a cm's ``base`` only when given)."""
     if not isinstance(p, str):
         raise UserError(f"parameterization must be a string, got {p!r}")
     kind, _, rest = p.partition("(")
@@ -41,8 +44,14 @@ def parse_parameterization(p: str) -> tuple[str, dict]:
             raise UserError(f"malformed parameterization {p!r}; expected {kind}(key=value,...)")
         for item in filter(None, (i.strip() for i in body[:-1].split(","))):
             key, eq, val = (x.strip() for x in item.partition("="))
+            if kind == "cm" and key == "base" and eq:
+                if val not in CM_BASES:
+                    raise UserError(f"parameterization {p!r}: base must be one of {', '.join(CM_BASES)}")
+                settings["base"] = val
+                continue
             if key not in defaults or not eq:
-                raise UserError(f"malformed parameterization {p!r}; {kind} takes {', '.join(defaults)}")
+                raise UserError(f"malformed parameterization {p!r}; {kind} takes {', '.join(defaults)}"
+                                + (" and base" if kind == "cm" else ""))
             try:
                 settings[key] = float(val)
             except ValueError:
@@ -57,7 +66,8 @@ def canonical_parameterization(p: str) -> str:
     kind, settings = parse_parameterization(p)
     if not settings:
         return kind
-    return f"{kind}(" + ",".join(f"{k}={v!r}" for k, v in settings.items()) + ")"  # repr: exact constants
+    # repr: exact constants; the base is a bare name
+    return f"{kind}(" + ",".join(f"{k}={v if isinstance(v, str) else repr(v)}" for k, v in settings.items()) + ")"
 
 
 def edm_coefficients(sigma: torch.Tensor, sigma_data: float):
@@ -79,6 +89,17 @@ def cm_coefficients(sigma: torch.Tensor, sigma_data: float, sigma_min: float):
     return c_skip, c_out, 1 / (sigma ** 2 + sd2).sqrt()
 
 
+def cm_base_skip(sigma: torch.Tensor, sigma_min: float) -> torch.Tensor:
+    """c_skip of a consistency model over a base parameterization: f = c_skip·x̄ + (1 − c_skip)·x̂₀_base
+    with c_skip = σ_min²/((σ − σ_min)² + σ_min²) — App. C's form with σ_min as its width instead of σ_d, so
+    that f = x̄ exactly at σ_min and, a few σ_min above it, f is the base network's own x̂₀. A teacher's
+    weights (ε, v, x₀ or EDM) are then already the consistency function everywhere but at the boundary,
+    where the teacher's x̂₀ is x̄ to within σ — the start CD needs (LCM wraps its ε-teacher the same way,
+    with its own constants). App. C's c_out·F form would read a v-network's output with the wrong sign and
+    scale (v-prediction is EDM's F with σ_d = 1 and F = −v)."""
+    return sigma_min ** 2 / ((sigma - sigma_min) ** 2 + sigma_min ** 2)
+
+
 def preconditioning(kind: str, settings: dict, sigma: torch.Tensor):
     """(c_skip, c_out, c_in) of a preconditioned parameterization at EDM noise level σ."""
     if kind == "edm":
@@ -90,6 +111,8 @@ def target_scale(parameterization: str, snr: torch.Tensor) -> torch.Tensor:
     """k(SNR) with ‖out − target‖² = k·‖x̂₀ − x₀‖² for a network predicting ``parameterization``:
     ε: SNR (x̂₀ − x₀ = −σ/α·(ε̂ − ε)); v: SNR + 1; x₀: 1; EDM's F: 1/c_out² = (1 + SNR·σ_d²)/σ_d² (σ² = 1/SNR)."""
     kind, settings = parse_parameterization(parameterization)
+    if kind == "cm" and "base" in settings:  # trained as its base network (see Denoiser.target)
+        return target_scale(_cm_base(settings), snr)
     if kind == "eps":
         return snr
     if kind == "v":
@@ -98,6 +121,12 @@ def target_scale(parameterization: str, snr: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(snr)
     _, c_out, _ = preconditioning(kind, settings, snr.rsqrt())
     return 1 / c_out.pow(2).clamp(min=1e-12)
+
+
+def _cm_base(settings: dict) -> str:
+    """The parameterization a ``cm(...,base=B)`` network itself predicts (an EDM base shares cm's σ_d)."""
+    base = settings["base"]
+    return f"edm(sigma_data={settings['sigma_data']!r})" if base == "edm" else base
 
 
 def call_network(net, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -130,6 +159,10 @@ class Denoiser(nn.Module):
         self.schedule = schedule
         self.parameterization = canonical_parameterization(parameterization)
         self.nfe = 0
+        # a consistency model over a base parameterization: the base's conversions (a network-free Denoiser,
+        # not registered as a submodule: swapping ``net`` stays the one change compression makes), then the boundary
+        base = Denoiser(None, schedule, _cm_base(self.settings)) if "base" in self.settings else None
+        object.__setattr__(self, "base", base)
 
     def _coeffs(self, x: torch.Tensor, t: torch.Tensor):
         a, s = alpha_sigma(self.schedule, t)
@@ -155,6 +188,8 @@ class Denoiser(nn.Module):
     def net_input(self, x: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
         """What the network itself is called with at (x_t, t): (x_t, t), or (c_in·x_t/α, t) for EDM.
         Calibration collectors and anything else that calls the bare network go through this."""
+        if self.base is not None:
+            return self.base.net_input(x, t)
         t = self._t(x, t)
         if self.kind in SETTINGS:
             a, _, _, _, c_in = self._precond(x, t)
@@ -174,6 +209,11 @@ class Denoiser(nn.Module):
     def convert(self, out: torch.Tensor, x: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
         """(ε̂, x̂₀) from a raw network output ``out`` at (x_t, t)."""
         t = self._t(x, t)
+        if self.base is not None:
+            a, s = self._coeffs(x, t)
+            c_skip = cm_base_skip(s / a, self.settings["sigma_min"])
+            x0 = c_skip * (x / a) + (1 - c_skip) * self.base.convert(out, x, t)[1]
+            return (x - a * x0) / s, x0
         if self.kind in SETTINGS:
             a, s, c_skip, c_out, _ = self._precond(x, t)
             x0 = c_skip * (x / a) + c_out * out
@@ -197,7 +237,11 @@ class Denoiser(nn.Module):
         return a * eps - s * x0
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
-        """The training target in this denoiser's own parameterization for x_t = q_sample(x0, t, noise)."""
+        """The training target in this denoiser's own parameterization for x_t = q_sample(x0, t, noise).
+        A ``cm`` over a base is trained as its base network (the output that makes the base's x̂₀ = x₀),
+        which f equals away from the boundary; a consistency model's own loss is CD's, not this one."""
+        if self.base is not None:
+            return self.base.target(x0, noise, t)
         if self.kind == "eps":
             return noise
         if self.kind == "x0":

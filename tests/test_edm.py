@@ -51,7 +51,10 @@ def test_parameterization_strings():
     assert parse_parameterization("cm(sigma_min=0.01)") == ("cm", {"sigma_data": 0.5, "sigma_min": 0.01})
     assert canonical_parameterization("edm") == "edm(sigma_data=0.5)"
     assert canonical_parameterization("eps") == "eps"
-    for bad in ("edm(sigma=1)", "edm(sigma_data=-1)", "edm(sigma_data=x)", "eps(sigma_data=1)", "foo", "edm(sigma_data=nan)"):
+    assert parse_parameterization("cm(sigma_min=0.01,base=v)") == ("cm", {"sigma_data": 0.5, "sigma_min": 0.01, "base": "v"})
+    assert canonical_parameterization("cm(base=v,sigma_min=0.01)") == "cm(sigma_data=0.5,sigma_min=0.01,base=v)"
+    for bad in ("edm(sigma=1)", "edm(sigma_data=-1)", "edm(sigma_data=x)", "eps(sigma_data=1)", "foo", "edm(sigma_data=nan)",
+                "cm(base=cm)", "cm(base=)", "edm(base=v)"):
         with pytest.raises(UserError):
             parse_parameterization(bad)
 

@@ -8,18 +8,24 @@ step of the teacher's ODE solver from x_{n+1} to σ_n,
     L = d(f_θ(x_{n+1}, σ_{n+1}), f_θ⁻(x̂_n, σ_n)),  θ⁻ ← stopgrad(μ·θ⁻ + (1 − μ)·θ),
 
 n uniform in 1..N−1. The boundary condition f(x, σ_min) = x holds exactly by the parameterization
-``cm(sigma_data, sigma_min)`` (App. C; :func:`leandiff.denoiser.cm_coefficients`), so the student is a
-Denoiser like any other: its x̂₀ is f, every solver and runtime runs it, and the ``consistency`` solver
-samples it in one or a few steps (Alg. 1). The discretisation is Karras et al.'s (ρ = 7, CD's choice):
-σ_i = (σ_min^{1/ρ} + (i−1)/(N−1)·(σ_max^{1/ρ} − σ_min^{1/ρ}))^ρ, with σ_min, σ_max the schedule's own
-ends (linear β: 0.010 and 157) unless given. The distance is the pseudo-Huber loss of Song & Dhariwal
+``cm(sigma_data, sigma_min, base=B)`` (:func:`leandiff.denoiser.cm_base_skip`): f = c_skip·x̄ +
+(1 − c_skip)·x̂₀, with x̂₀ what the network says in its teacher's parameterization B (ε, v, x₀ or EDM), so
+the teacher's weights are the consistency function everywhere but at the boundary and CD starts from
+them. (The first version read the network's output as App. C's F; from a v teacher that start is F = v
+where the match is F = −v at σ_d = 1 — a sign- and scale-flipped x̂₀ that 1,500 updates did not undo.)
+The student is a Denoiser like any other: its x̂₀ is f, every solver and runtime runs it, and the
+``consistency`` solver samples it in one or a few steps (Alg. 1). The discretisation is Karras et al.'s
+(ρ = 7, CD's choice): σ_i = (σ_min^{1/ρ} + (i−1)/(N−1)·(σ_max^{1/ρ} − σ_min^{1/ρ}))^ρ, with σ_min, σ_max
+the schedule's own ends (linear β: 0.010 and 157) unless given. Where a given σ_max lies below the
+schedule's end, the end (t = T−1, where every sampler starts) is added as one more point above it, so
+the student is trained at the timestep it is first called at (on the cosine schedule σ_max = 80 is
+t ≈ 991 and t = 999 is σ ≈ 2·10⁴: the same pure noise, but a t the network must still be taught). The distance is the pseudo-Huber loss of Song & Dhariwal
 2023 ("Improved Techniques for Training Consistency Models", §3.3): d(x, y) = sqrt(‖x − y‖² + c²) − c,
 c = 0.00054·sqrt(dim), since no LPIPS weights are available offline. The default μ = 0 is iCT's
 finding (§3.2: θ⁻ = stopgrad(θ) is better than an EMA target); μ > 0 keeps the EMA target of the CM
 paper, saved with the training state so that a killed run resumes exactly.
 
-The student starts from the teacher's weights. From an EDM teacher with the same σ_data that start
-is already close (c_skip and c_out of the two parameterizations differ only near σ_min).
+The student starts from the teacher's weights.
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import Checkpoint
-from ..denoiser import Denoiser, parse_parameterization
+from ..denoiser import EDM_SIGMA_DATA, Denoiser, parse_parameterization
 from ..errors import UserError
 from ..schedule import alpha_sigma, q_sample, t_of_edm_sigma
 from ..spec import values
@@ -50,7 +56,7 @@ class CDConfig:
     huber_c: float = 0.0  # pseudo-Huber c; 0: 0.00054·sqrt(dim)
     sigma_min: float = 0.0  # 0: the schedule's smallest σ (t = 0)
     sigma_max: float = 0.0  # 0: the schedule's largest σ (t = T−1)
-    sigma_data: float = 0.5  # the student's c_skip/c_out constant
+    sigma_data: float = 0.0  # c_in's σ_d for an EDM teacher; 0: the teacher's own (any other base: 0.5, unused)
     nfe: int = 1  # the student's intended number of steps (recorded for its sampler)
     # the EMA is what the checkpoint holds (evaluation weights), as in the CM paper; bf16: the student's
     # forward/backward only (the teacher and the target run in fp32)
@@ -64,7 +70,7 @@ class CDConfig:
                   (self.huber_c >= 0, f"cd: huber_c must be >= 0, got {self.huber_c}"),
                   (self.sigma_min >= 0 and self.sigma_max >= 0, "cd: sigma_min and sigma_max must be >= 0"),
                   (self.sigma_max == 0 or self.sigma_max > self.sigma_min, "cd: sigma_max must exceed sigma_min"),
-                  (self.sigma_data > 0, f"cd: sigma_data must be > 0, got {self.sigma_data}"),
+                  (self.sigma_data >= 0, f"cd: sigma_data must be >= 0, got {self.sigma_data}"),
                   (self.nfe >= 1, f"cd: nfe must be >= 1, got {self.nfe}")]
         for ok, msg in checks:
             if not ok:
@@ -157,8 +163,29 @@ class CDLoss:
         return pseudo_huber(pred, target, self.c).mean()
 
 
-def student_parameterization(sigma_data: float, sigma_min: float) -> str:
-    return f"cm(sigma_data={sigma_data!r},sigma_min={sigma_min!r})"
+def student_parameterization(teacher: str, sigma_min: float, sigma_data: float = 0.0) -> str:
+    """The student's ``cm`` over its teacher's parameterization, with the boundary at ``sigma_min``."""
+    kind, settings = parse_parameterization(teacher)
+    if kind == "cm":  # a consistency model distilled again keeps what its network predicts
+        kind, settings = settings.get("base", "edm"), settings
+    own = settings.get("sigma_data")
+    if sigma_data and own is not None and kind == "edm" and sigma_data != own:
+        raise UserError(f"cd: sigma_data={sigma_data} differs from the EDM teacher's {own}; the student's network "
+                        "is the teacher's and keeps its c_in")
+    sd = own if own is not None else (sigma_data or EDM_SIGMA_DATA)
+    return f"cm(sigma_data={sd!r},sigma_min={sigma_min!r},base={kind})"
+
+
+def discretisation(schedule, cfg: CDConfig) -> tuple[float, torch.Tensor]:
+    """(σ_min, the timesteps t_1 < … of the discretisation): Karras' N points, plus t = T−1 above a σ_max
+    given below the schedule's end (see the module doc)."""
+    lo, hi = sigma_range(schedule, cfg)
+    ts = t_of_edm_sigma(schedule, karras_sigmas(lo, hi, cfg.n, cfg.rho)).float()
+    if ts[-1] < schedule.T - 1 - 1e-3:
+        ts = torch.cat([ts, torch.tensor([schedule.T - 1.0])])
+    if (ts[1:] <= ts[:-1]).any():
+        raise UserError(f"cd: the discretisation collapses on this schedule (n={cfg.n} between σ={lo:.3g} and {hi:.3g})")
+    return lo, ts
 
 
 def consistency_distill(ckpt: Checkpoint, out_dir, cfg: CDConfig, *, dataset: str, data_dir=None, seed: int = 0,
@@ -166,14 +193,11 @@ def consistency_distill(ckpt: Checkpoint, out_dir, cfg: CDConfig, *, dataset: st
     """Distil ``ckpt``'s probability-flow ODE into a consistency model (see the module doc)."""
     from ..models import image_shape
 
-    lo, hi = sigma_range(ckpt.schedule, cfg)
-    sigmas = karras_sigmas(lo, hi, cfg.n, cfg.rho)
-    ts = t_of_edm_sigma(ckpt.schedule, sigmas).float()
-    if (ts[1:] <= ts[:-1]).any():
-        raise UserError(f"cd: the discretisation collapses on this schedule (n={cfg.n} between σ={lo:.3g} and {hi:.3g})")
+    lo, ts = discretisation(ckpt.schedule, cfg)
+    hi = sigma_range(ckpt.schedule, cfg)[1]
     teacher_net = copy.deepcopy(ckpt.net).float().eval().requires_grad_(False)
     teacher = Denoiser(teacher_net, ckpt.schedule, ckpt.parameterization)
-    param = student_parameterization(cfg.sigma_data, lo)
+    param = student_parameterization(ckpt.parameterization, lo, cfg.sigma_data)
     student = Checkpoint(net=copy.deepcopy(ckpt.net).float().train().requires_grad_(True), arch=copy.deepcopy(ckpt.arch),
                          schedule=ckpt.schedule, parameterization=param, meta=copy.deepcopy(ckpt.meta))
     tcfg = cfg.train.config(dataset, data_dir, param, seed)
@@ -182,6 +206,7 @@ def consistency_distill(ckpt: Checkpoint, out_dir, cfg: CDConfig, *, dataset: st
     out = fit(tcfg, out_dir, student, training_images(tcfg, student), loss, progress)
     out.meta["sampler"] = {"solver": "consistency", "nfe": cfg.nfe, "spacing": "trailing"}
     out.meta["distill"] = {"method": "cd", **values(cfg), "sigma_min": lo, "sigma_max": hi,
+                           "timesteps": [round(float(t), 4) for t in ts],
                            "teacher_parameterization": ckpt.parameterization,
                            "train_cpu_seconds": (out.meta.get("train") or {}).get("cpu_seconds")}
     parse_parameterization(out.parameterization)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from leandiff.checkpoint import load_checkpoint, save_checkpoint
-from leandiff.compress.consistency import (CDConfig, CDLoss, consistency_distill, karras_sigmas, pseudo_huber,
-                                           sigma_range, student_parameterization, teacher_step)
-from leandiff.denoiser import Denoiser, cm_coefficients
+from leandiff.compress.consistency import (CDConfig, CDLoss, consistency_distill, discretisation, karras_sigmas,
+                                           pseudo_huber, sigma_range, student_parameterization, teacher_step)
+from leandiff.denoiser import Denoiser, cm_base_skip, cm_coefficients
 from leandiff.compress.training import Training
 from leandiff.errors import UserError
 from leandiff.schedule import Schedule, alpha_sigma, t_of_edm_sigma
@@ -27,9 +27,11 @@ class RandomF(torch.nn.Module):
         return torch.tanh(1.7 * x + 0.002 * t.to(x.dtype).reshape(-1, 1, 1, 1)) + 0.3
 
 
-def test_boundary_condition_holds_exactly_at_sigma_min():
+@pytest.mark.parametrize("base", [None, "eps", "v", "x0", "edm"])
+def test_boundary_condition_holds_exactly_at_sigma_min(base):
     lo, _ = sigma_range(SCHED, CDConfig())
-    d = Denoiser(RandomF(), SCHED, student_parameterization(0.5, lo))
+    param = f"cm(sigma_data=0.5,sigma_min={lo!r})" if base is None else student_parameterization(base, lo)
+    d = Denoiser(RandomF(), SCHED, param)
     t0 = t_of_edm_sigma(SCHED, torch.tensor([lo])).float()
     assert t0.item() == 0.0  # the schedule's own smallest σ is t = 0
     x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
@@ -37,9 +39,52 @@ def test_boundary_condition_holds_exactly_at_sigma_min():
     assert torch.allclose(d.x0(x, t0.expand(3)), x / a.item(), atol=1e-12, rtol=0)
     c_skip, c_out, _ = cm_coefficients(torch.tensor(lo, dtype=torch.float64), 0.5, lo)
     assert c_skip.item() == 1.0 and c_out.item() == 0.0
+    assert cm_base_skip(torch.tensor(lo, dtype=torch.float64), lo).item() == 1.0
     # away from the boundary the network matters
     t = torch.full((3,), 500.0)
     assert not torch.allclose(d.x0(x, t), x / alpha_sigma(SCHED, t.double())[0].reshape(-1, 1, 1, 1))
+
+
+@pytest.mark.parametrize("teacher", ["eps", "v", "x0", "edm(sigma_data=0.25)"])
+def test_the_student_starts_as_its_teacher_away_from_the_boundary(teacher):
+    """The cm student over its teacher's parameterization, on the teacher's own network: f is exactly
+    c_skip·x̄ + (1 − c_skip)·(the teacher's x̂₀), and c_skip is below 1e-4 from a hundred σ_min up."""
+    lo, _ = sigma_range(SCHED, CDConfig())
+    param = student_parameterization(teacher, lo)
+    assert param.endswith(f"base={teacher.split('(')[0]})")
+    t_d, s_d = Denoiser(RandomF(), SCHED, teacher), Denoiser(RandomF(), SCHED, param)
+    x = torch.randn(4, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    for t in (3.0, 50.0, 500.0, 999.0):
+        a, sg = alpha_sigma(SCHED, torch.tensor(t, dtype=torch.float64))
+        c = cm_base_skip(sg / a, lo).item()
+        x0_t, x0_s = t_d.x0(x, t), s_d.x0(x, t)
+        assert torch.allclose(x0_s, c * x / a.item() + (1 - c) * x0_t, rtol=0, atol=1e-10)
+        assert (c < 1e-4) == ((sg / a).item() > 100 * lo)
+        assert torch.equal(t_d.net_input(x, t)[0], s_d.net_input(x, t)[0])  # what the network sees is the teacher's
+    # the old App. C reading of a v network (F = out, σ_d = 0.5) is nowhere near it
+    raw = Denoiser(RandomF(), SCHED, f"cm(sigma_data=0.5,sigma_min={lo!r})")
+    if teacher == "v":
+        assert (raw.x0(x, 500.0) - t_d.x0(x, 500.0)).abs().max() > 0.1
+
+
+def test_a_cm_over_a_base_trains_and_converts_as_its_base():
+    from leandiff.denoiser import target_scale
+    lo = 0.01
+    for base in ("eps", "v", "x0"):
+        param = f"cm(sigma_min={lo},base={base})"
+        snr = torch.tensor([0.01, 1.0, 100.0])
+        assert torch.equal(target_scale(param, snr), target_scale(base, snr))
+        x0, noise = torch.randn(2, 1, 2, 2), torch.randn(2, 1, 2, 2)
+        t = torch.tensor([10.0, 700.0])
+        assert torch.equal(Denoiser(None, SCHED, param).target(x0, noise, t), Denoiser(None, SCHED, base).target(x0, noise, t))
+
+
+def test_the_discretisation_reaches_the_samplers_first_timestep():
+    cos = Schedule("cosine")
+    lo, ts = discretisation(cos, CDConfig(n=18, sigma_max=80.0))
+    assert len(ts) == 19 and ts[-1].item() == cos.T - 1 and 990 < ts[-2].item() < 992 and ts[0].item() == 0.0
+    lo, ts = discretisation(SCHED, CDConfig(n=18))  # the schedule's own end: nothing added
+    assert len(ts) == 18 and ts[-1].item() == pytest.approx(SCHED.T - 1, abs=1e-3)
 
 
 def test_discretisation_is_karras_rho():
@@ -125,7 +170,7 @@ def _tiny_cd(tiny_ckpt, mu=0.0):
     ts = t_of_edm_sigma(SCHED, karras_sigmas(lo, hi, cfg.n)).float()
     teacher = Denoiser(copy.deepcopy(tiny_ckpt.net).eval(), SCHED, "eps")
     net = copy.deepcopy(tiny_ckpt.net).train()
-    return cfg, Denoiser(net, SCHED, student_parameterization(0.5, lo)), CDLoss(teacher, net, ts, cfg, 256)
+    return cfg, Denoiser(net, SCHED, student_parameterization("eps", lo)), CDLoss(teacher, net, ts, cfg, 256)
 
 
 def test_one_cd_update_lowers_the_consistency_loss(tiny_ckpt):
@@ -171,7 +216,8 @@ def test_a_cd_student_reloads_and_samples_with_its_own_sampler(tiny_ckpt, image_
                               dataset=f"folder:{image_folder}", progress=False)
     save_checkpoint(out, tmp_path / "student")
     back = load_checkpoint(tmp_path / "student")
-    assert back.parameterization.startswith("cm(") and back.meta["distill"]["method"] == "cd"
+    assert back.parameterization.startswith("cm(") and back.parameterization.endswith(f"base={tiny_ckpt.parameterization})")
+    assert back.meta["distill"]["method"] == "cd"
     solver, nfe, runtime = back.sampling_defaults()
     assert (solver, nfe, back.default_spacing()) == ("consistency", 2, "trailing")
     x = sample_all(back.denoiser(), (1, 16, 16), SampleConfig(solver, nfe, n=3, spacing=back.default_spacing()))
