@@ -14,7 +14,8 @@ from 2×K down to K that the students' checkpoints record (each PD student recor
 ``--earlier FILE``: a previous results JSON of this benchmark; a student cell this run has no checkpoint
 for is taken from it, marked † and footnoted with that run's command.
 ``--cd DIR``: a ``cd(...)`` student, sampled by the ``consistency`` solver at each NFE (multistep consistency
-sampling, Song et al. 2023, Alg. 1). Every row is one harness row (N, seed 0), appended to OUT/rows.jsonl
+sampling, Song et al. 2023, Alg. 1). ``--dmd DIR``: a ``dmd(...)`` one-step generator, at 1 NFE (its recorded
+sampler: one trailing DDIM step). Every row is one harness row (N, seed 0), appended to OUT/rows.jsonl
 as soon as it is done; a rerun skips done rows.
 """
 from __future__ import annotations
@@ -64,6 +65,7 @@ def main(argv=None):
     ap.add_argument("--earlier", type=Path, default=None, help="a previous results JSON of this benchmark: the "
                     "student cells this run cannot measure, marked †")
     ap.add_argument("--cd", type=Path, default=None, help="a cd(...) student")
+    ap.add_argument("--dmd", type=Path, default=None, help="a dmd(...) one-step student")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/fewstep"))
     ap.add_argument("-n", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=512)
@@ -118,6 +120,12 @@ def main(argv=None):
         cost = (ck.meta.get("distill") or {}).get("train_cpu_seconds") or cpu_seconds(ck)
         for k in NFES:
             students[("cd", k)] = run(f"cd-{k}", ck, "consistency", k, "trailing", {"train_core_seconds": cost})
+    if a.dmd:
+        ck = load_checkpoint(a.dmd)
+        cost = (ck.meta.get("distill") or {}).get("train_cpu_seconds") or cpu_seconds(ck)
+        s = ck.meta["sampler"]
+        students[("dmd", s["nfe"])] = run(f"dmd-{s['nfe']}", ck, s["solver"], s["nfe"], s["spacing"],
+                                          {"train_core_seconds": cost})
 
     ddpm = card_row(a.teacher, "ddpm-1000")
     fid = lambda name: done[name]["quality"]["fid_dom"] if name in done else None  # noqa: E731
@@ -127,10 +135,11 @@ def main(argv=None):
              f"DDPM-1000: " + (f"**{ddpm['fid_dom']:.3f}** (N={ddpm['n']}, its model card)" if ddpm else "not on its card") + ".",
              "Teacher solvers at each NFE: " + ", ".join(f"{s} {sp}" for s, sp in TEACHER) + " (1 NFE: DDIM only); "
              "'best' is the lowest of them. Students sample with their own recorded sampler (PD: DDIM trailing at "
-             "its K; CD: multistep consistency sampling at K). Training cost: CPU core-seconds of the training loop "
+             "its K; CD: multistep consistency sampling at K; DMD: its one step). Training cost: CPU core-seconds of the training loop "
              "(PD cumulative over the rounds down to K; the teacher's own training not included).", "",
              "| NFE | teacher DDIM | teacher best (solver) | PD student | PD ÷ DDPM-1000 | PD core-s (cum.) | "
-             "CD student | CD ÷ DDPM-1000 | CD core-s |", "|---|---|---|---|---|---|---|---|---|"]
+             "CD student | CD ÷ DDPM-1000 | CD core-s | DMD student | DMD ÷ DDPM-1000 | DMD core-s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rec = {"teacher": a.teacher, "n": a.n, "ddpm1000_card": ddpm, "nfe": {}}
     earlier = json.loads(a.earlier.read_text()) if a.earlier else None
     if earlier and (earlier.get("teacher"), earlier.get("n")) != (a.teacher, a.n):
@@ -140,7 +149,9 @@ def main(argv=None):
         cands = [(fid(f"teacher {s}-{k} {sp}"), f"{s} {sp}") for s, sp in TEACHER]
         cands = [c for c in cands if c[0] is not None]
         best = min(cands) if cands else (None, "—")
-        pd_row, cd_row = students.get(("pd", k)), students.get(("cd", k))
+        pd_row, cd_row, dmd_row = students.get(("pd", k)), students.get(("cd", k)), students.get(("dmd", k))
+        dmd_f = dmd_row["quality"]["fid_dom"] if dmd_row else None
+        dmd_c = dmd_row.get("train_core_seconds") if dmd_row else None
         pd_f = pd_row["quality"]["fid_dom"] if pd_row else None
         cd_f = cd_row["quality"]["fid_dom"] if cd_row else None
         pd_c = pd_row.get("train_core_seconds_cumulative") if pd_row else None
@@ -153,17 +164,19 @@ def main(argv=None):
             cd_f, cd_c, mark["cd"] = old["cd"], old.get("cd_core_seconds"), " †"
         rec["nfe"][k] = {"teacher_ddim": fid(f"teacher ddim-{k} trailing"), "teacher_best": best[0],
                          "teacher_best_solver": best[1], "pd": pd_f, "cd": cd_f, "pd_core_seconds_cumulative": pd_c,
-                         "cd_core_seconds": cd_c,
+                         "cd_core_seconds": cd_c, "dmd": dmd_f, "dmd_core_seconds": dmd_c,
+                         "dmd_over_ddpm1000": dmd_f / ref if dmd_f and ref else None,
                          "pd_over_ddpm1000": pd_f / ref if pd_f and ref else None,
                          "cd_over_ddpm1000": cd_f / ref if cd_f and ref else None,
                          "from_earlier_run": [m for m, v in mark.items() if v]}
         r = rec["nfe"][k]
         lines.append(f"| {k} | {f(r['teacher_ddim'])} | {f(best[0])} ({best[1]}) | {f(pd_f)}{mark['pd']} | "
                      f"{f(r['pd_over_ddpm1000'], '{:.2f}×')} | {f(pd_c, '{:.0f}')} | {f(cd_f)}{mark['cd']} | "
-                     f"{f(r['cd_over_ddpm1000'], '{:.2f}×')} | {f(cd_c, '{:.0f}')} |")
+                     f"{f(r['cd_over_ddpm1000'], '{:.2f}×')} | {f(cd_c, '{:.0f}')} | {f(dmd_f)} | "
+                     f"{f(r['dmd_over_ddpm1000'], '{:.2f}×')} | {f(dmd_c, '{:.0f}')} |")
     if ref:
         lines += ["", f"Targets (≤ 1.15× DDPM-1000 at 4 NFE = {1.15 * ref:.3f}; ≤ 2× at 1 NFE = {2 * ref:.3f}):"]
-        for method in ("pd", "cd"):
+        for method in ("pd", "cd", "dmd"):
             got = {k: rec["nfe"][k][method] for k in (4, 1)}
             if any(v is not None for v in got.values()):
                 lines.append(f"- {method.upper()}: 4 NFE {f(got[4])} "
@@ -177,6 +190,10 @@ def main(argv=None):
         ck = load_checkpoint(a.cd)
         recipe = next((st.get("recipe") for st in reversed(ck.lineage) if st.get("recipe")), None)
         lines.append(f"- CD student made by `leandiff compress {a.teacher} --recipe \"{recipe}\" --out {a.cd.name}`")
+    if a.dmd and (a.dmd / "leandiff.json").is_file():
+        ck = load_checkpoint(a.dmd)
+        recipe = next((st.get("recipe") for st in reversed(ck.lineage) if st.get("recipe")), None)
+        lines.append(f"- DMD student made by `leandiff compress {a.teacher} --recipe \"{recipe}\" --out {a.dmd.name}`")
     if earlier and any(r["from_earlier_run"] for r in rec["nfe"].values()):
         lines.append(f"- † not re-measured here (that student's checkpoint was not kept): from the earlier run "
                      f"`{earlier['command']}` ({a.earlier.name}), the same teacher, N and harness")

@@ -272,6 +272,7 @@ STEP_CASES = {
     "oneshot": "oneshot(teacher_nfe=2,steps=2,pairs=8,convert_steps=2,batch_size=4)",
     "cache": "cache(interval=2)",
     "cd": "cd(steps=2,n=4,batch_size=4)",
+    "dmd": "dmd(steps=2,batch_size=4,pairs=4,teacher_nfe=2)",
 }
 
 
@@ -298,7 +299,7 @@ def test_every_compression_step_runs_on_an_edm_model(step, edm_ckpt, image_folde
     back = load_checkpoint(tmp_path / step)
     assert back.lineage[-1]["step"] == step
     assert back.parameterization == out.parameterization
-    solver, nfe, runtime = back.sampling_defaults(nfe=2 if step not in ("pd", "oneshot", "cd") else None)
+    solver, nfe, runtime = back.sampling_defaults(nfe=2 if step not in ("pd", "oneshot", "cd", "dmd") else None)
     from leandiff.runtime import runtime_denoiser
 
     x = sample_all(runtime_denoiser(back, runtime), (1, 16, 16), SampleConfig(solver, nfe, n=2,

@@ -16,13 +16,14 @@ recipes`` and the contract tests read it from this dict.
 - ``pd``, ``oneshot``: progressive and one-shot distillation (:mod:`.progressive`);
 - every training step trains through one entry, :mod:`.training`;
 - ``consistency``: consistency distillation (``cd``) into a one- or few-step consistency model;
+- ``dmd``: distribution matching distillation into a one-step generator;
 - ``cache``: feature caching (sets the checkpoint's runtime).
 
 The layers the steps insert (quantized layers, low-rank factors, LoRA adapters) and their replay
 from a checkpoint's surgery records live in :mod:`leandiff.surgery`, below the checkpoint.
 """
 from ..spec import Spec
-from . import cache, consistency, finetune, kd, lowrank, progressive, prune, quant
+from . import cache, consistency, dmd, finetune, kd, lowrank, progressive, prune, quant
 
 STEPS: dict[str, Spec] = {
     "prune": Spec(prune.prune_step, prune.PruneConfig),
@@ -33,6 +34,7 @@ STEPS: dict[str, Spec] = {
     "pd": Spec(progressive.pd_step, progressive.PDConfig),
     "oneshot": Spec(progressive.oneshot_step, progressive.OneShotConfig),
     "cd": Spec(consistency.cd_step, consistency.CDConfig),
+    "dmd": Spec(dmd.dmd_step, dmd.DMDConfig),
     "quant": Spec(quant.quant_step, quant.QuantStep,
                   "post-training quantization: fake-quant simulation (any bits) or real int8 via ONNX Runtime or OpenVINO"),
     "cache": Spec(cache.cache_step, cache.CacheSpec),

@@ -45,6 +45,7 @@ from ..train import training_images
 from .training import Training, check_steps, fit
 
 TEACHER_SOLVERS = ("heun", "euler")
+GRIDS = ("continuous", "discrete")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,9 @@ class CDConfig:
     sigma_max: float = 0.0  # 0: the schedule's largest σ (t = T−1)
     sigma_data: float = 0.0  # c_in's σ_d for an EDM teacher; 0: the teacher's own (any other base: 0.5, unused)
     nfe: int = 1  # the student's intended number of steps (recorded for its sampler)
+    # discrete: n drawn from the N points only (Alg. 2); continuous: the pair (σ(u), σ(u+1)) at a uniform
+    # real u in [0, N−2] of the same ρ-grid, so every t a sampler may call is trained (see CDLoss)
+    grid: str = "continuous"
     # the EMA is what the checkpoint holds (evaluation weights), as in the CM paper; bf16: the student's
     # forward/backward only (the teacher and the target run in fp32)
     train: Training = field(default_factory=lambda: Training(steps=2000, lr=1e-4, warmup=100, ema_decay=0.999))
@@ -66,6 +70,7 @@ class CDConfig:
         checks = [(self.n >= 2, f"cd: n (discretisation points) must be >= 2, got {self.n}"),
                   (self.rho > 0, f"cd: rho must be > 0, got {self.rho}"),
                   (self.solver in TEACHER_SOLVERS, f"cd: solver must be one of {', '.join(TEACHER_SOLVERS)}, got {self.solver!r}"),
+                  (self.grid in GRIDS, f"cd: grid must be one of {', '.join(GRIDS)}, got {self.grid!r}"),
                   (0 <= self.mu < 1, f"cd: mu must be in [0, 1), got {self.mu}"),
                   (self.huber_c >= 0, f"cd: huber_c must be >= 0, got {self.huber_c}"),
                   (self.sigma_min >= 0 and self.sigma_max >= 0, "cd: sigma_min and sigma_max must be >= 0"),
@@ -120,10 +125,18 @@ def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
 class CDLoss:
     """The consistency-distillation loss (Alg. 2) as a training-loop loss with state: the target
     network θ⁻ (an EMA of the student with decay μ, updated before each step from the student's
-    current weights) is saved and restored with the training state."""
+    current weights) is saved and restored with the training state.
 
-    def __init__(self, teacher: Denoiser, student_net: nn.Module, ts: torch.Tensor, cfg: CDConfig, dim: int):
+    Adjacent points: ``grid=discrete`` draws n from the N points (and the extra top pair, if any) as
+    Alg. 2 does, so the student is trained at those N timesteps only and a sampler's other timesteps
+    (trailing 2 NFE calls t = 499, between two points) meet an untrained mix of teacher and student.
+    ``grid=continuous`` draws a real u uniform in [0, N−2] and pairs σ(u+1) with σ(u) on the same ρ-grid
+    (the step in σ^{1/ρ} is the discrete grid's), the extra top pair with probability 1/N."""
+
+    def __init__(self, teacher: Denoiser, student_net: nn.Module, ts: torch.Tensor, cfg: CDConfig, dim: int,
+                 sigma_ends: tuple[float, float]):
         self.teacher, self.ts, self.cfg = teacher, ts, cfg
+        self.sigma_ends = sigma_ends  # (σ_min, σ_max) of the ρ-grid
         self.c = cfg.huber_c or 0.00054 * math.sqrt(dim)
         self.target = copy.deepcopy(student_net).eval().requires_grad_(False)
         self.started = False
@@ -146,6 +159,18 @@ class CDLoss:
         for b_t, b in zip(self.target.buffers(), net.buffers()):
             b_t.copy_(b)
 
+    def _continuous(self, t_lo, t_hi, n, g):
+        """(t(σ(u)), t(σ(u+1))) for u uniform in [0, N−2]; the rows that drew the extra top pair keep it."""
+        lo, hi = self.sigma_ends
+        k, rho = self.cfg.n, self.cfg.rho
+        u = torch.rand(n.shape, generator=g, device=g.device, dtype=torch.float64) * (k - 2)
+        a, b = lo ** (1 / rho), hi ** (1 / rho)
+        sig = lambda v: (a + v / (k - 1) * (b - a)) ** rho  # noqa: E731
+        c_lo = t_of_edm_sigma(self.teacher.schedule, sig(u)).to(t_lo)
+        c_hi = t_of_edm_sigma(self.teacher.schedule, sig(u + 1)).to(t_hi)
+        top = n >= k - 1  # the pair (σ_max, schedule end), when the grid has it
+        return torch.where(top, t_lo, c_lo), torch.where(top, t_hi, c_hi)
+
     def __call__(self, student: Denoiser, x0: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         if self.started:
             self._update_target(student.net)
@@ -154,6 +179,8 @@ class CDLoss:
         if self.ts.device != n.device:  # once: the step table lives where the training runs
             self.ts = self.ts.to(n.device)
         t_lo, t_hi = self.ts[n], self.ts[n + 1]
+        if self.cfg.grid == "continuous":
+            t_lo, t_hi = self._continuous(t_lo, t_hi, n, g)
         z = torch.randn(x0.shape, generator=g, device=x0.device)
         x_hi = q_sample(student.schedule, x0, t_hi, z)
         with torch.no_grad(), torch.autocast(x0.device.type, enabled=False):
@@ -202,7 +229,7 @@ def consistency_distill(ckpt: Checkpoint, out_dir, cfg: CDConfig, *, dataset: st
                          schedule=ckpt.schedule, parameterization=param, meta=copy.deepcopy(ckpt.meta))
     tcfg = cfg.train.config(dataset, data_dir, param, seed)
     dim = math.prod(image_shape(ckpt.arch))
-    loss = CDLoss(teacher, student.net, ts, cfg, dim)
+    loss = CDLoss(teacher, student.net, ts, cfg, dim, sigma_ends=(lo, hi))
     out = fit(tcfg, out_dir, student, training_images(tcfg, student), loss, progress)
     out.meta["sampler"] = {"solver": "consistency", "nfe": cfg.nfe, "spacing": "trailing"}
     out.meta["distill"] = {"method": "cd", **values(cfg), "sigma_min": lo, "sigma_max": hi,

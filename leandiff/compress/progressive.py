@@ -278,6 +278,29 @@ class OneShotConfig(_StudentConfig):
         self._check("oneshot")
 
 
+def teacher_pairs(ckpt: Checkpoint, path: Path, n: int, solver: str, nfe: int, spacing: str, clip: bool,
+                  seed: int) -> torch.Tensor:
+    """``n`` pairs (x_T, the teacher's ``solver``-``nfe`` sample from x_T), x_T and the sample concatenated on
+    the channel axis, on the CPU (device-free). Made once and kept in ``path`` (written atomically; a rerun
+    or a resumed run reads it back)."""
+    path = Path(path)
+    if path.is_file():
+        return load_file(str(path))["pairs"]
+    teacher = _frozen(ckpt)
+    ts = make_timesteps(ckpt.schedule, nfe, spacing)
+    chunks, t0 = [], time.perf_counter()
+    for b in range(0, n, 256):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + 7_777 + b)
+        xT = torch.randn((min(256, n - b), *image_shape(ckpt.arch)), generator=g)
+        x0 = get_solver(solver)(teacher, xT.to(device_of(teacher.net)), ts, clip_x0=clip)
+        chunks.append(torch.cat([xT, x0.cpu()], dim=1))
+    data = torch.cat(chunks)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file({"pairs": data.contiguous()}, str(tmp), metadata={"seconds": repr(time.perf_counter() - t0)})
+    return data
+
+
 def oneshot_distill(ckpt: Checkpoint, out_dir, cfg: OneShotConfig, *, dataset: str, data_dir=None, seed=0,
                     progress=None, init: Checkpoint | None = None) -> Checkpoint:
     """Luhman & Luhman 2021: ``cfg.pairs`` (x_T, DDIM-``teacher_nfe`` sample) pairs from the teacher, then a
@@ -287,23 +310,8 @@ def oneshot_distill(ckpt: Checkpoint, out_dir, cfg: OneShotConfig, *, dataset: s
     student = init or cfg.student(ckpt, out_dir, dataset=dataset, data_dir=data_dir, seed=seed, progress=progress)
     if student.parameterization not in STUDENT_PARAMETERIZATIONS:
         raise UserError(f"oneshot: the student must predict v or x0, got {student.parameterization}")
-    shape = image_shape(ckpt.arch)
-    pairs_path = out_dir / "pairs.safetensors"
-    if pairs_path.is_file():
-        data = load_file(str(pairs_path))["pairs"]
-    else:
-        teacher = _frozen(ckpt)
-        ts = make_timesteps(ckpt.schedule, cfg.teacher_nfe, cfg.spacing)
-        chunks, t0 = [], time.perf_counter()
-        for b in range(0, cfg.pairs, 256):
-            g = torch.Generator().manual_seed(seed * 1_000_003 + 7_777 + b)
-            xT = torch.randn((min(256, cfg.pairs - b), *shape), generator=g)
-            x0 = get_solver("ddim")(teacher, xT.to(device_of(teacher.net)), ts, clip_x0=cfg.clip)
-            chunks.append(torch.cat([xT, x0.cpu()], dim=1))  # the pairs file is device-free
-        data = torch.cat(chunks)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(pairs_path) as tmp:
-            save_file({"pairs": data.contiguous()}, str(tmp), metadata={"seconds": repr(time.perf_counter() - t0)})
+    data = teacher_pairs(ckpt, out_dir / "pairs.safetensors", cfg.pairs, "ddim", cfg.teacher_nfe, cfg.spacing,
+                         cfg.clip, seed)
     st = _fresh(student)
     tcfg = cfg.train.config(dataset, data_dir, st.parameterization, seed)
     st = fit(tcfg, out_dir / "student", st, data, OneShotLoss(), progress)

@@ -170,7 +170,7 @@ def _tiny_cd(tiny_ckpt, mu=0.0):
     ts = t_of_edm_sigma(SCHED, karras_sigmas(lo, hi, cfg.n)).float()
     teacher = Denoiser(copy.deepcopy(tiny_ckpt.net).eval(), SCHED, "eps")
     net = copy.deepcopy(tiny_ckpt.net).train()
-    return cfg, Denoiser(net, SCHED, student_parameterization("eps", lo)), CDLoss(teacher, net, ts, cfg, 256)
+    return cfg, Denoiser(net, SCHED, student_parameterization("eps", lo)), CDLoss(teacher, net, ts, cfg, 256, (lo, hi))
 
 
 def test_one_cd_update_lowers_the_consistency_loss(tiny_ckpt):
@@ -229,3 +229,28 @@ def test_bad_cd_settings_are_user_errors():
                {"lr": 0.0}, {"ema_decay": 1.0}):
         with pytest.raises(UserError):
             bind(CDConfig, kw, "cd")
+
+
+def test_the_continuous_grid_pairs_points_one_rho_step_apart_anywhere_on_it():
+    """grid=continuous: every pair is one step of the N-point ρ-grid apart (in σ^{1/ρ}), its lower end
+    anywhere in [σ_min, σ_{N−1}] rather than on the N points; the extra top pair is kept as it is."""
+    cos = Schedule("cosine")
+    cfg = CDConfig(n=6, sigma_max=80.0)
+    lo, ts = discretisation(cos, cfg)
+    loss = CDLoss(Denoiser(RandomF(), cos, "v"), RandomF(), ts, cfg, 16, sigma_ends=(lo, 80.0))
+    g = torch.Generator().manual_seed(0)
+    n = torch.randint(0, len(ts) - 1, (4000,), generator=g)
+    t_lo, t_hi = loss._continuous(ts[n], ts[n + 1], n, g)
+    top = n == len(ts) - 2
+    assert top.any() and torch.equal(t_hi[top], ts[-1].expand(int(top.sum())))
+
+    def root(t):
+        a, s = alpha_sigma(cos, t.double())
+        return (s / a) ** (1 / 7)
+
+    step = (80.0 ** (1 / 7) - lo ** (1 / 7)) / (cfg.n - 1)
+    assert torch.allclose(root(t_hi[~top]) - root(t_lo[~top]), torch.full_like(t_lo[~top], step, dtype=torch.float64),
+                          rtol=0, atol=2e-3)
+    on_grid = (t_lo[~top, None] - ts[None, :-1]).abs().min(1).values < 1e-3
+    assert on_grid.float().mean() < 0.01  # not the N points
+    assert t_lo[~top].min() < ts[1] and t_hi[~top].max() > ts[-3]  # and the whole grid is covered

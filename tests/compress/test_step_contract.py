@@ -18,6 +18,7 @@ CASES = {
     "pd": "pd(from=2,to=1,steps_per_round=2,convert_steps=2,batch_size=8)",
     "oneshot": "oneshot(teacher_nfe=2,steps=2,pairs=8,convert_steps=2,batch_size=8)",
     "cd": "cd(steps=2,n=4,batch_size=8)",
+    "dmd": "dmd(steps=2,batch_size=8,pairs=4,teacher_nfe=2,fake_steps=2)",
     "quant": "quant(n=8,steps=2)",
     "cache": "cache(interval=2)",
 }
@@ -49,7 +50,7 @@ def test_step_contract(name, tiny_ckpt, image_folder, tmp_path):
     assert all(torch.equal(u, v) for u, v in zip(a, b))
 
 
-TRAINING_STEPS = ("finetune", "kd", "lowrank", "lora", "pd", "oneshot", "cd")
+TRAINING_STEPS = ("finetune", "kd", "lowrank", "lora", "pd", "oneshot", "cd", "dmd")
 
 
 @pytest.mark.parametrize("name", TRAINING_STEPS)

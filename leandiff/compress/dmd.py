@@ -1,0 +1,184 @@
+"""Distribution matching distillation: ``dmd(...)``, a one-step generator (Yin et al. 2024, "One-step
+Diffusion with Distribution Matching Distillation" (DMD); Yin et al. 2024, "Improved Distribution
+Matching Distillation for Fast Image Synthesis" (DMD2)).
+
+The generator is the student network at the sampler's first timestep: G(z) = x̂₀(z, T−1), z ~ N(0, I),
+so the student is an ordinary checkpoint in its teacher's parameterization sampled by one trailing DDIM
+step (which is exactly x̂₀ at T−1). Unlike PD and CD it is not bound to the teacher's ODE: it is trained
+to make the *distribution* of G(z) the teacher's, by the gradient of KL(p_G ‖ p_teacher) on the noised
+samples (DMD eq. 7), with two score networks in x̂₀ form:
+
+- the real one, the teacher (frozen);
+- the fake one, μ_fake, a copy of the teacher kept fitted to the generator's current samples by the
+  plain denoising loss (``fake_steps`` Adam updates per generator update: DMD2's two time-scale rule, 5
+  there; DMD uses 1).
+
+Per generator update, with x = G(z), t uniform in [t_min·T, t_max·T] (DMD: [0.02, 0.98]), x_t = α x + σ ε:
+
+    grad = (μ_fake(x_t, t) − μ_real(x_t, t)) / mean|x − μ_real(x_t, t)|      (DMD eq. 8, per sample)
+    L_DM = ½ · mean (x − stopgrad(x − grad))²        (so ∂L_DM/∂x = grad, up to the mean's count)
+
+The score difference s_fake − s_real is α(μ_real − μ_fake)/σ², so descending along ``grad`` moves x
+toward the teacher's density; the normalisation makes the step size independent of t. DMD adds a
+regression loss on (z, teacher ODE sample from z) pairs to anchor the generator and keep its modes
+(§3.3; λ_reg = 0.25 with LPIPS); here the distance is the mean squared error, since no LPIPS weights are
+available offline, and the pairs are the teacher's ``teacher_solver``-``teacher_nfe`` samples (trailing
+spacing, x̂₀ clipped as the harness samples; made once, :func:`leandiff.compress.progressive.teacher_pairs`); ``reg=0`` is DMD2 without its GAN term.
+A quarter of each batch (at least one) is drawn from the pairs and feeds both losses.
+
+Both networks start from the teacher's weights. The fake network and its optimizer are saved with the
+training state, so a killed run resumes where it stopped. One process only: the fake network is not
+synchronised across ranks.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoint import Checkpoint
+from ..denoiser import Denoiser
+from ..errors import UserError
+from ..schedule import q_sample
+from ..solvers import DETERMINISTIC
+from ..spec import values
+from ..train import training_images
+from .progressive import teacher_pairs
+from .training import Training, check_steps, fit, need_dataset, rank_world
+
+
+
+@dataclass(frozen=True)
+class DMDConfig:
+    fake_steps: int = 1  # fake-score updates per generator update (DMD: 1; DMD2: 5)
+    fake_lr: float = 0.0  # the fake network's Adam lr; 0: the generator's base lr
+    reg: float = 0.25  # weight of the regression loss on teacher pairs (DMD's λ_reg); 0: none
+    pairs: int = 4096  # teacher ODE pairs for the regression loss
+    teacher_solver: str = "dpmpp-2m"
+    teacher_nfe: int = 50
+    t_min: float = 0.02  # the DM loss's timesteps, as fractions of T (DMD's range)
+    t_max: float = 0.98
+    train: Training = field(default_factory=lambda: Training(steps=2000, lr=1e-4, batch_size=64, ema_decay=0.999))
+
+    def __post_init__(self):
+        checks = [(self.fake_steps >= 1, f"dmd: fake_steps must be >= 1, got {self.fake_steps}"),
+                  (self.fake_lr >= 0, f"dmd: fake_lr must be >= 0 (0: the generator's lr), got {self.fake_lr}"),
+                  (self.reg >= 0, f"dmd: reg must be >= 0, got {self.reg}"),
+                  (self.pairs >= 1, f"dmd: pairs must be >= 1, got {self.pairs}"),
+                  (self.teacher_solver in DETERMINISTIC,  # a pair is defined by its x_T
+                   f"dmd: teacher_solver must be a deterministic solver ({', '.join(DETERMINISTIC)}), got {self.teacher_solver!r}"),
+                  (self.teacher_nfe >= 1, f"dmd: teacher_nfe must be >= 1, got {self.teacher_nfe}"),
+                  (0 <= self.t_min < self.t_max <= 1, f"dmd: need 0 <= t_min < t_max <= 1, got {self.t_min}, {self.t_max}")]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(msg)
+        check_steps("dmd", self.train)
+
+
+def dm_gradient(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor) -> torch.Tensor:
+    """DMD's per-sample normalised distribution-matching gradient with respect to the sample x (eq. 8)."""
+    norm = (x - real_x0).abs().flatten(1).mean(1).clamp(min=1e-8)
+    return (fake_x0 - real_x0) / norm.reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+class DMDLoss:
+    """The generator's loss (L_DM + reg·L_reg) as a training-loop loss with state: each call first updates
+    the fake score network on the generator's current samples."""
+
+    def __init__(self, teacher: Denoiser, fake_net: nn.Module, pairs: torch.Tensor, cfg: DMDConfig, lr: float):
+        self.teacher, self.cfg, self.pairs = teacher, cfg, pairs
+        self.fake = Denoiser(fake_net.train().requires_grad_(True), teacher.schedule, teacher.parameterization)
+        self.opt = torch.optim.Adam(fake_net.parameters(), lr=cfg.fake_lr or lr)
+        self.last: dict = {}
+
+    def state_dict(self) -> dict:
+        out = {f"fake.{k}": v for k, v in self.fake.net.state_dict().items()}
+        for i, st in self.opt.state_dict()["state"].items():
+            out.update({f"opt.{i}.{k}": torch.as_tensor(v) for k, v in st.items()})
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        self.fake.net.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("fake.")})
+        opt_state: dict = {}
+        for k, v in state.items():
+            if k.startswith("opt."):
+                _, i, name = k.split(".", 2)
+                opt_state.setdefault(int(i), {})[name] = v
+        self.opt.load_state_dict({"state": opt_state, "param_groups": self.opt.state_dict()["param_groups"]})
+
+    def _fake_update(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """One step of the plain denoising loss of the fake network on the (detached) samples x."""
+        T = self.teacher.schedule.T
+        t = torch.randint(0, T, (x.shape[0],), generator=g, device=g.device).to(x.device).float()
+        noise = torch.randn(x.shape, generator=g, device=g.device).to(x.device)
+        xt = q_sample(self.fake.schedule, x, t, noise)
+        loss = F.mse_loss(self.fake(xt, t).float(), self.fake.target(x, noise, t).float())
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
+
+    def __call__(self, student: Denoiser, x0: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        cfg, sched = self.cfg, student.schedule
+        b = x0.shape[0]
+        z = torch.randn(x0.shape, generator=g, device=g.device).to(x0.device)
+        k = max(1, b // 4) if cfg.reg > 0 else 0
+        if k:
+            idx = torch.randint(0, len(self.pairs), (k,), generator=g, device=g.device).cpu()
+            pair = self.pairs[idx].to(x0.device)
+            c = pair.shape[1] // 2
+            z = torch.cat([z[: b - k], pair[:, :c]])
+        t_top = torch.full((b,), sched.T - 1.0, device=x0.device)
+        x = student.convert(student(z, t_top).float(), z, t_top)[1]  # G(z)
+        xd = x.detach()
+        with torch.enable_grad():
+            fake_losses = [self._fake_update(xd, g) for _ in range(cfg.fake_steps)]
+        t = (cfg.t_min + (cfg.t_max - cfg.t_min) * torch.rand(b, generator=g, device=g.device)) * (sched.T - 1)
+        t = t.to(x0.device)
+        noise = torch.randn(x0.shape, generator=g, device=g.device).to(x0.device)
+        xt = q_sample(sched, xd, t, noise)
+        with torch.no_grad(), torch.autocast(x0.device.type, enabled=False):
+            real = self.teacher.x0(xt.float(), t).float()
+            fake = self.fake.x0(xt.float(), t).float()
+        grad = dm_gradient(xd, real, fake)
+        loss = 0.5 * F.mse_loss(x, (xd - grad))
+        reg = x.new_zeros(())
+        if k:
+            reg = 0.5 * F.mse_loss(x[b - k:], pair[:, c:])
+            loss = loss + cfg.reg * reg
+        self.last = {"fake": torch.stack(fake_losses).mean(), "reg": reg.detach()}  # no host read per step
+        return loss
+
+
+def dmd_distill(ckpt: Checkpoint, out_dir, cfg: DMDConfig, *, dataset: str, data_dir=None, seed: int = 0,
+                progress=None) -> Checkpoint:
+    """Distil ``ckpt`` into a one-step generator by distribution matching (see the module doc)."""
+    if rank_world()[1] > 1:
+        raise UserError("dmd trains in one process: its fake score network is not synchronised across ranks")
+    out_dir = Path(out_dir)
+    pairs = teacher_pairs(ckpt, out_dir / "pairs.safetensors", cfg.pairs, cfg.teacher_solver, cfg.teacher_nfe,
+                          "trailing", True, seed) if cfg.reg > 0 else torch.zeros(0)
+    teacher = Denoiser(copy.deepcopy(ckpt.net).float().eval().requires_grad_(False), ckpt.schedule,
+                       ckpt.parameterization)
+    student = Checkpoint(net=copy.deepcopy(ckpt.net).float().train().requires_grad_(True), arch=copy.deepcopy(ckpt.arch),
+                         schedule=ckpt.schedule, parameterization=ckpt.parameterization, meta=copy.deepcopy(ckpt.meta))
+    tcfg = cfg.train.config(dataset, data_dir, ckpt.parameterization, seed)
+    loss = DMDLoss(teacher, copy.deepcopy(ckpt.net).float(), pairs, cfg, cfg.train.lr)
+    out = fit(tcfg, out_dir / "student", student, training_images(tcfg, student), loss, progress)
+    out.meta["sampler"] = {"solver": "ddim", "nfe": 1, "spacing": "trailing"}
+    out.meta["distill"] = {"method": "dmd", **values(cfg),
+                           "train_cpu_seconds": (out.meta.get("train") or {}).get("cpu_seconds")}
+    return out
+
+
+def dmd_step(ckpt: Checkpoint, cfg: DMDConfig, ctx) -> Checkpoint:
+    """Distribution matching distillation (DMD / DMD2): a one-step generator matched to the teacher's distribution."""
+    need_dataset(ctx, "dmd")
+    return dmd_distill(ckpt, ctx.step_dir, cfg, dataset=ctx.dataset, data_dir=ctx.data_dir, seed=ctx.seed,
+                       progress=ctx.progress)

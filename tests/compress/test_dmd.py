@@ -1,0 +1,109 @@
+"""Distribution matching distillation (DMD / DMD2): the gradient, the fake-score update, the state and the student."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from leandiff.checkpoint import load_checkpoint, save_checkpoint
+from leandiff.compress.dmd import DMDConfig, DMDLoss, dm_gradient, dmd_distill
+from leandiff.compress.training import Training
+from leandiff.denoiser import Denoiser
+from leandiff.errors import UserError
+from leandiff.schedule import Schedule, alpha_sigma, q_sample
+from leandiff.spec import bind
+
+SCHED = Schedule("linear")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def gauss_x0(xt, t, s):
+    """E[x₀ | x_t] for x₀ ~ N(0, s²)."""
+    a, sg = alpha_sigma(SCHED, t.double())
+    a, sg = a.reshape(-1, 1), sg.reshape(-1, 1)
+    return (a * s ** 2 / (a ** 2 * s ** 2 + sg ** 2) * xt).to(xt.dtype)
+
+
+@pytest.mark.parametrize("s_gen", [0.3, 1.5])
+def test_the_dm_gradient_moves_samples_toward_the_teacher_distribution(s_gen):
+    """Real data N(0, 1), generator N(0, s_gen²), both scores exact: descending along the DM gradient
+    shrinks a too-wide generator and widens a too-narrow one, at every noise level."""
+    g = torch.Generator().manual_seed(0)
+    x = s_gen * torch.randn(4096, 8, generator=g, dtype=torch.float64)
+    for t_val in (20.0, 300.0, 900.0):
+        t = torch.full((4096,), t_val)
+        xt = q_sample(SCHED, x, t, torch.randn(x.shape, generator=g, dtype=torch.float64))
+        grad = dm_gradient(x, gauss_x0(xt, t, 1.0), gauss_x0(xt, t, s_gen))
+        step = x - 0.05 * grad
+        assert (step.std() - 1).abs() < (x.std() - 1).abs(), t_val
+    # the same score on both sides: no gradient
+    assert dm_gradient(x, gauss_x0(xt, t, 1.0), gauss_x0(xt, t, 1.0)).abs().max() == 0
+
+
+def _loss(tiny_ckpt, **kw):
+    cfg = DMDConfig(**{"pairs": 8, "teacher_nfe": 2, **kw})
+    teacher = Denoiser(copy.deepcopy(tiny_ckpt.net).eval().requires_grad_(False), SCHED, tiny_ckpt.parameterization)
+    pairs = torch.randn(8, 2, 16, 16, generator=torch.Generator().manual_seed(5))
+    return DMDLoss(teacher, copy.deepcopy(tiny_ckpt.net), pairs, cfg, 1e-3)
+
+
+def test_the_generator_gradient_is_the_dm_gradient_and_the_fake_network_learns(tiny_ckpt):
+    torch.manual_seed(0)
+    loss = _loss(tiny_ckpt, reg=0.0)
+    student = Denoiser(copy.deepcopy(tiny_ckpt.net).train(), SCHED, tiny_ckpt.parameterization)
+    x0 = torch.zeros(4, 1, 16, 16)
+    before = {k: v.clone() for k, v in loss.fake.net.state_dict().items()}
+    value = loss(student, x0, torch.Generator().manual_seed(1))
+    value.backward()
+    assert any(not torch.equal(v, before[k]) for k, v in loss.fake.net.state_dict().items())  # the fake score moved
+    assert all(p.grad is not None for p in student.net.parameters() if p.requires_grad)
+    # ∂L/∂x of ½·mean(x − sg(x − grad))² is grad/numel
+    x = torch.randn(3, 1, 4, 4, requires_grad=True)
+    grad = torch.randn(3, 1, 4, 4)
+    (0.5 * torch.nn.functional.mse_loss(x, x.detach() - grad)).backward()
+    assert torch.allclose(x.grad, grad / x.numel())
+
+
+def test_the_loss_state_round_trips(tiny_ckpt):
+    loss = _loss(tiny_ckpt, fake_steps=2)
+    student = Denoiser(copy.deepcopy(tiny_ckpt.net).train(), SCHED, tiny_ckpt.parameterization)
+    loss(student, torch.zeros(4, 1, 16, 16), torch.Generator().manual_seed(1))
+    fresh = _loss(tiny_ckpt, fake_steps=2)
+    fresh.load_state_dict(loss.state_dict())
+    for (k, a), b in zip(loss.fake.net.state_dict().items(), fresh.fake.net.state_dict().values()):
+        assert torch.equal(a, b), k
+    sa, sb = loss.opt.state_dict()["state"], fresh.opt.state_dict()["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
+
+
+def test_a_dmd_student_is_a_one_step_generator_that_reloads(tiny_ckpt, image_folder, tmp_path):
+    from leandiff.sample import SampleConfig, sample_all
+
+    src = tmp_path / "teacher"
+    save_checkpoint(tiny_ckpt, src)
+    out = dmd_distill(load_checkpoint(src), tmp_path / "dmd", DMDConfig(pairs=4, teacher_nfe=2,
+                      train=Training(steps=2, batch_size=4)), dataset=f"folder:{image_folder}", progress=False)
+    assert (tmp_path / "dmd" / "pairs.safetensors").is_file()
+    save_checkpoint(out, tmp_path / "student")
+    back = load_checkpoint(tmp_path / "student")
+    assert back.parameterization == tiny_ckpt.parameterization and back.meta["distill"]["method"] == "dmd"
+    solver, nfe, _ = back.sampling_defaults()
+    assert (solver, nfe, back.default_spacing()) == ("ddim", 1, "trailing")
+    # one trailing DDIM step is G(z) = x̂₀(z, T−1)
+    z = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    d = back.denoiser()
+    with torch.no_grad():
+        from leandiff.solvers import get_solver
+        from leandiff.schedule import timesteps
+        x = get_solver("ddim")(d, z, timesteps(SCHED, 1, "trailing"), clip_x0=False)
+        assert torch.allclose(x, d.x0(z, torch.full((3,), SCHED.T - 1.0)))
+    x = sample_all(back.denoiser(), (1, 16, 16), SampleConfig(solver, nfe, n=3, spacing=back.default_spacing()))
+    assert torch.isfinite(x).all()
+
+
+def test_bad_dmd_settings_are_user_errors():
+    for kw in ({"fake_steps": 0}, {"reg": -1.0}, {"pairs": 0}, {"teacher_solver": "ddpm"}, {"teacher_nfe": 0},
+               {"t_min": 0.5, "t_max": 0.4}, {"t_max": 1.5}, {"steps": -1}, {"lr": 0.0}, {"fake_lr": -1.0}):
+        with pytest.raises(UserError):
+            bind(DMDConfig, kw, "dmd")
