@@ -1,4 +1,4 @@
-"""The one entry of the training loop for the compression steps (finetune, kd, lowrank, lora, pd, oneshot)
+"""The one entry of the training loop for the compression steps (finetune, kd, lowrank, lora, pd, oneshot, cd, dmd)
 and the check of their training settings: each step brings its loss (:mod:`leandiff.train`'s one loop
 takes it as a callable) and calls :func:`run` (through :func:`train_copy` or :func:`fit`) with the
 settings of one :class:`Training`."""
@@ -42,7 +42,7 @@ def fit(cfg: TrainConfig, out_dir, init: Checkpoint, images, loss_fn=None, progr
 
 @dataclass(frozen=True)
 class Training:
-    """The training settings of every training step (finetune, kd, lowrank, lora, pd, oneshot, cd), nested in
+    """The training settings of every training step (finetune, kd, lowrank, lora, pd, oneshot, cd, dmd), nested in
     its config and flat in the recipe: ``kd(s=2,steps=400,lr=1e-3)``. Each step states its own defaults as a
     ``Training(...)`` default of its ``train`` field; what is not stated is the same for all.
 
