@@ -103,7 +103,26 @@ def test_a_dmd_student_is_a_one_step_generator_that_reloads(tiny_ckpt, image_fol
 
 
 def test_bad_dmd_settings_are_user_errors():
-    for kw in ({"fake_steps": 0}, {"reg": -1.0}, {"pairs": 0}, {"teacher_solver": "ddpm"}, {"teacher_nfe": 0},
+    for kw in ({"fake_steps": 0}, {"dm": -1.0}, {"dm": 0.0, "reg": 0.0}, {"reg": -1.0}, {"pairs": 0}, {"teacher_solver": "ddpm"}, {"teacher_nfe": 0},
                {"t_min": 0.5, "t_max": 0.4}, {"t_max": 1.5}, {"steps": -1}, {"lr": 0.0}, {"fake_lr": -1.0}):
         with pytest.raises(UserError):
             bind(DMDConfig, kw, "dmd")
+
+
+def test_dm_zero_is_regression_only(tiny_ckpt):
+    """dm=0: no fake-score update, and the loss is reg × ½·MSE to the teacher's pair samples."""
+    loss = _loss(tiny_ckpt, dm=0.0, reg=2.0)
+    student = Denoiser(copy.deepcopy(tiny_ckpt.net).train(), SCHED, tiny_ckpt.parameterization)
+    before = {k: v.clone() for k, v in loss.fake.net.state_dict().items()}
+    g = torch.Generator().manual_seed(3)
+    value = loss(student, torch.zeros(8, 1, 16, 16), g)
+    assert all(torch.equal(v, before[k]) for k, v in loss.fake.net.state_dict().items())
+    # the same draws by hand: z for the batch, then the pair indices (2 = 8 // 4)
+    g = torch.Generator().manual_seed(3)
+    torch.randn(8, 1, 16, 16, generator=g)
+    idx = torch.randint(0, 8, (2,), generator=g)
+    pair = loss.pairs[idx]
+    t = torch.full((2,), SCHED.T - 1.0)
+    with torch.no_grad():
+        x = student.convert(student(pair[:, :1], t).float(), pair[:, :1], t)[1]
+    assert value.item() == pytest.approx(2.0 * 0.5 * torch.nn.functional.mse_loss(x, pair[:, 1:]).item(), rel=1e-5)
