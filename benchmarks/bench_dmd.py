@@ -1,0 +1,91 @@
+"""One-step generators of one teacher side by side: DMD variants (the weight of the regression anchor, the
+distribution-matching term on or off, the budget), each at N samples through the one harness, with its
+updates, training core-seconds and recipe.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_dmd.py --teacher zoo:mnist-tiny-v2 \\
+        --student "dmd 2k=runs/dmd-v2r" --student "regression only=runs/dmd-v2reg" --out runs/bench/dmd
+
+``--student LABEL=DIR``: a ``leandiff compress --recipe "dmd(...)"`` output, or a step's ``student`` directory
+left by a run that was stopped (``OUT/.steps/00-dmd/student``: its last saved weights, at the update count
+it records; the recipe is read from the step's ``started.json``). Each is sampled by one trailing DDIM
+step (its x̂₀ at T−1). Rows resume from OUT/rows.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import resumable_rows, write_results  # noqa: E402
+from leandiff.checkpoint import load_checkpoint  # noqa: E402
+from leandiff.errors import UserError  # noqa: E402
+from leandiff.evaluate import EvalConfig, append_row, evaluate_checkpoint, load_classifier  # noqa: E402
+from bench_fewstep import card_row  # noqa: E402
+
+
+def recipe_and_updates(path: Path, ck) -> tuple[str, int, float | None]:
+    """(the dmd recipe, updates done, training core-seconds) of a finished student or a stopped run's one."""
+    train = ck.meta.get("train") or {}
+    recipe = next((st.get("recipe") for st in reversed(ck.lineage) if st.get("step") == "dmd"), None)
+    if recipe is None:  # a stopped run's student directory: the step records the recipe
+        started = path.parent / "started.json"
+        if not started.is_file():
+            raise UserError(f"{path}: neither a dmd student nor a dmd step's student directory")
+        recipe = json.loads(started.read_text())["recipe"][-1]
+    return recipe, int(train.get("completed_steps") or train.get("steps") or 0), train.get("cpu_seconds")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--teacher", default="zoo:mnist-tiny-v2")
+    ap.add_argument("--student", action="append", default=[], help="LABEL=DIR; repeatable")
+    ap.add_argument("--out", type=Path, default=Path("runs/bench/dmd"))
+    ap.add_argument("-n", type=int, default=2048)
+    ap.add_argument("--results-name", default="dmd")
+    a = ap.parse_args(argv)
+    if not a.student:
+        raise UserError("give at least one --student LABEL=DIR")
+    rows_path, done = resumable_rows(a.out)
+    teacher = load_checkpoint(a.teacher)
+    clf = load_classifier(teacher.meta.get("dataset") or "mnist")
+    ddpm = card_row(a.teacher, "ddpm-1000")
+    lines = [f"# One-step generators of `{a.teacher}`: DMD variants", "",
+             f"FID-dom at N={a.n}, seed 0, one trailing DDIM step (x̂₀ at T−1). The teacher's DDPM-1000: "
+             + (f"{ddpm['fid_dom']:.3f} (N={ddpm['n']}, its card)" if ddpm else "not on its card")
+             + ". Core-seconds: the training loop (the teacher pairs, made once per run, not included).", "",
+             "| student | updates | FID-dom | ÷ DDPM-1000 | precision | recall | core-s | recipe |",
+             "|---|---|---|---|---|---|---|---|"]
+    rec = {"teacher": a.teacher, "n": a.n, "ddpm1000_card": ddpm, "students": {}}
+    for spec in a.student:
+        label, eq, path = spec.rpartition("=")  # a label may hold "="
+        if not eq:
+            raise UserError(f"--student {spec!r}: expected LABEL=DIR")
+        ck = load_checkpoint(path)
+        recipe, updates, cost = recipe_and_updates(Path(path), ck)
+        if label not in done:
+            cfg = EvalConfig(solver="ddim", nfe=1, n=a.n, seed=0, batch_size=512, spacing="trailing",
+                             latency=None, inception=False)
+            row = evaluate_checkpoint(ck, cfg, classifier=clf, log=lambda s: None)
+            row.update({"bench_name": label})
+            append_row(rows_path, row)
+            done[label] = row
+        q = done[label]["quality"]
+        ratio = q["fid_dom"] / ddpm["fid_dom"] if ddpm else None
+        rec["students"][label] = {"path": Path(path).as_posix(), "recipe": recipe, "updates": updates,
+                                  "core_seconds": cost, "fid_dom": q["fid_dom"], "over_ddpm1000": ratio,
+                                  "precision": q.get("precision"), "recall": q.get("recall")}
+        r = rec["students"][label]
+        lines.append(f"| {label} | {updates} | {q['fid_dom']:.3f} | {'—' if ratio is None else f'{ratio:.2f}×'} | "
+                     f"{r['precision']:.3f} | {r['recall']:.3f} | {'—' if cost is None else f'{cost:.0f}'} | `{recipe}` |")
+        print(lines[-1], flush=True)
+    write_results(a.results_name, rec, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"bench_dmd: {e}")
