@@ -38,6 +38,17 @@ def recipe_and_updates(path: Path, ck) -> tuple[str, int, float | None]:
     return recipe, int(train.get("completed_steps") or train.get("steps") or 0), train.get("cpu_seconds")
 
 
+def pairs_seconds(path: Path) -> float | None:
+    """Seconds the run spent making its teacher pairs (recorded in the pairs file), if the file is there."""
+    from safetensors import safe_open
+
+    for f in (path / ".steps" / "00-dmd" / "pairs.safetensors", path.parent / "pairs.safetensors"):
+        if f.is_file():
+            with safe_open(str(f), framework="pt") as h:
+                return float((h.metadata() or {}).get("seconds", "nan"))
+    return None
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--teacher", default="zoo:mnist-tiny-v2")
@@ -55,9 +66,10 @@ def main(argv=None):
     lines = [f"# One-step generators of `{a.teacher}`: DMD variants", "",
              f"FID-dom at N={a.n}, seed 0, one trailing DDIM step (x̂₀ at T−1). The teacher's DDPM-1000: "
              + (f"{ddpm['fid_dom']:.3f} (N={ddpm['n']}, its card)" if ddpm else "not on its card")
-             + ". Core-seconds: the training loop (the teacher pairs, made once per run, not included).", "",
-             "| student | updates | FID-dom | ÷ DDPM-1000 | precision | recall | core-s | recipe |",
-             "|---|---|---|---|---|---|---|---|"]
+             + ". Core-seconds: the training loop; the teacher pairs, made once per run (one thread), are the "
+             "'pairs s' column (a run started from a copy of another run's pairs file shows that run's time).", "",
+             "| student | updates | FID-dom | ÷ DDPM-1000 | precision | recall | core-s | pairs s | recipe |",
+             "|---|---|---|---|---|---|---|---|---|"]
     rec = {"teacher": a.teacher, "n": a.n, "ddpm1000_card": ddpm, "students": {}}
     for spec in a.student:
         label, eq, path = spec.rpartition("=")  # a label may hold "="
@@ -75,11 +87,13 @@ def main(argv=None):
         q = done[label]["quality"]
         ratio = q["fid_dom"] / ddpm["fid_dom"] if ddpm else None
         rec["students"][label] = {"path": Path(path).as_posix(), "recipe": recipe, "updates": updates,
-                                  "core_seconds": cost, "fid_dom": q["fid_dom"], "over_ddpm1000": ratio,
+                                  "core_seconds": cost, "pairs_seconds": pairs_seconds(Path(path)), "fid_dom": q["fid_dom"], "over_ddpm1000": ratio,
                                   "precision": q.get("precision"), "recall": q.get("recall")}
         r = rec["students"][label]
+        ps = r["pairs_seconds"]
         lines.append(f"| {label} | {updates} | {q['fid_dom']:.3f} | {'—' if ratio is None else f'{ratio:.2f}×'} | "
-                     f"{r['precision']:.3f} | {r['recall']:.3f} | {'—' if cost is None else f'{cost:.0f}'} | `{recipe}` |")
+                     f"{r['precision']:.3f} | {r['recall']:.3f} | {'—' if cost is None else f'{cost:.0f}'} | "
+                     f"{'—' if ps is None else f'{ps:.0f}'} | `{recipe}` |")
         print(lines[-1], flush=True)
     write_results(a.results_name, rec, "\n".join(lines) + "\n")
 

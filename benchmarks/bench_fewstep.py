@@ -186,14 +186,11 @@ def main(argv=None):
     for k in sorted(pd_cks, reverse=True):  # each PD student by the steps that made it, from the teacher on
         chain = " > ".join(st["recipe"] for st in pd_cks[k].lineage if st.get("step") == "pd" and st.get("recipe"))
         lines.append(f"- PD student at {k} steps: `{chain}` on `{a.teacher}`")
-    if a.cd and (a.cd / "leandiff.json").is_file():
-        ck = load_checkpoint(a.cd)
-        recipe = next((st.get("recipe") for st in reversed(ck.lineage) if st.get("recipe")), None)
-        lines.append(f"- CD student made by `leandiff compress {a.teacher} --recipe \"{recipe}\" --out {a.cd.name}`")
-    if a.dmd and (a.dmd / "leandiff.json").is_file():
-        ck = load_checkpoint(a.dmd)
-        recipe = next((st.get("recipe") for st in reversed(ck.lineage) if st.get("recipe")), None)
-        lines.append(f"- DMD student made by `leandiff compress {a.teacher} --recipe \"{recipe}\" --out {a.dmd.name}`")
+    for label, path in (("CD", a.cd), ("DMD", a.dmd)):
+        if path and (path / "leandiff.json").is_file():
+            ck = load_checkpoint(path)
+            recipe = next((st.get("recipe") for st in reversed(ck.lineage) if st.get("recipe")), None)
+            lines.append(f"- {label} student made by `leandiff compress {a.teacher} --recipe \"{recipe}\" --out {path.name}`")
     if earlier and any(r["from_earlier_run"] for r in rec["nfe"].values()):
         lines.append(f"- † not re-measured here (that student's checkpoint was not kept): from the earlier run "
                      f"`{earlier['command']}` ({a.earlier.name}), the same teacher, N and harness")

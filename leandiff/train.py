@@ -249,6 +249,21 @@ def _ema_name(decay: float) -> str:
     return repr(float(decay))
 
 
+def optimizer_tensors(opt: torch.optim.Optimizer, prefix: str) -> dict:
+    """An optimizer's per-parameter state as flat tensors ``{prefix}{i}.{name}`` (a safetensors-able dict)."""
+    return {f"{prefix}{i}.{k}": torch.as_tensor(v) for i, st in opt.state_dict()["state"].items() for k, v in st.items()}
+
+
+def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict, prefix: str) -> None:
+    """The inverse of :func:`optimizer_tensors` (the param groups stay the optimizer's own)."""
+    state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith(prefix):
+            i, name = k[len(prefix):].split(".", 1)
+            state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+
+
 def _save_state(path: Path, step: int, seconds: tuple[float, float], cfg: TrainConfig, net, ema, opt,
                 extra=None, loss_fn=None) -> None:
     from safetensors.torch import save_file
@@ -260,9 +275,7 @@ def _save_state(path: Path, step: int, seconds: tuple[float, float], cfg: TrainC
     tensors.update({f"ema.{k}": host(v) for k, v in ema.state_dict().items()})
     for d, e in (extra or {}).items():
         tensors.update({f"ema@{_ema_name(d)}.{k}": host(v) for k, v in e.state_dict().items()})
-    for i, st in opt.state_dict()["state"].items():
-        for k, v in st.items():
-            tensors[f"opt.{i}.{k}"] = host(v)
+    tensors.update({k: host(v) for k, v in optimizer_tensors(opt, "opt.").items()})
     if hasattr(loss_fn, "state_dict"):  # a loss with state of its own (consistency distillation's target network)
         tensors.update({f"loss.{k}": host(v) for k, v in loss_fn.state_dict().items()})
     meta = {"step": str(step), "seconds": repr(seconds[0]), "cpu_seconds": repr(seconds[1]), "config": json.dumps(dataclasses.asdict(cfg), sort_keys=True)}
@@ -295,13 +308,7 @@ def _load_state(path: Path, cfg: TrainConfig, net, ema, opt, extra=None,
         e.load_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)})
     if hasattr(loss_fn, "load_state_dict"):
         loss_fn.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("loss.")})
-    sd = opt.state_dict()
-    state: dict = {}
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            _, i, name = k.split(".", 2)
-            state.setdefault(int(i), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+    load_optimizer_tensors(opt, tensors, "opt.")
     return step, seconds
 
 

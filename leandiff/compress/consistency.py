@@ -19,7 +19,8 @@ The student is a Denoiser like any other: its x̂₀ is f, every solver and runt
 the schedule's own ends (linear β: 0.010 and 157) unless given. Where a given σ_max lies below the
 schedule's end, the end (t = T−1, where every sampler starts) is added as one more point above it, so
 the student is trained at the timestep it is first called at (on the cosine schedule σ_max = 80 is
-t ≈ 991 and t = 999 is σ ≈ 2·10⁴: the same pure noise, but a t the network must still be taught). The distance is the pseudo-Huber loss of Song & Dhariwal
+t ≈ 991 and t = 999 is σ ≈ 2·10⁴: the same pure noise, but a t the network must still be taught).
+The distance is the pseudo-Huber loss of Song & Dhariwal
 2023 ("Improved Techniques for Training Consistency Models", §3.3): d(x, y) = sqrt(‖x − y‖² + c²) − c,
 c = 0.00054·sqrt(dim), since no LPIPS weights are available offline. The default μ = 0 is iCT's
 finding (§3.2: θ⁻ = stopgrad(θ) is better than an EMA target); μ > 0 keeps the EMA target of the CM
@@ -93,10 +94,15 @@ def sigma_range(schedule, cfg: CDConfig) -> tuple[float, float]:
     return (cfg.sigma_min or lo), (cfg.sigma_max or hi)
 
 
+def karras_sigma_at(u: torch.Tensor, sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> torch.Tensor:
+    """σ at a real index u in [0, N−1] of the N-point ρ-grid (Karras et al. 2022, eq. 5, increasing)."""
+    a, b = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (a + u / (n - 1) * (b - a)) ** rho
+
+
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> torch.Tensor:
     """σ_1 < … < σ_N (Karras et al. 2022, eq. 5, in increasing order), float64."""
-    i = torch.arange(n, dtype=torch.float64) / (n - 1)
-    return (sigma_min ** (1 / rho) + i * (sigma_max ** (1 / rho) - sigma_min ** (1 / rho))) ** rho
+    return karras_sigma_at(torch.arange(n, dtype=torch.float64), sigma_min, sigma_max, n, rho)
 
 
 def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -164,13 +170,11 @@ class CDLoss:
 
     def _continuous(self, t_lo, t_hi, n, g):
         """(t(σ(u)), t(σ(u+1))) for u uniform in [0, N−2]; the rows that drew the extra top pair keep it."""
-        lo, hi = self.sigma_ends
-        k, rho = self.cfg.n, self.cfg.rho
+        k = self.cfg.n
         u = torch.rand(n.shape, generator=g, device=g.device, dtype=torch.float64) * (k - 2)
-        a, b = lo ** (1 / rho), hi ** (1 / rho)
-        sig = lambda v: (a + v / (k - 1) * (b - a)) ** rho  # noqa: E731
-        c_lo = t_of_edm_sigma(self.teacher.schedule, sig(u)).to(t_lo)
-        c_hi = t_of_edm_sigma(self.teacher.schedule, sig(u + 1)).to(t_hi)
+        c_lo, c_hi = (t_of_edm_sigma(self.teacher.schedule, karras_sigma_at(v, *self.sigma_ends, k, self.cfg.rho))
+                      for v in (u, u + 1))
+        c_lo, c_hi = c_lo.to(t_lo), c_hi.to(t_hi)
         top = n >= k - 1  # the pair (σ_max, schedule end), when the grid has it
         return torch.where(top, t_lo, c_lo), torch.where(top, t_hi, c_hi)
 
@@ -206,16 +210,16 @@ def student_parameterization(teacher: str, sigma_min: float, sigma_data: float =
     return f"cm(sigma_data={sd!r},sigma_min={sigma_min!r},base={kind})"
 
 
-def discretisation(schedule, cfg: CDConfig) -> tuple[float, torch.Tensor]:
-    """(σ_min, the timesteps t_1 < … of the discretisation): Karras' N points, plus t = T−1 above a σ_max
-    given below the schedule's end (see the module doc)."""
+def discretisation(schedule, cfg: CDConfig) -> tuple[float, float, torch.Tensor]:
+    """(σ_min, σ_max, the timesteps t_1 < … of the discretisation): Karras' N points, plus t = T−1 above a
+    σ_max given below the schedule's end (see the module doc)."""
     lo, hi = sigma_range(schedule, cfg)
     ts = t_of_edm_sigma(schedule, karras_sigmas(lo, hi, cfg.n, cfg.rho)).float()
     if ts[-1] < schedule.T - 1 - 1e-3:
         ts = torch.cat([ts, torch.tensor([schedule.T - 1.0])])
     if (ts[1:] <= ts[:-1]).any():
         raise UserError(f"cd: the discretisation collapses on this schedule (n={cfg.n} between σ={lo:.3g} and {hi:.3g})")
-    return lo, ts
+    return lo, hi, ts
 
 
 def consistency_distill(ckpt: Checkpoint, out_dir, cfg: CDConfig, *, dataset: str, data_dir=None, seed: int = 0,
@@ -223,8 +227,7 @@ def consistency_distill(ckpt: Checkpoint, out_dir, cfg: CDConfig, *, dataset: st
     """Distil ``ckpt``'s probability-flow ODE into a consistency model (see the module doc)."""
     from ..models import image_shape
 
-    lo, ts = discretisation(ckpt.schedule, cfg)
-    hi = sigma_range(ckpt.schedule, cfg)[1]
+    lo, hi, ts = discretisation(ckpt.schedule, cfg)
     teacher_net = copy.deepcopy(ckpt.net).float().eval().requires_grad_(False)
     teacher = Denoiser(teacher_net, ckpt.schedule, ckpt.parameterization)
     param = student_parameterization(ckpt.parameterization, lo, cfg.sigma_data)

@@ -22,11 +22,13 @@ The score difference s_fake − s_real is α(μ_real − μ_fake)/σ², so desce
 toward the teacher's density; the normalisation makes the step size independent of t. DMD adds a
 regression loss on (z, teacher ODE sample from z) pairs to anchor the generator and keep its modes
 (§3.3; λ_reg = 0.25 with LPIPS); here the distance is the mean squared error, since no LPIPS weights are
-available offline, with weight ``reg`` = 2 by default: at DMD's 0.25 the generator of ``zoo:mnist-tiny-v2``
-collapsed onto one digit within 750 updates (recall 0.000), because at its start (the teacher's x̂₀ at
-T−1, the blurry data mean for every z) only the regression gives G(z) any dependence on z; and the pairs are the teacher's ``teacher_solver``-``teacher_nfe`` samples (trailing
-spacing, x̂₀ clipped as the harness samples; made once, :func:`leandiff.compress.progressive.teacher_pairs`); ``reg=0`` is DMD2 without its GAN term.
-A quarter of each batch (at least one) is drawn from the pairs and feeds both losses.
+available offline. Its weight ``reg`` is 2 by default: at DMD's 0.25 the generator of
+``zoo:mnist-tiny-v2`` collapsed onto one digit within 750 updates (recall 0.000; benchmarks/results/dmd.md),
+because at its start (the teacher's x̂₀ at T−1, the blurry data mean for every z) only the regression gives
+G(z) any dependence on z. The pairs are the teacher's ``teacher_solver``-``teacher_nfe`` samples (trailing
+spacing, x̂₀ clipped as the harness samples; made once, :func:`leandiff.compress.progressive.teacher_pairs`);
+``reg=0`` is DMD2 without its GAN term, ``dm=0`` the regression alone. A quarter of each batch (at least
+one) is drawn from the pairs and feeds both losses.
 
 Both networks start from the teacher's weights. The fake network and its optimizer are saved with the
 training state, so a killed run resumes where it stopped. One process only: the fake network is not
@@ -48,10 +50,9 @@ from ..errors import UserError
 from ..schedule import q_sample
 from ..solvers import DETERMINISTIC
 from ..spec import values
-from ..train import training_images
+from ..train import load_optimizer_tensors, optimizer_tensors, training_images
 from .progressive import teacher_pairs
 from .training import Training, check_steps, fit, need_dataset, rank_world
-
 
 
 @dataclass(frozen=True)
@@ -97,26 +98,17 @@ class DMDLoss:
         self.teacher, self.cfg, self.pairs = teacher, cfg, pairs
         self.fake = Denoiser(fake_net.train().requires_grad_(True), teacher.schedule, teacher.parameterization)
         self.opt = torch.optim.Adam(fake_net.parameters(), lr=cfg.fake_lr or lr)
-        self.last: dict = {}
 
     def state_dict(self) -> dict:
-        out = {f"fake.{k}": v for k, v in self.fake.net.state_dict().items()}
-        for i, st in self.opt.state_dict()["state"].items():
-            out.update({f"opt.{i}.{k}": torch.as_tensor(v) for k, v in st.items()})
-        return out
+        return {f"fake.{k}": v for k, v in self.fake.net.state_dict().items()} | optimizer_tensors(self.opt, "opt.")
 
     def load_state_dict(self, state: dict) -> None:
         if not state:
             return
         self.fake.net.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("fake.")})
-        opt_state: dict = {}
-        for k, v in state.items():
-            if k.startswith("opt."):
-                _, i, name = k.split(".", 2)
-                opt_state.setdefault(int(i), {})[name] = v
-        self.opt.load_state_dict({"state": opt_state, "param_groups": self.opt.state_dict()["param_groups"]})
+        load_optimizer_tensors(self.opt, state, "opt.")
 
-    def _fake_update(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def _fake_update(self, x: torch.Tensor, g: torch.Generator) -> None:
         """One step of the plain denoising loss of the fake network on the (detached) samples x."""
         T = self.teacher.schedule.T
         t = torch.randint(0, T, (x.shape[0],), generator=g, device=g.device).to(x.device).float()
@@ -126,7 +118,6 @@ class DMDLoss:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        return loss.detach()
 
     def __call__(self, student: Denoiser, x0: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         cfg, sched = self.cfg, student.schedule
@@ -141,11 +132,12 @@ class DMDLoss:
             b = len(z)  # regression only: the pairs' part alone
         t_top = torch.full((b,), sched.T - 1.0, device=x0.device)
         x = student.convert(student(z, t_top).float(), z, t_top)[1]  # G(z)
-        loss = reg = x.new_zeros(())
+        loss = x.new_zeros(())
         if cfg.dm > 0:
             xd = x.detach()
             with torch.enable_grad():
-                fake_losses = [self._fake_update(xd, g) for _ in range(cfg.fake_steps)]
+                for _ in range(cfg.fake_steps):
+                    self._fake_update(xd, g)
             t = (cfg.t_min + (cfg.t_max - cfg.t_min) * torch.rand(b, generator=g, device=g.device)) * (sched.T - 1)
             t = t.to(x0.device)
             noise = torch.randn(x0.shape, generator=g, device=g.device).to(x0.device)
@@ -155,11 +147,8 @@ class DMDLoss:
                 fake = self.fake.x0(xt.float(), t).float()
             grad = dm_gradient(xd, real, fake)
             loss = cfg.dm * 0.5 * F.mse_loss(x, (xd - grad))
-            self.last["fake"] = torch.stack(fake_losses).mean()  # no host read per step
         if k:
-            reg = 0.5 * F.mse_loss(x[b - k:], pair[:, c:])
-            loss = loss + cfg.reg * reg
-            self.last["reg"] = reg.detach()
+            loss = loss + cfg.reg * 0.5 * F.mse_loss(x[b - k:], pair[:, c:])
         return loss
 
 

@@ -81,9 +81,9 @@ def test_a_cm_over_a_base_trains_and_converts_as_its_base():
 
 def test_the_discretisation_reaches_the_samplers_first_timestep():
     cos = Schedule("cosine")
-    lo, ts = discretisation(cos, CDConfig(n=18, sigma_max=80.0))
+    lo, _, ts = discretisation(cos, CDConfig(n=18, sigma_max=80.0))
     assert len(ts) == 19 and ts[-1].item() == cos.T - 1 and 990 < ts[-2].item() < 992 and ts[0].item() == 0.0
-    lo, ts = discretisation(SCHED, CDConfig(n=18))  # the schedule's own end: nothing added
+    lo, _, ts = discretisation(SCHED, CDConfig(n=18))  # the schedule's own end: nothing added
     assert len(ts) == 18 and ts[-1].item() == pytest.approx(SCHED.T - 1, abs=1e-3)
 
 
@@ -236,7 +236,7 @@ def test_the_continuous_grid_pairs_points_one_rho_step_apart_anywhere_on_it():
     anywhere in [σ_min, σ_{N−1}] rather than on the N points; the extra top pair is kept as it is."""
     cos = Schedule("cosine")
     cfg = CDConfig(n=6, sigma_max=80.0)
-    lo, ts = discretisation(cos, cfg)
+    lo, _, ts = discretisation(cos, cfg)
     loss = CDLoss(Denoiser(RandomF(), cos, "v"), RandomF(), ts, cfg, 16, sigma_ends=(lo, 80.0))
     g = torch.Generator().manual_seed(0)
     n = torch.randint(0, len(ts) - 1, (4000,), generator=g)
