@@ -30,8 +30,18 @@ spacing, x̂₀ clipped as the harness samples; made once, :func:`leandiff.compr
 ``reg=0`` is DMD2 without its GAN term, ``dm=0`` the regression alone. A quarter of each batch (at least
 one) is drawn from the pairs and feeds both losses.
 
-Both networks start from the teacher's weights. The fake network and its optimizer are saved with the
-training state, so a killed run resumes where it stopped. One process only: the fake network is not
+**Several steps** (``nfe=K``, DMD2 §4.5): the generator is trained at the K trailing timesteps
+t_0 = T−1 > … > t_{K−1} and sampled by consistency sampling over them (x̂₀ at t_k, re-noised to t_{k+1}).
+Each sample of a batch draws its step k; its input x_{t_k} comes from the generator's own k earlier steps
+from pure noise, run without gradient ("backward simulation", so training sees the inputs sampling
+will), with x̂₀ clipped to [−1, 1] as the harness samples. The DM loss applies at every step; the
+regression pairs start from pure noise, so they train step 0 only.
+
+The teacher is the step's input checkpoint, or the one at ``teacher=PATH``: then the input is the
+generator's start (DMD2 and its fine-tuning runs start the generator from an earlier one-step student; a
+run continued this way restarts its learning-rate schedule and its fake network from the teacher). The
+fake network starts from the teacher's weights; it and its optimizer are saved with the training state, so
+a killed run resumes where it stopped. One process only: the fake network is not
 synchronised across ranks.
 """
 from __future__ import annotations
@@ -44,10 +54,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, load_checkpoint
 from ..denoiser import Denoiser
 from ..errors import UserError
-from ..schedule import q_sample
+from ..schedule import alpha_sigma, q_sample, timesteps
 from ..solvers import DETERMINISTIC
 from ..spec import values
 from ..train import load_optimizer_tensors, optimizer_tensors, training_images
@@ -66,6 +76,8 @@ class DMDConfig:
     teacher_nfe: int = 50
     t_min: float = 0.02  # the DM loss's timesteps, as fractions of T (DMD's range)
     t_max: float = 0.98
+    nfe: int = 1  # the generator's steps (DMD2's multistep generator when > 1)
+    teacher: str = ""  # the teacher's checkpoint; "": the step's input (which the generator then also starts from)
     train: Training = field(default_factory=lambda: Training(steps=2000, lr=1e-4, batch_size=64, ema_decay=0.999))
 
     def __post_init__(self):
@@ -73,6 +85,7 @@ class DMDConfig:
                   (self.dm >= 0 and (self.dm > 0 or self.reg > 0), f"dmd: need dm >= 0 and dm or reg > 0, got dm={self.dm}, reg={self.reg}"),
                   (self.fake_lr >= 0, f"dmd: fake_lr must be >= 0 (0: the generator's lr), got {self.fake_lr}"),
                   (self.reg >= 0, f"dmd: reg must be >= 0, got {self.reg}"),
+                  (self.nfe >= 1, f"dmd: nfe must be >= 1, got {self.nfe}"),
                   (self.pairs >= 1, f"dmd: pairs must be >= 1, got {self.pairs}"),
                   (self.teacher_solver in DETERMINISTIC,  # a pair is defined by its x_T
                    f"dmd: teacher_solver must be a deterministic solver ({', '.join(DETERMINISTIC)}), got {self.teacher_solver!r}"),
@@ -98,6 +111,7 @@ class DMDLoss:
         self.teacher, self.cfg, self.pairs = teacher, cfg, pairs
         self.fake = Denoiser(fake_net.train().requires_grad_(True), teacher.schedule, teacher.parameterization)
         self.opt = torch.optim.Adam(fake_net.parameters(), lr=cfg.fake_lr or lr)
+        self.steps = [float(t) for t in timesteps(teacher.schedule, cfg.nfe, "trailing").tolist()]
 
     def state_dict(self) -> dict:
         return {f"fake.{k}": v for k, v in self.fake.net.state_dict().items()} | optimizer_tensors(self.opt, "opt.")
@@ -119,6 +133,26 @@ class DMDLoss:
         loss.backward()
         self.opt.step()
 
+    def _simulate(self, student: Denoiser, z: torch.Tensor, k: int, g: torch.Generator):
+        """Each sample's generator input and timestep: a step drawn uniformly (the last ``k`` samples, the
+        regression pairs', at step 0) and the input the generator's own earlier steps give it from z."""
+        b, n = z.shape[0], len(self.steps)
+        if n == 1:  # the one-step generator draws nothing here
+            return z, torch.full((b,), self.steps[0], device=z.device)
+        step = torch.randint(0, n, (b,), generator=g, device=g.device).to(z.device)
+        if k:
+            step[b - k:] = 0
+        x, xin = z, z.clone()
+        with torch.no_grad():
+            for i in range(1, int(step.max()) + 1):
+                t = torch.full((b,), self.steps[i - 1], device=z.device)
+                x0 = student.convert(student(x, t).float(), x, t)[1].clamp(-1, 1)
+                a, sg = (float(v) for v in alpha_sigma(student.schedule, torch.tensor(self.steps[i])))
+                x = a * x0 + sg * torch.randn(x.shape, generator=g, device=g.device).to(z.device)
+                xin[step == i] = x[step == i]
+        tin = torch.tensor(self.steps, device=z.device)[step]
+        return xin, tin
+
     def __call__(self, student: Denoiser, x0: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         cfg, sched = self.cfg, student.schedule
         b = x0.shape[0]
@@ -130,8 +164,8 @@ class DMDLoss:
             c = pair.shape[1] // 2
             z = torch.cat([z[: b - k], pair[:, :c]]) if cfg.dm > 0 else pair[:, :c]
             b = len(z)  # regression only: the pairs' part alone
-        t_top = torch.full((b,), sched.T - 1.0, device=x0.device)
-        x = student.convert(student(z, t_top).float(), z, t_top)[1]  # G(z)
+        xin, tin = self._simulate(student, z, k, g)
+        x = student.convert(student(xin, tin).float(), xin, tin)[1]  # G at each sample's step
         loss = x.new_zeros(())
         if cfg.dm > 0:
             xd = x.detach()
@@ -153,21 +187,26 @@ class DMDLoss:
 
 
 def dmd_distill(ckpt: Checkpoint, out_dir, cfg: DMDConfig, *, dataset: str, data_dir=None, seed: int = 0,
-                progress=None) -> Checkpoint:
-    """Distil ``ckpt`` into a one-step generator by distribution matching (see the module doc)."""
+                progress=None, teacher: Checkpoint | None = None) -> Checkpoint:
+    """Distil ``teacher`` (default: ``ckpt``) into a one-step generator that starts from ``ckpt``, by
+    distribution matching (see the module doc)."""
     if rank_world()[1] > 1:
         raise UserError("dmd trains in one process: its fake score network is not synchronised across ranks")
+    tck = teacher if teacher is not None else ckpt
+    if tck.schedule != ckpt.schedule:
+        raise UserError("dmd: the teacher and the generator's start have different noise schedules")
     out_dir = Path(out_dir)
-    pairs = teacher_pairs(ckpt, out_dir / "pairs.safetensors", cfg.pairs, cfg.teacher_solver, cfg.teacher_nfe,
+    pairs = teacher_pairs(tck, out_dir / "pairs.safetensors", cfg.pairs, cfg.teacher_solver, cfg.teacher_nfe,
                           "trailing", True, seed) if cfg.reg > 0 else torch.zeros(0)
-    teacher = Denoiser(copy.deepcopy(ckpt.net).float().eval().requires_grad_(False), ckpt.schedule,
-                       ckpt.parameterization)
+    teacher = Denoiser(copy.deepcopy(tck.net).float().eval().requires_grad_(False), tck.schedule,
+                       tck.parameterization)
     student = Checkpoint(net=copy.deepcopy(ckpt.net).float().train().requires_grad_(True), arch=copy.deepcopy(ckpt.arch),
                          schedule=ckpt.schedule, parameterization=ckpt.parameterization, meta=copy.deepcopy(ckpt.meta))
     tcfg = cfg.train.config(dataset, data_dir, ckpt.parameterization, seed)
-    loss = DMDLoss(teacher, copy.deepcopy(ckpt.net).float(), pairs, cfg, cfg.train.lr)
+    loss = DMDLoss(teacher, copy.deepcopy(tck.net).float(), pairs, cfg, cfg.train.lr)
     out = fit(tcfg, out_dir / "student", student, training_images(tcfg, student), loss, progress)
-    out.meta["sampler"] = {"solver": "ddim", "nfe": 1, "spacing": "trailing"}
+    # one trailing DDIM step is exactly G; K steps are consistency sampling over the K trailing timesteps
+    out.meta["sampler"] = {"solver": "ddim" if cfg.nfe == 1 else "consistency", "nfe": cfg.nfe, "spacing": "trailing"}
     out.meta["distill"] = {"method": "dmd", **values(cfg),
                            "train_cpu_seconds": (out.meta.get("train") or {}).get("cpu_seconds")}
     return out
@@ -176,5 +215,6 @@ def dmd_distill(ckpt: Checkpoint, out_dir, cfg: DMDConfig, *, dataset: str, data
 def dmd_step(ckpt: Checkpoint, cfg: DMDConfig, ctx) -> Checkpoint:
     """Distribution matching distillation (DMD / DMD2): a one-step generator matched to the teacher's distribution."""
     need_dataset(ctx, "dmd")
+    teacher = load_checkpoint(cfg.teacher, next(ckpt.net.parameters()).device) if cfg.teacher else None
     return dmd_distill(ckpt, ctx.step_dir, cfg, dataset=ctx.dataset, data_dir=ctx.data_dir, seed=ctx.seed,
-                       progress=ctx.progress)
+                       progress=ctx.progress, teacher=teacher)

@@ -104,7 +104,7 @@ def test_a_dmd_student_is_a_one_step_generator_that_reloads(tiny_ckpt, image_fol
 
 def test_bad_dmd_settings_are_user_errors():
     for kw in ({"fake_steps": 0}, {"dm": -1.0}, {"dm": 0.0, "reg": 0.0}, {"reg": -1.0}, {"pairs": 0}, {"teacher_solver": "ddpm"}, {"teacher_nfe": 0},
-               {"t_min": 0.5, "t_max": 0.4}, {"t_max": 1.5}, {"steps": -1}, {"lr": 0.0}, {"fake_lr": -1.0}):
+               {"t_min": 0.5, "t_max": 0.4}, {"t_max": 1.5}, {"steps": -1}, {"lr": 0.0}, {"fake_lr": -1.0}, {"nfe": 0}):
         with pytest.raises(UserError):
             bind(DMDConfig, kw, "dmd")
 
@@ -126,3 +126,77 @@ def test_dm_zero_is_regression_only(tiny_ckpt):
     with torch.no_grad():
         x = student.convert(student(pair[:, :1], t).float(), pair[:, :1], t)[1]
     assert value.item() == pytest.approx(2.0 * 0.5 * torch.nn.functional.mse_loss(x, pair[:, 1:]).item(), rel=1e-5)
+
+
+def test_teacher_path_distils_that_teacher_into_a_generator_that_starts_from_the_input(tiny_ckpt, image_folder, tmp_path):
+    """dmd(teacher=PATH): the pairs are the teacher's, the generator starts from the step's input (an earlier
+    student), and a teacher on another noise schedule is a user error."""
+    from leandiff.compress.progressive import teacher_pairs
+
+    gen = copy.deepcopy(tiny_ckpt)
+    with torch.no_grad():
+        for p in gen.net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    cfg = DMDConfig(pairs=4, teacher_nfe=2, train=Training(steps=1, batch_size=4, lr=1e-6))
+    out = dmd_distill(gen, tmp_path / "dmd", cfg, dataset=f"folder:{image_folder}", progress=False, teacher=tiny_ckpt)
+    want = teacher_pairs(tiny_ckpt, tmp_path / "own" / "pairs.safetensors", 4, "dpmpp-2m", 2, "trailing", True, 0)
+    got = teacher_pairs(tiny_ckpt, tmp_path / "dmd" / "pairs.safetensors", 4, "dpmpp-2m", 2, "trailing", True, 0)
+    assert torch.equal(got, want)
+
+    def dist(a, b):
+        return sum((x - y).pow(2).sum() for x, y in zip(a.net.state_dict().values(), b.net.state_dict().values()))
+
+    assert dist(out, gen) < 1e-3 * dist(out, tiny_ckpt)
+    other = copy.deepcopy(tiny_ckpt)
+    other.schedule = Schedule("cosine")
+    with pytest.raises(UserError, match="noise schedules"):
+        dmd_distill(gen, tmp_path / "bad", cfg, dataset=f"folder:{image_folder}", progress=False, teacher=other)
+
+
+class ConstX0(torch.nn.Module):
+    """An x₀-predicting network that always answers ``c`` (outside [−1, 1] to see the clip)."""
+
+    def __init__(self, c: float):
+        super().__init__()
+        self.c = c
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t):
+        return torch.full_like(x, self.c) + 0 * self.w
+
+
+def test_backward_simulation_feeds_each_step_the_generators_own_earlier_steps(tiny_ckpt):
+    """nfe=4: each sample's step is one of the 4 trailing timesteps, step 0 takes the noise z itself (the
+    regression pairs' samples always), and a later step's input is the clipped x̂₀ of the step before
+    re-noised to its level: here x̂₀ = clip(3) = 1, so the input is α_t·1 + σ_t·ε."""
+    teacher = Denoiser(ConstX0(3.0), SCHED, "x0")
+    loss = DMDLoss(teacher, ConstX0(3.0), torch.zeros(8, 2, 4, 4), DMDConfig(nfe=4, pairs=8), 1e-3)
+    assert loss.steps == [999.0, 749.0, 499.0, 249.0]
+    z = torch.randn(4096, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    xin, tin = loss._simulate(teacher, z, 1024, torch.Generator().manual_seed(1))
+    assert set(tin.tolist()) == set(loss.steps) and (tin[-1024:] == 999).all()
+    assert torch.equal(xin[tin == 999], z[tin == 999])
+    for t in loss.steps[1:]:
+        a, sg = (float(v) for v in alpha_sigma(SCHED, torch.tensor(t)))
+        x = xin[tin == t]
+        assert x.mean().item() == pytest.approx(a, abs=0.03) and x.std().item() == pytest.approx(sg, rel=0.05)
+    # one step: nothing simulated, nothing drawn
+    one = DMDLoss(teacher, ConstX0(3.0), torch.zeros(8, 2, 4, 4), DMDConfig(pairs=8), 1e-3)
+    g = torch.Generator().manual_seed(1)
+    xin, tin = one._simulate(teacher, z, 1024, g)
+    assert torch.equal(xin, z) and (tin == 999).all()
+    assert torch.equal(g.get_state(), torch.Generator().manual_seed(1).get_state())
+
+
+def test_a_multistep_dmd_student_samples_by_consistency_sampling(tiny_ckpt, image_folder, tmp_path):
+    from leandiff.sample import SampleConfig, sample_all
+
+    out = dmd_distill(tiny_ckpt, tmp_path / "dmd", DMDConfig(nfe=2, pairs=4, teacher_nfe=2,
+                      train=Training(steps=2, batch_size=4)), dataset=f"folder:{image_folder}", progress=False)
+    save_checkpoint(out, tmp_path / "student")
+    back = load_checkpoint(tmp_path / "student")
+    solver, nfe, _ = back.sampling_defaults()
+    assert (solver, nfe, back.default_spacing()) == ("consistency", 2, "trailing")
+    assert back.meta["distill"]["nfe"] == 2
+    x = sample_all(back.denoiser(), (1, 16, 16), SampleConfig(solver, nfe, n=3, spacing=back.default_spacing()))
+    assert torch.isfinite(x).all()
