@@ -14,8 +14,11 @@ from 2×K down to K that the students' checkpoints record (each PD student recor
 ``--earlier FILE``: a previous results JSON of this benchmark; a student cell this run has no checkpoint
 for is taken from it, marked † and footnoted with that run's command.
 ``--cd DIR``: a ``cd(...)`` student, sampled by the ``consistency`` solver at each NFE (multistep consistency
-sampling, Song et al. 2023, Alg. 1). ``--dmd DIR``: a ``dmd(...)`` one-step generator, at 1 NFE (its recorded
-sampler: one trailing DDIM step). Every row is one harness row (N, seed 0), appended to OUT/rows.jsonl
+sampling, Song et al. 2023, Alg. 1). ``--dmd DIR`` (repeatable): a ``dmd(...)`` generator, at its own NFE K
+(its recorded sampler: one trailing DDIM step when K = 1) and, when K > 1, at each table NFE below K
+(consistency sampling over that many trailing timesteps); the DMD cell of a row is the best of them, named.
+A generator continued from another one given here (``dmd(teacher=...)`` on it) costs its own core-seconds
+plus that one's. Every row is one harness row (N, seed 0), appended to OUT/rows.jsonl
 as soon as it is done; a rerun skips done rows.
 """
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import resumable_rows, write_results  # noqa: E402
-from leandiff.checkpoint import load_checkpoint, resolve  # noqa: E402
+from leandiff.checkpoint import load_checkpoint, resolve, weights_hash  # noqa: E402
 from leandiff.errors import UserError  # noqa: E402
 from leandiff.evaluate import EvalConfig, append_row, evaluate_checkpoint, load_classifier  # noqa: E402
 
@@ -65,7 +68,7 @@ def main(argv=None):
     ap.add_argument("--earlier", type=Path, default=None, help="a previous results JSON of this benchmark: the "
                     "student cells this run cannot measure, marked †")
     ap.add_argument("--cd", type=Path, default=None, help="a cd(...) student")
-    ap.add_argument("--dmd", type=Path, default=None, help="a dmd(...) one-step student")
+    ap.add_argument("--dmd", type=Path, action="append", default=[], help="a dmd(...) student; repeatable")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/fewstep"))
     ap.add_argument("-n", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=512)
@@ -120,12 +123,23 @@ def main(argv=None):
         cost = (ck.meta.get("distill") or {}).get("train_cpu_seconds") or cpu_seconds(ck)
         for k in NFES:
             students[("cd", k)] = run(f"cd-{k}", ck, "consistency", k, "trailing", {"train_core_seconds": cost})
-    if a.dmd:
-        ck = load_checkpoint(a.dmd)
-        cost = (ck.meta.get("distill") or {}).get("train_cpu_seconds") or cpu_seconds(ck)
+    dmd_cks = [(path, load_checkpoint(path)) for path in a.dmd]
+    own = {weights_hash(ck.net.state_dict()): ((ck.meta.get("distill") or {}).get("train_cpu_seconds") or cpu_seconds(ck) or 0.0,
+                                        [st.get("parent") for st in ck.lineage if st.get("step") == "dmd"][-1:])
+           for _, ck in dmd_cks}
+
+    def dmd_cost(sha) -> float:  # its own run plus the generator it was continued from, when that is given too
+        c, parent = own[sha]
+        return c + (dmd_cost(parent[0]) if parent and parent[0] in own and parent[0] != sha else 0.0)
+
+    for path, ck in dmd_cks:
         s = ck.meta["sampler"]
-        students[("dmd", s["nfe"])] = run(f"dmd-{s['nfe']}", ck, s["solver"], s["nfe"], s["spacing"],
-                                          {"train_core_seconds": cost})
+        cost = dmd_cost(weights_hash(ck.net.state_dict()))
+        for k in [k for k in NFES if k <= s["nfe"]]:
+            row = run(f"dmd {path.name} @{k}", ck, s["solver"], k,
+                      s["spacing"], {"train_core_seconds": cost, "student": path.name})
+            if ("dmd", k) not in students or row["quality"]["fid_dom"] < students[("dmd", k)]["quality"]["fid_dom"]:
+                students[("dmd", k)] = row
 
     ddpm = card_row(a.teacher, "ddpm-1000")
     fid = lambda name: done[name]["quality"]["fid_dom"] if name in done else None  # noqa: E731
@@ -135,7 +149,7 @@ def main(argv=None):
              f"DDPM-1000: " + (f"**{ddpm['fid_dom']:.3f}** (N={ddpm['n']}, its model card)" if ddpm else "not on its card") + ".",
              "Teacher solvers at each NFE: " + ", ".join(f"{s} {sp}" for s, sp in TEACHER) + " (1 NFE: DDIM only); "
              "'best' is the lowest of them. Students sample with their own recorded sampler (PD: DDIM trailing at "
-             "its K; CD: multistep consistency sampling at K; DMD: its one step). Training cost: CPU core-seconds of the training loop "
+             "its K; CD: multistep consistency sampling at K; DMD: its one step, or consistency sampling over K trailing timesteps for a K-step one). Training cost: CPU core-seconds of the training loop "
              "(PD cumulative over the rounds down to K; the teacher's own training not included).", "",
              "| NFE | teacher DDIM | teacher best (solver) | PD student | PD ÷ DDPM-1000 | PD core-s (cum.) | "
              "CD student | CD ÷ DDPM-1000 | CD core-s | DMD student | DMD ÷ DDPM-1000 | DMD core-s |",
@@ -151,6 +165,7 @@ def main(argv=None):
         best = min(cands) if cands else (None, "—")
         pd_row, cd_row, dmd_row = students.get(("pd", k)), students.get(("cd", k)), students.get(("dmd", k))
         dmd_f = dmd_row["quality"]["fid_dom"] if dmd_row else None
+        dmd_who = f" ({dmd_row['student']})" if dmd_row and len(dmd_cks) > 1 else ""
         dmd_c = dmd_row.get("train_core_seconds") if dmd_row else None
         pd_f = pd_row["quality"]["fid_dom"] if pd_row else None
         cd_f = cd_row["quality"]["fid_dom"] if cd_row else None
@@ -165,6 +180,7 @@ def main(argv=None):
         rec["nfe"][k] = {"teacher_ddim": fid(f"teacher ddim-{k} trailing"), "teacher_best": best[0],
                          "teacher_best_solver": best[1], "pd": pd_f, "cd": cd_f, "pd_core_seconds_cumulative": pd_c,
                          "cd_core_seconds": cd_c, "dmd": dmd_f, "dmd_core_seconds": dmd_c,
+                         "dmd_student": dmd_row.get("student") if dmd_row else None,
                          "dmd_over_ddpm1000": dmd_f / ref if dmd_f and ref else None,
                          "pd_over_ddpm1000": pd_f / ref if pd_f and ref else None,
                          "cd_over_ddpm1000": cd_f / ref if cd_f and ref else None,
@@ -172,7 +188,7 @@ def main(argv=None):
         r = rec["nfe"][k]
         lines.append(f"| {k} | {f(r['teacher_ddim'])} | {f(best[0])} ({best[1]}) | {f(pd_f)}{mark['pd']} | "
                      f"{f(r['pd_over_ddpm1000'], '{:.2f}×')} | {f(pd_c, '{:.0f}')} | {f(cd_f)}{mark['cd']} | "
-                     f"{f(r['cd_over_ddpm1000'], '{:.2f}×')} | {f(cd_c, '{:.0f}')} | {f(dmd_f)} | "
+                     f"{f(r['cd_over_ddpm1000'], '{:.2f}×')} | {f(cd_c, '{:.0f}')} | {f(dmd_f)}{dmd_who} | "
                      f"{f(r['dmd_over_ddpm1000'], '{:.2f}×')} | {f(dmd_c, '{:.0f}')} |")
     if ref:
         lines += ["", f"Targets (≤ 1.15× DDPM-1000 at 4 NFE = {1.15 * ref:.3f}; ≤ 2× at 1 NFE = {2 * ref:.3f}):"]
@@ -186,11 +202,14 @@ def main(argv=None):
     for k in sorted(pd_cks, reverse=True):  # each PD student by the steps that made it, from the teacher on
         chain = " > ".join(st["recipe"] for st in pd_cks[k].lineage if st.get("step") == "pd" and st.get("recipe"))
         lines.append(f"- PD student at {k} steps: `{chain}` on `{a.teacher}`")
-    for label, path in (("CD", a.cd), ("DMD", a.dmd)):
-        if path and (path / "leandiff.json").is_file():
-            ck = load_checkpoint(path)
-            recipe = next((st.get("recipe") for st in reversed(ck.lineage) if st.get("recipe")), None)
-            lines.append(f"- {label} student made by `leandiff compress {a.teacher} --recipe \"{recipe}\" --out {path.name}`")
+    if a.cd and (a.cd / "leandiff.json").is_file():
+        ck = load_checkpoint(a.cd)
+        recipe = next((st.get("recipe") for st in reversed(ck.lineage) if st.get("recipe")), None)
+        lines.append(f"- CD student made by `leandiff compress {a.teacher} --recipe \"{recipe}\" --out {a.cd.name}`")
+    for path, ck in dmd_cks:  # each DMD student by the dmd steps that made it, from the teacher on
+        chain = " > ".join(f"`{st['recipe']}`" for st in ck.lineage if st.get("step") == "dmd" and st.get("recipe"))
+        lines.append(f"- DMD student {path.name} ({ck.meta['sampler']['nfe']}-step): {chain} on `{a.teacher}` "
+                     "(each step on the one before's output)")
     if earlier and any(r["from_earlier_run"] for r in rec["nfe"].values()):
         lines.append(f"- † not re-measured here (that student's checkpoint was not kept): from the earlier run "
                      f"`{earlier['command']}` ({a.earlier.name}), the same teacher, N and harness")
