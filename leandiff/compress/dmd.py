@@ -30,7 +30,7 @@ spacing, x̂₀ clipped as the harness samples; made once, :func:`leandiff.compr
 ``reg=0`` is DMD2 without its GAN term, ``dm=0`` the regression alone. A quarter of each batch (at least
 one) is drawn from the pairs and feeds both losses.
 
-**Several steps** (``nfe=K``, DMD2 §4.5): the generator is trained at the K trailing timesteps
+**Several steps** (``nfe=K``, DMD2's multi-step generator): the generator is trained at the K trailing timesteps
 t_0 = T−1 > … > t_{K−1} and sampled by consistency sampling over them (x̂₀ at t_k, re-noised to t_{k+1}).
 Each sample of a batch draws its step k; its input x_{t_k} comes from the generator's own k earlier steps
 from pure noise, run without gradient ("backward simulation", so training sees the inputs sampling
