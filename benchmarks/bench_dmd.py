@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -27,12 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import resumable_rows, write_results  # noqa: E402
 from leandiff.checkpoint import load_checkpoint  # noqa: E402
 from leandiff.errors import UserError  # noqa: E402
+from leandiff.recipe import parse_recipe  # noqa: E402
 from leandiff.evaluate import EvalConfig, append_row, evaluate_checkpoint, load_classifier  # noqa: E402
 from bench_fewstep import card_row  # noqa: E402
 
 
-def recipe_and_updates(path: Path, ck) -> tuple[str, int, float | None]:
-    """(the dmd recipe, updates done, training core-seconds) of a finished student or a stopped run's one."""
+def recipe_and_updates(path: Path, ck) -> tuple[str, str, float | None]:
+    """(the dmd recipe, updates done ("earlier+own" for a continued generator), training core-seconds) of a finished student or a stopped run's one."""
     train = ck.meta.get("train") or {}
     steps = [st for st in ck.lineage if st.get("step") == "dmd"]
     started = path.parent / "started.json"
@@ -75,7 +75,7 @@ def main(argv=None):
     teacher = load_checkpoint(a.teacher)
     clf = load_classifier(teacher.meta.get("dataset") or "mnist")
     ddpm = card_row(a.teacher, "ddpm-1000")
-    lines = [f"# One-step generators of `{a.teacher}`: DMD variants", "",
+    lines = [f"# DMD generators of `{a.teacher}`: variants", "",
              f"FID-dom at N={a.n}, seed 0. A one-step generator: one trailing DDIM step (x̂₀ at T−1); a K-step "
              "one: consistency sampling over K (or the row's NFE) trailing timesteps. The teacher's DDPM-1000: "
              + (f"{ddpm['fid_dom']:.3f} (N={ddpm['n']}, its card)" if ddpm else "not on its card")
@@ -90,8 +90,7 @@ def main(argv=None):
             raise UserError(f"--student {spec!r}: expected LABEL=DIR")
         ck = load_checkpoint(path)
         recipe, updates, cost = recipe_and_updates(Path(path), ck)
-        m = re.search(r"[(,]nfe=(\d+)", recipe)  # a stopped run's student does not record its sampler yet
-        own_nfe = int(m.group(1)) if m else 1
+        own_nfe = parse_recipe(recipe)[-1].args["nfe"]  # a stopped run's student does not record its sampler yet
         wanted = sorted({int(v) for v in a.nfe.split(",") if v.strip()} | {own_nfe}) if a.nfe else [own_nfe]
         for nfe in [v for v in wanted if v <= own_nfe]:
             key = label if nfe == own_nfe == 1 else f"{label} · {nfe} NFE"  # one-step rows keep their cache key

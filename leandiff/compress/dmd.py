@@ -145,10 +145,13 @@ class DMDLoss:
         x, xin = z, z.clone()
         with torch.no_grad():
             for i in range(1, int(step.max()) + 1):
-                t = torch.full((b,), self.steps[i - 1], device=z.device)
-                x0 = student.convert(student(x, t).float(), x, t)[1].clamp(-1, 1)
+                live = step >= i  # the samples whose step is i or later: the others' inputs are set
+                noise = torch.randn(x.shape, generator=g, device=g.device).to(z.device)  # all rows: one stream
+                t = torch.full((int(live.sum()),), self.steps[i - 1], device=z.device)
+                x0 = student.convert(student(x[live], t).float(), x[live], t)[1].clamp(-1, 1)
                 a, sg = (float(v) for v in alpha_sigma(student.schedule, torch.tensor(self.steps[i])))
-                x = a * x0 + sg * torch.randn(x.shape, generator=g, device=g.device).to(z.device)
+                x = x.clone()
+                x[live] = a * x0 + sg * noise[live]
                 xin[step == i] = x[step == i]
         tin = torch.tensor(self.steps, device=z.device)[step]
         return xin, tin
@@ -188,7 +191,7 @@ class DMDLoss:
 
 def dmd_distill(ckpt: Checkpoint, out_dir, cfg: DMDConfig, *, dataset: str, data_dir=None, seed: int = 0,
                 progress=None, teacher: Checkpoint | None = None) -> Checkpoint:
-    """Distil ``teacher`` (default: ``ckpt``) into a one-step generator that starts from ``ckpt``, by
+    """Distil ``teacher`` (default: ``ckpt``) into a ``cfg.nfe``-step generator that starts from ``ckpt``, by
     distribution matching (see the module doc)."""
     if rank_world()[1] > 1:
         raise UserError("dmd trains in one process: its fake score network is not synchronised across ranks")
@@ -213,7 +216,8 @@ def dmd_distill(ckpt: Checkpoint, out_dir, cfg: DMDConfig, *, dataset: str, data
 
 
 def dmd_step(ckpt: Checkpoint, cfg: DMDConfig, ctx) -> Checkpoint:
-    """Distribution matching distillation (DMD / DMD2): a one-step generator matched to the teacher's distribution."""
+    """Distribution matching distillation (DMD / DMD2): a one- or few-step generator matched to the teacher's
+    distribution."""
     need_dataset(ctx, "dmd")
     teacher = load_checkpoint(cfg.teacher, next(ckpt.net.parameters()).device) if cfg.teacher else None
     return dmd_distill(ckpt, ctx.step_dir, cfg, dataset=ctx.dataset, data_dir=ctx.data_dir, seed=ctx.seed,
