@@ -30,6 +30,15 @@ spacing, x̂₀ clipped as the harness samples; made once, :func:`leandiff.compr
 ``reg=0`` is DMD2 without its GAN term, ``dm=0`` the regression alone. A quarter of each batch (at least
 one) is drawn from the pairs and feeds both losses.
 
+**GAN term** (``gan`` > 0, DMD2 §4.3): a discriminator D = a small classifier head on the fake score
+network's bottleneck (its ``mid_block`` output), which sees real training images and generator samples,
+both noised to the same t. The fake network's update adds ``gan_d``·(softplus(−D(real_t)) +
+softplus(D(gen_t))), the non-saturating GAN loss, so the bottleneck and head learn to tell them apart; the
+generator adds ``gan``·softplus(−D(G(z)_t)), back-propagated through the frozen fake encoder into G. DMD2
+weights them 3e-3 (generator) and 1e-2 (fake network) on ImageNet; the GAN sees real data, so unlike the
+DM term it is not bounded by the teacher. With ``fake_steps`` > 1 (DMD2's two time-scale rule) every
+fake update after the first draws a fresh batch from the generator (no gradient).
+
 **Several steps** (``nfe=K``, DMD2's multi-step generator): the generator is trained at the K trailing timesteps
 t_0 = T−1 > … > t_{K−1} and sampled by consistency sampling over them (x̂₀ at t_k, re-noised to t_{k+1}).
 Each sample of a batch draws its step k; its input x_{t_k} comes from the generator's own k earlier steps
@@ -78,6 +87,8 @@ class DMDConfig:
     t_max: float = 0.98
     nfe: int = 1  # the generator's steps (DMD2's multistep generator when > 1)
     teacher: str = ""  # the teacher's checkpoint; "": the step's input (which the generator then also starts from)
+    gan: float = 0.0  # weight of DMD2's GAN term in the generator's loss (DMD2, ImageNet: 3e-3); 0: none
+    gan_d: float = 1e-2  # weight of the discriminator's loss in the fake network's update (DMD2: 1e-2)
     train: Training = field(default_factory=lambda: Training(steps=2000, lr=1e-4, batch_size=64, ema_decay=0.999))
 
     def __post_init__(self):
@@ -86,6 +97,8 @@ class DMDConfig:
                   (self.fake_lr >= 0, f"dmd: fake_lr must be >= 0 (0: the generator's lr), got {self.fake_lr}"),
                   (self.reg >= 0, f"dmd: reg must be >= 0, got {self.reg}"),
                   (self.nfe >= 1, f"dmd: nfe must be >= 1, got {self.nfe}"),
+                  (self.gan >= 0 and self.gan_d >= 0, f"dmd: gan and gan_d must be >= 0, got {self.gan}, {self.gan_d}"),
+                  (self.gan == 0 or self.dm > 0, "dmd: the GAN's discriminator lives on the DM term's fake network: gan needs dm > 0"),
                   (self.pairs >= 1, f"dmd: pairs must be >= 1, got {self.pairs}"),
                   (self.teacher_solver in DETERMINISTIC,  # a pair is defined by its x_T
                    f"dmd: teacher_solver must be a deterministic solver ({', '.join(DETERMINISTIC)}), got {self.teacher_solver!r}"),
@@ -103,6 +116,33 @@ def dm_gradient(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor) -
     return (fake_x0 - real_x0) / norm.reshape((-1,) + (1,) * (x.ndim - 1))
 
 
+class _Stop(Exception):
+    """Raised by the bottleneck hook when only the features are wanted (the decoder is not run)."""
+
+
+class BottleneckHead(nn.Module):
+    """DMD2's discriminator head on the bottleneck features: conv 3×3 → SiLU → conv 3×3 stride 2 → SiLU →
+    global average → linear, one real-vs-generated logit per sample. No per-sample normalisation (a
+    GroupNorm here would remove exactly the feature means that set real and generated images apart)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.SiLU(),
+                                  nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.SiLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 1))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.body(h).float()[:, 0]
+
+
+def bottleneck(net: nn.Module) -> nn.Module:
+    """The network's bottleneck (a diffusers UNet's ``mid_block``), or a user error naming what is missing."""
+    mid = getattr(net, "mid_block", None)
+    if mid is None or not any(isinstance(m, nn.Conv2d) for m in mid.modules()):
+        raise UserError(f"dmd: gan needs a UNet with a convolutional mid_block; {type(net).__name__} has none")
+    return mid
+
+
 class DMDLoss:
     """The generator's loss (L_DM + reg·L_reg) as a training-loop loss with state: each call first updates
     the fake score network on the generator's current samples."""
@@ -110,25 +150,61 @@ class DMDLoss:
     def __init__(self, teacher: Denoiser, fake_net: nn.Module, pairs: torch.Tensor, cfg: DMDConfig, lr: float):
         self.teacher, self.cfg, self.pairs = teacher, cfg, pairs
         self.fake = Denoiser(fake_net.train().requires_grad_(True), teacher.schedule, teacher.parameterization)
-        self.opt = torch.optim.Adam(fake_net.parameters(), lr=cfg.fake_lr or lr)
+        self.head, self._feat, self._stop = None, None, False
+        params = list(fake_net.parameters())
+        if cfg.gan > 0:  # DMD2's discriminator: a head on the fake network's bottleneck, trained with it
+            mid = bottleneck(fake_net)
+            self.head = BottleneckHead(next(m for m in mid.modules() if isinstance(m, nn.Conv2d)).in_channels)
+            self.head.to(next(fake_net.parameters()).device)
+            mid.register_forward_hook(self._keep_features)
+            params += list(self.head.parameters())
+        self.opt = torch.optim.Adam(params, lr=cfg.fake_lr or lr)
         self.steps = [float(t) for t in timesteps(teacher.schedule, cfg.nfe, "trailing").tolist()]
 
+    def _keep_features(self, module, inputs, output):
+        self._feat = output[0] if isinstance(output, tuple) else output
+        if self._stop:
+            raise _Stop
+
+    def logits(self, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The discriminator's logit for each noised sample x_t at t (the fake network's encoder and head;
+        its decoder is not run)."""
+        self._stop = True
+        try:
+            self.fake(xt, t)
+        except _Stop:
+            pass
+        finally:
+            self._stop = False
+        return self.head(self._feat)
+
     def state_dict(self) -> dict:
-        return {f"fake.{k}": v for k, v in self.fake.net.state_dict().items()} | optimizer_tensors(self.opt, "opt.")
+        head = {} if self.head is None else {f"head.{k}": v for k, v in self.head.state_dict().items()}
+        return ({f"fake.{k}": v for k, v in self.fake.net.state_dict().items()} | head
+                | optimizer_tensors(self.opt, "opt."))
 
     def load_state_dict(self, state: dict) -> None:
         if not state:
             return
         self.fake.net.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("fake.")})
+        if self.head is not None:
+            self.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
         load_optimizer_tensors(self.opt, state, "opt.")
 
-    def _fake_update(self, x: torch.Tensor, g: torch.Generator) -> None:
-        """One step of the plain denoising loss of the fake network on the (detached) samples x."""
+    def _fake_update(self, x: torch.Tensor, real: torch.Tensor, g: torch.Generator) -> None:
+        """One step of the fake network on the (detached) generator samples x: the plain denoising loss,
+        plus, with the GAN term, the discriminator's loss on real images and x noised to the same t."""
         T = self.teacher.schedule.T
         t = torch.randint(0, T, (x.shape[0],), generator=g, device=g.device).to(x.device).float()
         noise = torch.randn(x.shape, generator=g, device=g.device).to(x.device)
         xt = q_sample(self.fake.schedule, x, t, noise)
         loss = F.mse_loss(self.fake(xt, t).float(), self.fake.target(x, noise, t).float())
+        if self.head is not None and self.cfg.gan_d > 0:
+            gen_logit = self.head(self._feat)  # the features of the forward just run
+            n = min(len(real), len(x))
+            noise = torch.randn(real[:n].shape, generator=g, device=g.device).to(x.device)
+            real_logit = self.logits(q_sample(self.fake.schedule, real[:n], t[:n], noise), t[:n])
+            loss = loss + self.cfg.gan_d * (F.softplus(-real_logit).mean() + F.softplus(gen_logit).mean())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -173,8 +249,14 @@ class DMDLoss:
         if cfg.dm > 0:
             xd = x.detach()
             with torch.enable_grad():
-                for _ in range(cfg.fake_steps):
-                    self._fake_update(xd, g)
+                self._fake_update(xd, x0, g)
+            for _ in range(cfg.fake_steps - 1):  # two time scales: a fresh generator batch for each
+                with torch.no_grad():
+                    zf = torch.randn(xd.shape, generator=g, device=g.device).to(x0.device)
+                    fin, ftin = self._simulate(student, zf, 0, g)
+                    xf = student.convert(student(fin, ftin).float(), fin, ftin)[1]
+                with torch.enable_grad():
+                    self._fake_update(xf, x0, g)
             t = (cfg.t_min + (cfg.t_max - cfg.t_min) * torch.rand(b, generator=g, device=g.device)) * (sched.T - 1)
             t = t.to(x0.device)
             noise = torch.randn(x0.shape, generator=g, device=g.device).to(x0.device)
@@ -186,6 +268,19 @@ class DMDLoss:
             loss = cfg.dm * 0.5 * F.mse_loss(x, (xd - grad))
         if k:
             loss = loss + cfg.reg * 0.5 * F.mse_loss(x[b - k:], pair[:, c:])
+        if cfg.gan > 0:  # the generator's non-saturating GAN loss, through the frozen fake encoder and head
+            t = (cfg.t_min + (cfg.t_max - cfg.t_min) * torch.rand(b, generator=g, device=g.device)) * (sched.T - 1)
+            t = t.to(x0.device)
+            noise = torch.randn(x.shape, generator=g, device=g.device).to(x0.device)
+            frozen = [p for p in [*self.fake.net.parameters(), *self.head.parameters()] if p.requires_grad]
+            for p in frozen:
+                p.requires_grad_(False)
+            try:
+                logit = self.logits(q_sample(sched, x, t, noise), t)
+            finally:
+                for p in frozen:
+                    p.requires_grad_(True)
+            loss = loss + cfg.gan * F.softplus(-logit).mean()
         return loss
 
 

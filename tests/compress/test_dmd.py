@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from leandiff.checkpoint import load_checkpoint, save_checkpoint
-from leandiff.compress.dmd import DMDConfig, DMDLoss, dm_gradient, dmd_distill
+from leandiff.compress.dmd import BottleneckHead, DMDConfig, DMDLoss, bottleneck, dm_gradient, dmd_distill
 from leandiff.compress.training import Training
 from leandiff.denoiser import Denoiser
 from leandiff.errors import UserError
@@ -200,3 +200,67 @@ def test_a_multistep_dmd_student_samples_by_consistency_sampling(tiny_ckpt, imag
     assert back.meta["distill"]["nfe"] == 2
     x = sample_all(back.denoiser(), (1, 16, 16), SampleConfig(solver, nfe, n=3, spacing=back.default_spacing()))
     assert torch.isfinite(x).all()
+
+
+def test_the_gan_discriminator_learns_to_tell_real_images_from_generated_ones(tiny_ckpt):
+    """DMD2's GAN term: fake-network updates with gan_d > 0 train the bottleneck head to give real
+    images (here all +0.8) higher logits than the generator's samples (here N(0, 0.3²)) at the same t."""
+    loss = _loss(tiny_ckpt, reg=0.0, gan=1e-3, gan_d=1.0, fake_lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    real = torch.full((8, 1, 16, 16), 0.8)
+    gen = 0.3 * torch.randn(8, 1, 16, 16, generator=g)
+
+    def margin():
+        t = torch.full((8,), 50.0)
+        with torch.no_grad():
+            gt = torch.Generator().manual_seed(9)
+            r = loss.logits(q_sample(SCHED, real, t, torch.randn(real.shape, generator=gt)), t)
+            f = loss.logits(q_sample(SCHED, gen, t, torch.randn(gen.shape, generator=gt)), t)
+        return (r - f).mean().item()
+
+    before = margin()
+    for _ in range(30):
+        loss._fake_update(gen, real, g)
+    assert margin() > before + 1.0
+
+
+def test_the_gan_term_trains_the_generator_only_through_the_frozen_discriminator(tiny_ckpt):
+    """The generator's GAN loss reaches every generator weight, leaves no gradient on the fake network or
+    the head, and adds gan·softplus(−D) on top of the DM term (gan_d = 0: the fake update is unchanged)."""
+    student = Denoiser(copy.deepcopy(tiny_ckpt.net).train(), SCHED, tiny_ckpt.parameterization)
+    x0 = torch.zeros(4, 1, 16, 16)
+    values = {}
+    for w in (1e-3, 1.0, 2.0):
+        loss = _loss(tiny_ckpt, reg=0.0, gan=w, gan_d=0.0)
+        torch.manual_seed(0)
+        loss.head.load_state_dict(BottleneckHead(loss.head.body[0].in_channels).state_dict())
+        student.net.zero_grad(set_to_none=True)
+        value = loss(student, x0, torch.Generator().manual_seed(1))
+        for p in [*loss.fake.net.parameters(), *loss.head.parameters()]:
+            p.grad = None
+        value.backward()
+        assert all(p.grad is None for p in [*loss.fake.net.parameters(), *loss.head.parameters()])
+        assert all(p.requires_grad for p in [*loss.fake.net.parameters(), *loss.head.parameters()])
+        assert all(p.grad is not None for p in student.net.parameters() if p.requires_grad)
+        values[w] = value.item()
+    # the same draws for every weight, the GAN's own last: the loss is DM + gan·softplus(−D), linear in gan
+    per_unit = values[2.0] - values[1.0]
+    assert per_unit > 0
+    assert values[1.0] - values[1e-3] == pytest.approx((1 - 1e-3) * per_unit, rel=1e-4)
+
+
+def test_the_gan_state_round_trips_and_bad_gan_settings_are_user_errors(tiny_ckpt):
+    loss = _loss(tiny_ckpt, gan=1e-3, fake_steps=2)
+    student = Denoiser(copy.deepcopy(tiny_ckpt.net).train(), SCHED, tiny_ckpt.parameterization)
+    loss(student, torch.full((4, 1, 16, 16), 0.5), torch.Generator().manual_seed(1))
+    fresh = _loss(tiny_ckpt, gan=1e-3, fake_steps=2)
+    fresh.load_state_dict(loss.state_dict())
+    for (k, a), b in zip(loss.head.state_dict().items(), fresh.head.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert any(k.startswith("head.") for k in loss.state_dict())
+    assert not any(k.startswith("head.") for k in _loss(tiny_ckpt).state_dict())  # gan = 0: no head at all
+    for kw in ({"gan": -1.0}, {"gan_d": -1.0}, {"gan": 1e-3, "dm": 0.0}):
+        with pytest.raises(UserError):
+            bind(DMDConfig, kw, "dmd")
+    with pytest.raises(UserError, match="mid_block"):
+        bottleneck(torch.nn.Conv2d(1, 1, 1))
