@@ -22,6 +22,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .compress import STEPS
 from .device import device_of, resolve_device
 from .distributed import lead_and_barrier
+from .errors import UserError
 from .io import atomic_path, read_json, write_json
 from .spec import RecipeError, Step, bind, parse, values  # noqa: F401  (the grammar lives in leandiff.spec)
 
@@ -71,6 +72,22 @@ def parse_recipe(text: str) -> list[Step]:
 
 # --- running a recipe ----------------------------------------------------------------------------------------------
 
+def _stamp_matches(saved: dict, steps: list[Step], origin: str) -> bool:
+    """Whether a step directory's stamp (``started.json`` / ``done.json``) was written for these steps on
+    this origin. The recipe prefixes are compared as checked arguments, not as text: a stamp written before
+    a step gained a setting (absent there, so at its default when read back now) still matches, and a run
+    resumed under a newer leandiff keeps its work. A saved prefix that no longer parses does not match."""
+    saved_steps = saved.get("recipe")
+    if saved.get("origin") != origin or not isinstance(saved_steps, list) or len(saved_steps) != len(steps) \
+            or not all(isinstance(x, str) for x in saved_steps):
+        return False
+    try:
+        old = parse_recipe(" > ".join(saved_steps))
+    except UserError:
+        return False
+    return all(a.name == b.name and a.args == b.args for a, b in zip(old, steps))
+
+
 def apply_recipe(ckpt, recipe: str | list[Step], out_dir: str | Path, *, dataset: str | None = None,
                  data_dir: str | None = None, seed: int = 0, progress: bool | None = None,
                  log: Callable[[str], None] = print, device: str | None = None):
@@ -94,13 +111,13 @@ def apply_recipe(ckpt, recipe: str | list[Step], out_dir: str | Path, *, dataset
         prefix = [str(s) for s in steps[: i + 1]]
         done = d / "done.json"
         stamp = {"recipe": prefix, "origin": origin}
-        if done.is_file() and {k: read_json(done).get(k) for k in stamp} == stamp:
+        if done.is_file() and _stamp_matches(read_json(done), steps[: i + 1], origin):
             ckpt = load_checkpoint(d, dev)
             log(f"[{i + 1}/{len(steps)}] {st} already done ({d})")
             continue
         started = d / "started.json"
         if lead:
-            if d.exists() and not (started.is_file() and read_json(started) == stamp):
+            if d.exists() and not (started.is_file() and _stamp_matches(read_json(started), steps[: i + 1], origin)):
                 shutil.rmtree(d)  # left by a different recipe: start this step afresh
             d.mkdir(parents=True, exist_ok=True)  # same recipe, killed mid-step: the step may resume
             write_json(started, stamp)

@@ -31,3 +31,32 @@ def test_a_bad_last_step_fails_when_the_recipe_is_parsed(bad, says):
     with pytest.raises(RecipeError, match=says) as e:
         parse_recipe(f"finetune(steps=10) > {bad}")
     assert f"step {bad.split('(')[0]} " in str(e.value)
+
+
+def test_a_stamp_written_before_a_step_gained_a_setting_still_resumes(tiny_ckpt, tmp_path):
+    """Step directories are matched on checked arguments, not text: a done.json / started.json whose
+    recipe lacks a setting the step has now (at its default) is the same step, while a different value,
+    a different origin or an unparsable prefix is not."""
+    import json
+
+    from leandiff.recipe import _stamp_matches, apply_recipe, parse_recipe
+
+    logs = []
+    apply_recipe(tiny_ckpt, "cache(interval=2)", tmp_path / "o", progress=False, log=logs.append)
+    done = tmp_path / "o" / ".steps" / "00-cache" / "done.json"
+    stamp = json.loads(done.read_text())
+    (full,) = stamp["recipe"]
+    last = full[full.rindex(","):-1]  # the last setting, as an older leandiff without it would have written
+    assert last.startswith(",") and "=" in last
+    stamp["recipe"] = [full.replace(last, "")]
+    done.write_text(json.dumps(stamp))
+    logs.clear()
+    apply_recipe(tiny_ckpt, "cache(interval=2)", tmp_path / "o", progress=False, log=logs.append)
+    assert any("already done" in line for line in logs)
+
+    steps, origin = parse_recipe("cache(interval=2)"), stamp["origin"]
+    assert _stamp_matches({"recipe": [str(steps[0])], "origin": origin}, steps, origin)
+    assert not _stamp_matches({"recipe": ["cache(interval=3)"], "origin": origin}, steps, origin)
+    assert not _stamp_matches({"recipe": [str(steps[0])], "origin": "other"}, steps, origin)
+    assert not _stamp_matches({"recipe": ["cache(nonsense=1)"], "origin": origin}, steps, origin)
+    assert not _stamp_matches({"recipe": "cache(interval=2)", "origin": origin}, steps, origin)
