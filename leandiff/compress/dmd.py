@@ -135,17 +135,19 @@ class BottleneckHead(nn.Module):
         return self.body(h).float()[:, 0]
 
 
-def bottleneck(net: nn.Module) -> nn.Module:
-    """The network's bottleneck (a diffusers UNet's ``mid_block``), or a user error naming what is missing."""
+def bottleneck(net: nn.Module) -> tuple[nn.Module, int]:
+    """The network's bottleneck (a diffusers UNet's ``mid_block``) and its channels, or a user error naming
+    what is missing."""
     mid = getattr(net, "mid_block", None)
-    if mid is None or not any(isinstance(m, nn.Conv2d) for m in mid.modules()):
+    conv = next((m for m in mid.modules() if isinstance(m, nn.Conv2d)), None) if mid is not None else None
+    if conv is None:
         raise UserError(f"dmd: gan needs a UNet with a convolutional mid_block; {type(net).__name__} has none")
-    return mid
+    return mid, conv.in_channels
 
 
 class DMDLoss:
-    """The generator's loss (L_DM + reg·L_reg) as a training-loop loss with state: each call first updates
-    the fake score network on the generator's current samples."""
+    """The generator's loss (L_DM + reg·L_reg + gan·L_GAN) as a training-loop loss with state: each call
+    first updates the fake score network (and the discriminator head) on the generator's current samples."""
 
     def __init__(self, teacher: Denoiser, fake_net: nn.Module, pairs: torch.Tensor, cfg: DMDConfig, lr: float):
         self.teacher, self.cfg, self.pairs = teacher, cfg, pairs
@@ -153,8 +155,8 @@ class DMDLoss:
         self.head, self._feat, self._stop = None, None, False
         params = list(fake_net.parameters())
         if cfg.gan > 0:  # DMD2's discriminator: a head on the fake network's bottleneck, trained with it
-            mid = bottleneck(fake_net)
-            self.head = BottleneckHead(next(m for m in mid.modules() if isinstance(m, nn.Conv2d)).in_channels)
+            mid, channels = bottleneck(fake_net)
+            self.head = BottleneckHead(channels)
             self.head.to(next(fake_net.parameters()).device)
             mid.register_forward_hook(self._keep_features)
             params += list(self.head.parameters())
@@ -232,6 +234,12 @@ class DMDLoss:
         tin = torch.tensor(self.steps, device=z.device)[step]
         return xin, tin
 
+    def _dm_t(self, b: int, g: torch.Generator, device) -> torch.Tensor:
+        """Timesteps uniform in [t_min, t_max]·(T − 1): where the DM and the generator's GAN loss look."""
+        cfg = self.cfg
+        t = (cfg.t_min + (cfg.t_max - cfg.t_min) * torch.rand(b, generator=g, device=g.device)) * (self.teacher.schedule.T - 1)
+        return t.to(device)
+
     def __call__(self, student: Denoiser, x0: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         cfg, sched = self.cfg, student.schedule
         b = x0.shape[0]
@@ -257,8 +265,7 @@ class DMDLoss:
                     xf = student.convert(student(fin, ftin).float(), fin, ftin)[1]
                 with torch.enable_grad():
                     self._fake_update(xf, x0, g)
-            t = (cfg.t_min + (cfg.t_max - cfg.t_min) * torch.rand(b, generator=g, device=g.device)) * (sched.T - 1)
-            t = t.to(x0.device)
+            t = self._dm_t(b, g, x0.device)
             noise = torch.randn(x0.shape, generator=g, device=g.device).to(x0.device)
             xt = q_sample(sched, xd, t, noise)
             with torch.no_grad(), torch.autocast(x0.device.type, enabled=False):
@@ -269,8 +276,7 @@ class DMDLoss:
         if k:
             loss = loss + cfg.reg * 0.5 * F.mse_loss(x[b - k:], pair[:, c:])
         if cfg.gan > 0:  # the generator's non-saturating GAN loss, through the frozen fake encoder and head
-            t = (cfg.t_min + (cfg.t_max - cfg.t_min) * torch.rand(b, generator=g, device=g.device)) * (sched.T - 1)
-            t = t.to(x0.device)
+            t = self._dm_t(b, g, x0.device)
             noise = torch.randn(x.shape, generator=g, device=g.device).to(x0.device)
             frozen = [p for p in [*self.fake.net.parameters(), *self.head.parameters()] if p.requires_grad]
             for p in frozen:
