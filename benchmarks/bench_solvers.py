@@ -177,7 +177,7 @@ def publish(rows, ck, args, out: Path, text: str) -> None:
               if args.merge else "")
     md = "\n".join([
         "# Solvers: FID-dom and KID against NFE", "",
-        f"Checkpoint `{args.ckpt}` (weights {ck.hash()}, the shipped zoo:mnist-tiny), N = {args.n} samples per "
+        f"Checkpoint `{args.ckpt}` (weights {ck.hash()}), N = {args.n} samples per "
         f"row, seed {args.seed}, the same x_T for every row; FID-dom/KID on the shipped MNIST classifier against "
         f"the held-out split; x̂₀ clipped to [-1, 1]. NFE above {args.max_nfe_all} only for {', '.join(args.refs)}."
         + merged,

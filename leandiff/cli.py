@@ -16,6 +16,7 @@ import click
 from .device import device_option, resolve_device
 from .evaluate.commands import sampler_options
 from .errors import UserError
+from .schedule import SPACINGS
 
 
 class _Group(click.Group):
@@ -376,7 +377,7 @@ def study_cmd(study_toml, out_dir, device):
 @click.argument("run_dir")
 @click.option("--solver", default="dpmpp-3m-sde", show_default=True, help="the proxy's solver")
 @click.option("--nfe", type=int, default=10, show_default=True, callback=_positive, help="the proxy's network evaluations per sample")
-@click.option("--spacing", default="trailing", show_default=True, help="the proxy's timestep spacing: leading, trailing, linspace, quadratic or logsnr")
+@click.option("--spacing", default="trailing", show_default=True, help=f"the proxy's timestep spacing: {', '.join(SPACINGS)}")
 @click.option("-n", "n", type=int, default=512, show_default=True, callback=_positive, help="samples per EMA")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="write the best EMA's checkpoint here (default: only print the scores)")

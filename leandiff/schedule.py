@@ -17,7 +17,9 @@ import torch
 from .errors import UserError
 
 SCHEDULE_KINDS = ("linear", "cosine")
-SPACINGS = ("leading", "trailing", "linspace", "quadratic", "logsnr")
+SPACINGS = ("leading", "trailing", "linspace", "quadratic", "logsnr", "karras")
+# EDM's sampling noise levels (Karras et al. 2022, Table 1, "Ours": σ_min 0.002, σ_max 80, ρ 7).
+KARRAS_SIGMA_MIN, KARRAS_SIGMA_MAX, KARRAS_RHO = 0.002, 80.0, 7.0
 # Spacing for a checkpoint that records none, by schedule kind (Schedule.default_spacing).
 # linear β: logsnr. Measured on zoo:mnist-tiny (N=512, seed 0, FID-dom): DDIM-50 logsnr 5.455 / leading
 # 6.376 / trailing 6.740; dpmpp-3m-sde NFE 20 0.511 / 0.620 / 0.643; on the Gaussian contract problem
@@ -164,6 +166,9 @@ def timesteps(schedule: Schedule, steps: int, spacing: str = "leading") -> torch
     - ``linspace``: evenly spaced from 0 to T-1, rounded.
     - ``quadratic``: t_i = ⌊(i·sqrt(0.8T)/(steps-1))²⌋, DDIM's CIFAR-10 "quad" setting.
     - ``logsnr``: uniform in log-SNR between t = T-1 and t = 0, mapped back to the nearest step.
+    - ``karras``: EDM's grid (Karras et al. 2022, eq. 5): σ_i = (σ_max^(1/ρ) + i/(steps-1)·(σ_min^(1/ρ) −
+      σ_max^(1/ρ)))^ρ in EDM's σ = σ_t/α_t, ρ = 7, σ_max = min(80, σ at T-1), σ_min = max(0.002, σ at 0),
+      mapped back to the nearest step. It starts below T-1 where the schedule's σ passes 80, as EDM does.
     Steps that collide after rounding are moved apart by one, so the count is always exact.
     """
     T = schedule.T
@@ -177,9 +182,15 @@ def timesteps(schedule: Schedule, steps: int, spacing: str = "leading") -> torch
         ts = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long()
     elif spacing == "quadratic":
         ts = (torch.linspace(0, math.sqrt(0.8 * T), steps, dtype=torch.float64) ** 2).long()
-    elif spacing == "logsnr":
+    elif spacing in ("logsnr", "karras"):
         lam = log_snr(schedule, torch.arange(T))
-        target = torch.linspace(lam[-1].item(), lam[0].item(), steps, dtype=torch.float64)
+        if spacing == "logsnr":
+            target = torch.linspace(lam[-1].item(), lam[0].item(), steps, dtype=torch.float64)
+        else:  # σ = exp(-λ/2)
+            hi = min(math.exp(-lam[-1].item() / 2), KARRAS_SIGMA_MAX) ** (1 / KARRAS_RHO)
+            lo = max(math.exp(-lam[0].item() / 2), KARRAS_SIGMA_MIN) ** (1 / KARRAS_RHO)
+            sigma = (hi + torch.linspace(0, 1, steps, dtype=torch.float64) * (lo - hi)) ** KARRAS_RHO
+            target = -2 * torch.log(sigma)
         ts = (lam[None, :] - target[:, None]).abs().argmin(dim=1)
     else:
         raise UserError(f"unknown timestep spacing {spacing!r}; expected one of {', '.join(SPACINGS)}")

@@ -47,7 +47,7 @@ def test_alpha_sigma_fractional_and_clean():
         log_snr(s, 1000.0)
 
 
-@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace", "quadratic", "logsnr"])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace", "quadratic", "logsnr", "karras"])
 @pytest.mark.parametrize("steps", [1, 10, 50, 1000])
 def test_timestep_spacings(spacing, steps):
     s = Schedule("linear")
@@ -61,6 +61,20 @@ def test_known_spacings():
     assert timesteps(s, 4, "leading").tolist() == [750, 500, 250, 0]
     assert timesteps(s, 4, "trailing").tolist() == [999, 749, 499, 249]
     assert timesteps(s, 1000, "leading").tolist() == list(range(999, -1, -1))
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_karras_spacing_follows_edm_formula(kind):
+    """EDM eq. 5 with ρ = 7 between min(80, σ(T-1)) and max(0.002, σ(0)), σ = σ_t/α_t: each step is the
+    integer t whose σ is nearest (in log) to the formula's; the ends are those nearest to σ_max and σ_min."""
+    s, n = Schedule(kind), 12
+    ts = timesteps(s, n, "karras")
+    sig_all = torch.exp(-log_snr(s, torch.arange(s.T)) / 2)
+    hi, lo = min(80.0, sig_all[-1].item()), max(0.002, sig_all[0].item())
+    want = [(hi ** (1 / 7) + i / (n - 1) * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7 for i in range(n)]
+    for t, w in zip(ts.tolist(), want):
+        assert (sig_all.log() - math.log(w)).abs().argmin().item() == t
+    assert sig_all[ts[0]].item() == pytest.approx(80.0, rel=0.05) and ts[-1] == 0
 
 
 @pytest.mark.parametrize("bad", [0, -3, 1001, 2.5])

@@ -23,6 +23,7 @@ from typing import Callable
 
 from ..errors import UserError
 from ..io import write_text
+from ..schedule import SPACINGS
 from .protocol import flatten
 
 WITHIN = 1.10  # "within 1.10× of the reference": the quality bar of the recommendations
@@ -221,7 +222,7 @@ COLUMNS: list[Col] = [
         title=lambda x: x.r.get("recipe") or "", gloss="the steps that made the weights (hover: the recipe with its arguments)"),
     Col("solver", lambda x: x.r["protocol"]["solver"], num=False, gloss="the sampler (leandiff.solvers)"),
     Col("spacing", lambda x: x.r["protocol"].get("spacing"), num=False,
-        gloss="how the NFE timesteps are spread over the schedule (leading, trailing, linspace, quadratic, logsnr)"),
+        gloss=f"how the NFE timesteps are spread over the schedule ({', '.join(SPACINGS)})"),
     Col("NFE", lambda x: _nfe(x.r), "{:g}",
         title=lambda x: (f"asked {x.r['protocol']['nfe']}, used {_nfe(x.r):g}" if x.r["protocol"]["nfe"] != _nfe(x.r)
                          else ""),
