@@ -12,7 +12,8 @@ PD student checkpoint (e.g. ``zoo:mnist-tiny-v2-pd4``); repeat it for a chain co
 (``pd(from=4,to=1)`` on the 4-step one). A student's training cost is the sum of the rounds' core-seconds
 from 2×K down to K that the students' checkpoints record (each PD student records every round before it).
 ``--earlier FILE``: a previous results JSON of this benchmark; a student cell this run has no checkpoint
-for is taken from it, marked † and footnoted with that run's command.
+for is taken from it, marked † and footnoted with that run's command; so is an earlier DMD cell better than
+every DMD student given here (the DMD cell is the best student, named).
 ``--cd DIR``: a ``cd(...)`` student, sampled by the ``consistency`` solver at each NFE (multistep consistency
 sampling, Song et al. 2023, Alg. 1). ``--dmd DIR`` (repeatable): a ``dmd(...)`` generator, at its own NFE K
 (its recorded sampler: one trailing DDIM step when K = 1) and, when K > 1, at each table NFE below K
@@ -172,11 +173,15 @@ def main(argv=None):
         pd_c = pd_row.get("train_core_seconds_cumulative") if pd_row else None
         cd_c = cd_row.get("train_core_seconds") if cd_row else None
         old = (earlier or {}).get("nfe", {}).get(str(k), {})
-        mark = {"pd": "", "cd": ""}
+        mark = {"pd": "", "cd": "", "dmd": ""}
         if pd_f is None and old.get("pd") is not None:
             pd_f, pd_c, mark["pd"] = old["pd"], old.get("pd_core_seconds_cumulative"), " †"
         if cd_f is None and old.get("cd") is not None:
             cd_f, cd_c, mark["cd"] = old["cd"], old.get("cd_core_seconds"), " †"
+        if old.get("dmd") is not None and (dmd_f is None or old["dmd"] < dmd_f):  # the DMD cell is the best student
+            dmd_f, dmd_c, mark["dmd"] = old["dmd"], old.get("dmd_core_seconds"), " †"
+            dmd_row = {"student": old.get("dmd_student")}
+            dmd_who = f" ({old['dmd_student']})" if old.get("dmd_student") else ""
         rec["nfe"][k] = {"teacher_ddim": fid(f"teacher ddim-{k} trailing"), "teacher_best": best[0],
                          "teacher_best_solver": best[1], "pd": pd_f, "cd": cd_f, "pd_core_seconds_cumulative": pd_c,
                          "cd_core_seconds": cd_c, "dmd": dmd_f, "dmd_core_seconds": dmd_c,
@@ -188,7 +193,7 @@ def main(argv=None):
         r = rec["nfe"][k]
         lines.append(f"| {k} | {f(r['teacher_ddim'])} | {f(best[0])} ({best[1]}) | {f(pd_f)}{mark['pd']} | "
                      f"{f(r['pd_over_ddpm1000'], '{:.2f}×')} | {f(pd_c, '{:.0f}')} | {f(cd_f)}{mark['cd']} | "
-                     f"{f(r['cd_over_ddpm1000'], '{:.2f}×')} | {f(cd_c, '{:.0f}')} | {f(dmd_f)}{dmd_who} | "
+                     f"{f(r['cd_over_ddpm1000'], '{:.2f}×')} | {f(cd_c, '{:.0f}')} | {f(dmd_f)}{mark['dmd']}{dmd_who} | "
                      f"{f(r['dmd_over_ddpm1000'], '{:.2f}×')} | {f(dmd_c, '{:.0f}')} |")
     if ref:
         lines += ["", f"Targets (≤ 1.15× DDPM-1000 at 4 NFE = {1.15 * ref:.3f}; ≤ 2× at 1 NFE = {2 * ref:.3f}):"]
@@ -211,7 +216,8 @@ def main(argv=None):
         lines.append(f"- DMD student {path.name} ({ck.meta['sampler']['nfe']}-step): {chain} on `{a.teacher}` "
                      "(each step on the one before's output)")
     if earlier and any(r["from_earlier_run"] for r in rec["nfe"].values()):
-        lines.append(f"- † not re-measured here (that student's checkpoint was not kept): from the earlier run "
+        lines.append(f"- † not re-measured here (that student's checkpoint was not kept, or for DMD: better than "
+                     f"every DMD student measured here): from the earlier run "
                      f"`{earlier['command']}` ({a.earlier.name}), the same teacher, N and harness")
     md = "\n".join(lines) + "\n"
     print(md)
