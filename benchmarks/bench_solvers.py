@@ -130,20 +130,20 @@ def main():
 def earlier_rows(args, ck, rows: list[dict]) -> list[dict]:
     """The rows of ``--merge`` (a results JSON written by :func:`publish`, or a JSONL of harness rows such as
     a model card's ``card_rows.jsonl``) in the harness's row shape,
-    minus those run now; refused unless weights, N and seed agree, so every row shares one protocol."""
+    minus those run now (same solver, NFE and spacing); refused unless weights, N and seed agree, so every row
+    shares one protocol."""
     if not args.merge:
         return []
     import json
 
-    now = {(r["protocol"]["solver"], r["protocol"]["nfe"]) for r in rows}
+    now = {_key(r["protocol"]) for r in rows}
     if args.merge.endswith(".jsonl"):  # harness rows (e.g. a model card's card_rows.jsonl): same weights, N, seed
         prev_rows = read_rows([Path(args.merge)])
         bad = [r for r in prev_rows if (r.get("weights"), r["protocol"]["n"], r["protocol"]["seed"])
                != (ck.hash(), args.n, args.seed)]
         if bad:
             raise SystemExit(f"--merge {args.merge}: {len(bad)} row(s) with other weights/N/seed than this run's")
-        return [{**r, "merged_from": args.merge} for r in prev_rows
-                if (r["protocol"]["solver"], r["protocol"]["nfe"]) not in now]
+        return [{**r, "merged_from": args.merge} for r in prev_rows if _key(r["protocol"]) not in now]
     prev = json.loads(Path(args.merge).read_text())
     if (prev["weights"], prev["n"], prev["seed"]) != (ck.hash(), args.n, args.seed):
         raise SystemExit(f"--merge {args.merge}: weights/N/seed {prev['weights']}/{prev['n']}/{prev['seed']} "
@@ -152,7 +152,12 @@ def earlier_rows(args, ck, rows: list[dict]) -> list[dict]:
                           "n": prev["n"], "seed": prev["seed"]},
              "quality": {k: c[k] for k in ("fid_dom", "kid", "kid_std", "precision", "recall")},
              "cost": {"sampling_seconds": c["sampling_seconds"]}, "merged_from": args.merge}
-            for c in prev["rows"] if (c["solver"], c["nfe"]) not in now]
+            for c in prev["rows"] if _key(c) not in now]
+
+
+def _key(row: dict) -> tuple:
+    """What makes two rows the same measurement: solver, NFE asked and timestep spacing."""
+    return row["solver"], row["nfe"], row.get("spacing")
 
 
 def publish(rows, ck, args, out: Path, text: str) -> None:
@@ -160,7 +165,7 @@ def publish(rows, ck, args, out: Path, text: str) -> None:
     from _common import RESULTS, write_results
 
     keep = sorted((r for r in rows if r["protocol"]["n"] == args.n and r["protocol"]["seed"] == args.seed),
-                  key=lambda r: (r["protocol"]["nfe"], r["protocol"]["solver"]))
+                  key=lambda r: (r["protocol"]["nfe"], r["protocol"]["solver"], r["protocol"]["spacing"]))
     compact = [{"solver": r["protocol"]["solver"], "nfe": r["protocol"]["nfe"], "nfe_used": r["protocol"]["nfe_used"],
                 "spacing": r["protocol"]["spacing"], "fid_dom": r["quality"]["fid_dom"], "kid": r["quality"]["kid"],
                 "kid_std": r["quality"]["kid_std"], "precision": r["quality"]["precision"],
@@ -190,7 +195,7 @@ def publish(rows, ck, args, out: Path, text: str) -> None:
 
 
 def plot_fid_vs_nfe(compact: list[dict], path: Path, title: str) -> None:
-    """FID-dom against NFE spent, one line per solver (every row, merged ones included), log-log;
+    """FID-dom against NFE spent, one line per solver and spacing (every row, merged ones included), log-log;
     the 1000-step DDPM row as a horizontal reference."""
     import matplotlib
 
@@ -200,10 +205,11 @@ def plot_fid_vs_nfe(compact: list[dict], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     ax.set_prop_cycle(color=plt.cm.tab20.colors)
     ref = [c for c in compact if c["solver"] == "ddpm" and c["nfe"] == 1000]
-    for solver in sorted({c["solver"] for c in compact}):
-        pts = sorted((c["nfe_used"], c["fid_dom"]) for c in compact if c["solver"] == solver and c["nfe"] <= 100)
+    for solver, spacing in sorted({(c["solver"], c["spacing"]) for c in compact}):
+        pts = sorted((c["nfe_used"], c["fid_dom"]) for c in compact
+                     if (c["solver"], c["spacing"]) == (solver, spacing) and c["nfe"] <= 100)
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=solver.replace("diffusers:", "d:"))
+            ax.plot(*zip(*pts), marker="o", label=f"{solver.replace('diffusers:', 'd:')} {spacing}")
     if ref:
         ax.axhline(ref[0]["fid_dom"], color="k", ls="--", lw=1, label="ddpm 1000 steps")
     ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel="FID-dom", title=title)
