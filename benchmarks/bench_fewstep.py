@@ -52,6 +52,24 @@ def card_row(teacher: str, name: str) -> dict | None:
     return {"fid_dom": q["fid_dom"], "n": d["n"]} if q else None
 
 
+def dmd_student(path: Path, ck) -> tuple[str, dict, str | None]:
+    """(its name, its sampler, the recipe of a stopped run) of a ``--dmd`` checkpoint: a finished student records
+    its sampler; a stopped run's ``OUT/.steps/<i>-dmd/student`` does not yet, so it comes from the step's recipe
+    (one trailing DDIM step for nfe=1, else consistency sampling over nfe trailing timesteps) and the row is
+    named after the run directory."""
+    if "sampler" in ck.meta:
+        return path.name, ck.meta["sampler"], None
+    started = path.parent / "started.json"
+    if path.name != "student" or not started.is_file():
+        raise UserError(f"{path}: neither a dmd student nor a dmd step's student directory")
+    from leandiff.recipe import parse_recipe
+
+    recipe = json.loads(started.read_text())["recipe"][-1]
+    nfe = parse_recipe(recipe)[-1].args["nfe"]
+    sampler = {"solver": "ddim" if nfe == 1 else "consistency", "nfe": nfe, "spacing": "trailing"}
+    return f"{path.parent.parent.parent.name} (stopped)", sampler, recipe
+
+
 def pd_rounds(pd_dir: Path) -> dict[int, Path]:
     root = pd_dir / ".steps" / "00-pd"
     return {int(p.name.split("-")[1]): p for p in sorted(root.glob("round-*")) if (p / "leandiff.json").is_file()}
@@ -134,11 +152,11 @@ def main(argv=None):
         return c + (dmd_cost(parent[0]) if parent and parent[0] in own and parent[0] != sha else 0.0)
 
     for path, ck in dmd_cks:
-        s = ck.meta["sampler"]
+        name, s, _ = dmd_student(path, ck)
         cost = dmd_cost(weights_hash(ck.net.state_dict()))
         for k in [k for k in NFES if k <= s["nfe"]]:
-            row = run(f"dmd {path.name} @{k}", ck, s["solver"], k,
-                      s["spacing"], {"train_core_seconds": cost, "student": path.name})
+            row = run(f"dmd {name} @{k}", ck, s["solver"], k,
+                      s["spacing"], {"train_core_seconds": cost, "student": name})
             if ("dmd", k) not in students or row["quality"]["fid_dom"] < students[("dmd", k)]["quality"]["fid_dom"]:
                 students[("dmd", k)] = row
 
@@ -212,8 +230,12 @@ def main(argv=None):
         recipe = next((st.get("recipe") for st in reversed(ck.lineage) if st.get("recipe")), None)
         lines.append(f"- CD student made by `leandiff compress {a.teacher} --recipe \"{recipe}\" --out {a.cd.name}`")
     for path, ck in dmd_cks:  # each DMD student by the dmd steps that made it, from the teacher on
+        name, s, stopped = dmd_student(path, ck)
         chain = " > ".join(f"`{st['recipe']}`" for st in ck.lineage if st.get("step") == "dmd" and st.get("recipe"))
-        lines.append(f"- DMD student {path.name} ({ck.meta['sampler']['nfe']}-step): {chain} on `{a.teacher}` "
+        if stopped:
+            upd = (ck.meta.get("train") or {}).get("completed_steps")
+            chain = " > ".join(c for c in (chain, f"`{stopped}` stopped at {upd} updates (its last saved weights)") if c)
+        lines.append(f"- DMD student {name} ({s['nfe']}-step): {chain} on `{a.teacher}` "
                      "(each step on the one before's output)")
     if earlier and any(r["from_earlier_run"] for r in rec["nfe"].values()):
         lines.append(f"- † not re-measured here (that student's checkpoint was not kept, or for DMD: better than "
