@@ -54,10 +54,10 @@ def card_row(teacher: str, name: str) -> dict | None:
 
 def dmd_student(path: Path, ck) -> tuple[str, dict, str | None]:
     """(its name, its sampler, the recipe of a stopped run) of a ``--dmd`` checkpoint: a finished student records
-    its sampler; a stopped run's ``OUT/.steps/<i>-dmd/student`` does not yet, so it comes from the step's recipe
-    (one trailing DDIM step for nfe=1, else consistency sampling over nfe trailing timesteps) and the row is
-    named after the run directory."""
-    if "sampler" in ck.meta:
+    its sampler; a stopped run's ``OUT/.steps/<i>-dmd/student`` does not yet (it still carries its start's), so
+    it comes from the step's recipe (one trailing DDIM step for nfe=1, else consistency sampling over nfe
+    trailing timesteps) and the row is named after the run directory."""
+    if (ck.meta.get("distill") or {}).get("method") == "dmd":
         return path.name, ck.meta["sampler"], None
     started = path.parent / "started.json"
     if path.name != "student" or not started.is_file():
